@@ -1,0 +1,27 @@
+"""sparselayers: trainable sparse layers for TensorFlow/Keras.
+
+>>> import numpy as np, sparselayers as sl
+>>> pattern = sl.patterns.block_diagonal([(4, 2)] * 3)
+>>> layer = sl.SparseDense(pattern, activation="relu")
+>>> layer(np.ones((2, 12), "float32")).shape
+TensorShape([2, 6])
+"""
+
+import os as _os
+
+# TensorFlow's C++ INFO and WARNING lines drown a user's own output.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from sparselayers import initializers, ops, patterns  # noqa: E402
+from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseDense",
+    "SparsityPattern",
+    "initializers",
+    "ops",
+    "patterns",
+]

@@ -1,0 +1,38 @@
+"""The kernel interface shared by every matmul implementation."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import tensorflow as tf
+
+from sparselayers.sparsity_pattern import SparsityPattern
+
+
+def constant(array: np.ndarray, dtype: tf.DType | None = None) -> tf.Tensor:
+    """An eager constant, created once and captured (not copied) by traces."""
+    with tf.init_scope():
+        return tf.constant(array, dtype=dtype)
+
+
+class Kernel:
+    """Computes ``x @ W`` where ``W`` holds ``values`` at ``pattern.indices``.
+
+    Subclasses precompute their index tensors from the pattern once, in
+    ``__init__``; ``__call__`` is the hot path and trusts its inputs:
+    ``x`` has shape ``(batch, input_dim)`` and ``values`` shape ``(nnz,)``,
+    both of one floating dtype.
+    """
+
+    name: ClassVar[str]
+    supports_jit: ClassVar[bool]
+
+    def __init__(self, pattern: SparsityPattern):
+        self.pattern = pattern
+
+    def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pattern!r})"

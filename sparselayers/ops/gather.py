@@ -1,0 +1,30 @@
+"""Gather, multiply, segment-sum: an XLA-friendly kernel for any pattern."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from sparselayers.ops.base import Kernel, constant
+
+
+class GatherKernel(Kernel):
+    """``y[:, j] = sum_k x[:, rows[k]] * values[k]`` over entries of column ``j``.
+
+    Built from gather and ``unsorted_segment_sum`` only, so XLA compiles it;
+    it holds a ``(batch, nnz)`` intermediate, so prefer it for sparse
+    patterns when a compiled graph is required.
+    """
+
+    name = "gather"
+    supports_jit = True
+
+    def __init__(self, pattern):
+        super().__init__(pattern)
+        self._rows = constant(pattern.rows, tf.int64)
+        self._cols = constant(pattern.cols, tf.int64)
+
+    def __call__(self, x, values):
+        products = tf.gather(tf.transpose(x), self._rows) * values[:, None]
+        return tf.transpose(
+            tf.math.unsorted_segment_sum(products, self._cols, self.pattern.shape[1])
+        )

@@ -1,0 +1,211 @@
+"""`SparseDense`: a Dense layer whose only kernel weights are a pattern's entries."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import keras
+import numpy as np
+import scipy.sparse
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+from sparselayers import initializers as sparse_initializers
+from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
+from sparselayers.sparsity_pattern import SparsityPattern
+
+
+def as_pattern(pattern: Any) -> SparsityPattern:
+    """Accepts a SparsityPattern, a scipy.sparse matrix, a dense mask or a config dict."""
+    if isinstance(pattern, SparsityPattern):
+        return pattern
+    if scipy.sparse.issparse(pattern):
+        return SparsityPattern.from_scipy(pattern)
+    if isinstance(pattern, dict):
+        return SparsityPattern.from_config(pattern)
+    if isinstance(pattern, (np.ndarray, list, tuple)) or hasattr(pattern, "__array__"):
+        return SparsityPattern.from_dense(pattern)
+    raise TypeError(
+        "`pattern` must be a SparsityPattern, a scipy.sparse matrix or array, or a 2-D mask. "
+        f"Received: pattern of type {type(pattern).__name__}"
+    )
+
+
+def _in_xla_context() -> bool:
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+@keras.saving.register_keras_serializable(package="sparselayers")
+class SparseDense(keras.layers.Layer):
+    """Densely-connected layer restricted to a fixed sparsity pattern.
+
+    Computes ``activation(x @ W + bias)`` where the ``(input_dim, units)``
+    kernel ``W`` is zero outside ``pattern``. The only kernel weight is
+    ``values``, a 1-D variable of ``pattern.nnz`` entries in canonical order:
+    ``values[k]`` sits at ``pattern.indices[k]``. Gradients reach ``values``,
+    ``bias`` and the input, never the positions outside the pattern.
+
+    Args:
+        pattern: a :class:`SparsityPattern`, a scipy.sparse matrix or array
+            (its stored entries), or a 2-D 0/1 mask.
+        activation: Keras activation, default none.
+        use_bias: whether to add a bias of ``units`` entries.
+        values_initializer: default :class:`SparseGlorotUniform`, which uses
+            each entry's real fan-in and fan-out; any Keras initializer works.
+        bias_initializer: default ``"zeros"``.
+        values_regularizer, bias_regularizer, activity_regularizer: Keras
+            regularizers.
+        values_constraint, bias_constraint: Keras constraints.
+        kernel: ``"auto"`` or a name from :data:`sparselayers.ops.KERNELS`:
+            the implementation of the product (see ``docs/kernels.md``).
+        **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
+
+    Example:
+
+    >>> import numpy as np, sparselayers as sl
+    >>> layer = sl.SparseDense(sl.patterns.block_diagonal([(4, 2)] * 3))
+    >>> layer(np.ones((5, 12), "float32")).shape
+    TensorShape([5, 6])
+    >>> layer.values.shape, layer.count_params()
+    ((24,), 30)
+    """
+
+    def __init__(
+        self,
+        pattern: Any,
+        activation: Any = None,
+        use_bias: bool = True,
+        values_initializer: Any = None,
+        bias_initializer: Any = "zeros",
+        values_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        values_constraint: Any = None,
+        bias_constraint: Any = None,
+        kernel: str = "auto",
+        **kwargs: Any,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.pattern = as_pattern(pattern)
+        self.units = self.pattern.shape[1]
+        self.input_dim = self.pattern.shape[0]
+        self.activation = keras.activations.get(activation)
+        if not isinstance(use_bias, (bool, np.bool_)):
+            raise TypeError(f"`use_bias` must be a bool. Received: use_bias={use_bias!r}")
+        self.use_bias = bool(use_bias)
+        self.values_initializer = sparse_initializers.get(values_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.values_regularizer = keras.regularizers.get(values_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.values_constraint = keras.constraints.get(values_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._kernel_argument = kernel
+        self.kernel_name = check_kernel_name(kernel, self.pattern)
+        self.jit_kernel_name = choose_jit_kernel(self.pattern, self.kernel_name)
+        # Keras turns on XLA (jit_compile="auto") only when every layer says
+        # so; under a forced XLA compile the layer falls back to
+        # `jit_kernel_name` instead.
+        self.supports_jit = KERNELS[self.kernel_name].supports_jit
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
+
+    @classmethod
+    def from_scipy(cls, matrix: Any, **kwargs: Any) -> SparseDense:
+        """A built layer whose pattern and initial values are ``matrix``'s stored entries.
+
+        >>> import scipy.sparse, sparselayers as sl
+        >>> m = scipy.sparse.random_array((6, 4), density=0.5, random_state=0)
+        >>> layer = sl.SparseDense.from_scipy(m, use_bias=False)
+        >>> bool(abs(layer.to_scipy() - m).max() < 1e-6)
+        True
+        """
+        pattern, data = SparsityPattern._from_scipy_with_data(matrix)
+        layer = cls(pattern, **kwargs)
+        layer.build((None, pattern.shape[0]))
+        layer.values.assign(np.asarray(data, dtype=layer.values.dtype))
+        return layer
+
+    def build(self, input_shape: Any) -> None:
+        last = input_shape[-1] if len(input_shape) else None
+        if last != self.input_dim:
+            raise ValueError(
+                f"The last dimension of the input must equal the pattern's input_dim={self.input_dim}. "
+                f"Received: input_shape={tuple(input_shape)} (last dimension {last})"
+            )
+        initializer = self.values_initializer
+        if isinstance(initializer, sparse_initializers.SparseVarianceScaling):
+            initializer = functools.partial(initializer, pattern=self.pattern)
+        self.values = self.add_weight(
+            name="values",
+            shape=(self.pattern.nnz,),
+            initializer=initializer,
+            regularizer=self.values_regularizer,
+            constraint=self.values_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.units,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self._kernel = get_kernel(self.kernel_name, self.pattern)
+        self._jit_kernel = get_kernel(self.jit_kernel_name, self.pattern)
+
+    def call(self, inputs):
+        x = inputs
+        if isinstance(x, tf.SparseTensor):
+            x = tf.sparse.to_dense(x)
+        if x.dtype == tf.string or x.dtype == tf.bool:
+            raise TypeError(f"SparseDense needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
+        if not x.dtype.is_floating:
+            x = tf.cast(x, self.compute_dtype)
+        values = tf.cast(self.values, x.dtype)
+        kernel = self._jit_kernel if _in_xla_context() else self._kernel
+        flat = tf.reshape(x, [-1, self.input_dim])
+        y = kernel(flat, values)
+        if len(x.shape) != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
+        if self.bias is not None:
+            y = y + tf.cast(self.bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def to_scipy(self) -> scipy.sparse.csr_array:
+        """The current kernel as a scipy CSR array (bias not included)."""
+        return self.pattern.to_scipy(keras.ops.convert_to_numpy(self.values))
+
+    def to_dense(self) -> np.ndarray:
+        """The current kernel as a dense ``(input_dim, units)`` NumPy array."""
+        return self.pattern.to_dense(keras.ops.convert_to_numpy(self.values))
+
+    def load_own_variables(self, store: Any) -> None:
+        stored = store["0"] if "0" in store else None
+        if stored is not None and tuple(stored.shape) != (self.pattern.nnz,):
+            raise ValueError(
+                f"Saved values do not match layer '{self.name}': the pattern has "
+                f"nnz={self.pattern.nnz} but the file holds values of shape {tuple(stored.shape)}."
+            )
+        super().load_own_variables(store)
+
+    def get_config(self) -> dict[str, Any]:
+        base_config = super().get_config()
+        config = {
+            "pattern": self.pattern.get_config(),
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "values_initializer": keras.initializers.serialize(self.values_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "values_regularizer": keras.regularizers.serialize(self.values_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "values_constraint": keras.constraints.serialize(self.values_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "kernel": self._kernel_argument,
+        }
+        return {**base_config, **config}

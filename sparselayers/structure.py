@@ -1,0 +1,133 @@
+"""Cheap structure detection: dense rectangles (blocks) and diagonal bands.
+
+Both detectors run in O(nnz) time and memory from the canonical indices and
+never build a dense ``input_dim x units`` array, so they are safe for
+patterns with tens of millions of entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from sparselayers.sparsity_pattern import SparsityPattern
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A pattern as a union of disjoint dense rectangles.
+
+    Rectangle ``k`` covers rows ``row_start[k] .. row_start[k] + n_rows[k]``
+    and columns ``col_start[k] .. col_start[k] + n_cols[k]``. Within each of
+    its rows, its entries start ``row_offset[k]`` places after the row's first
+    entry in canonical order.
+    """
+
+    row_start: np.ndarray
+    n_rows: np.ndarray
+    col_start: np.ndarray
+    n_cols: np.ndarray
+    row_offset: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.row_start.size)
+
+    @property
+    def mean_area(self) -> float:
+        return float(np.mean(self.n_rows * self.n_cols)) if self.count else 0.0
+
+    @property
+    def is_diagonal(self) -> bool:
+        """True when no two rectangles share a row or a column."""
+        def disjoint(start: np.ndarray, size: np.ndarray) -> bool:
+            order = np.argsort(start, kind="stable")
+            ends = (start + size)[order]
+            return bool(np.all(ends[:-1] <= start[order][1:]))
+
+        return disjoint(self.row_start, self.n_rows) and disjoint(self.col_start, self.n_cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Every entry with ``min_offset <= col - row <= max_offset``, and no other."""
+
+    min_offset: int
+    max_offset: int
+
+    @property
+    def width(self) -> int:
+        return self.max_offset - self.min_offset + 1
+
+
+def _runs(pattern: SparsityPattern) -> tuple[np.ndarray, ...]:
+    """Maximal runs of consecutive columns within each row."""
+    rows, cols = pattern.rows, pattern.cols
+    breaks = np.ones(pattern.nnz, bool)
+    breaks[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)
+    first = np.flatnonzero(breaks)
+    length = np.diff(np.append(first, pattern.nnz))
+    run_row = rows[first]
+    offset = first - pattern.row_pointers[run_row]
+    return run_row, cols[first], length, offset
+
+
+@functools.lru_cache(maxsize=64)
+def detect_blocks(pattern: SparsityPattern) -> Blocks | None:
+    """Splits ``pattern`` into dense rectangles, or None if it has no entries.
+
+    Consecutive rows whose runs of columns are identical form one row band;
+    each run of a band is one rectangle. Every pattern has such a split (at
+    worst one rectangle per run); ``Blocks.mean_area`` says whether it is
+    worth a batched matmul.
+    """
+    if pattern.nnz == 0:
+        return None
+    run_row, start, length, offset = _runs(pattern)
+    runs_per_row = np.bincount(run_row, minlength=pattern.shape[0])
+    count = runs_per_row[run_row]
+    # A run repeats the run one row up iff that row has as many runs and the
+    # run `count` places back starts at the same column with the same length.
+    back = np.arange(run_row.size) - count
+    valid = back >= 0
+    same = np.zeros(run_row.size, bool)
+    b = back[valid]
+    same[valid] = (
+        (run_row[b] == run_row[valid] - 1)
+        & (runs_per_row[run_row[b]] == count[valid])
+        & (start[b] == start[valid])
+        & (length[b] == length[valid])
+    )
+    row_first_run = np.flatnonzero(np.r_[True, run_row[1:] != run_row[:-1]])
+    row_continues = np.logical_and.reduceat(same, row_first_run)
+    # Each band starts at a row that does not continue the one above; its
+    # rectangles are the runs of that first row.
+    band_of_row = np.cumsum(~row_continues) - 1
+    band_rows = np.bincount(band_of_row)
+    row_of_run = np.repeat(np.arange(row_first_run.size), np.diff(np.append(row_first_run, run_row.size)))
+    keep = ~row_continues[row_of_run]
+    return Blocks(
+        row_start=run_row[keep],
+        n_rows=band_rows[band_of_row[row_of_run[keep]]],
+        col_start=start[keep],
+        n_cols=length[keep],
+        row_offset=offset[keep],
+    )
+
+
+def _diagonal_length(n: int, m: int, offsets: np.ndarray) -> np.ndarray:
+    """Number of cells with ``col - row == offset`` inside an ``(n, m)`` matrix."""
+    return np.maximum(0, np.minimum(n, m - offsets) - np.maximum(0, -offsets))
+
+
+@functools.lru_cache(maxsize=64)
+def detect_band(pattern: SparsityPattern) -> Band | None:
+    """Returns the band that ``pattern`` fills exactly, else None."""
+    if pattern.nnz == 0:
+        return None
+    offsets = pattern.cols - pattern.rows
+    low, high = int(offsets.min()), int(offsets.max())
+    cells = _diagonal_length(*pattern.shape, np.arange(low, high + 1)).sum()
+    return Band(low, high) if cells == pattern.nnz else None
