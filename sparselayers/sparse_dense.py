@@ -67,7 +67,7 @@ class SparseDense(keras.layers.Layer):
     >>> layer = sl.SparseDense(sl.patterns.block_diagonal([(4, 2)] * 3))
     >>> layer(np.ones((5, 12), "float32")).shape
     TensorShape([5, 6])
-    >>> layer.values.shape, layer.count_params()
+    >>> tuple(layer.values.shape), layer.count_params()
     ((24,), 30)
     """
 
@@ -103,10 +103,12 @@ class SparseDense(keras.layers.Layer):
         self._kernel_argument = kernel
         self.kernel_name = check_kernel_name(kernel, self.pattern)
         self.jit_kernel_name = choose_jit_kernel(self.pattern, self.kernel_name)
-        # Keras turns on XLA (jit_compile="auto") only when every layer says
-        # so; under a forced XLA compile the layer falls back to
-        # `jit_kernel_name` instead.
-        self.supports_jit = KERNELS[self.kernel_name].supports_jit
+        # Inside an XLA compile, call() uses `jit_kernel_name`, which XLA can
+        # compile. With kernel="auto" that swap is the layer's own choice, so
+        # it supports jit; a kernel the user forced is honoured, so the layer
+        # then supports jit only if that kernel does, and Keras runs it
+        # uncompiled.
+        self.supports_jit = kernel == "auto" or KERNELS[self.kernel_name].supports_jit
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
     @classmethod

@@ -109,7 +109,9 @@ class BlockKernel(Kernel):
         parts = [self._group_product(x, values, g) for g in self._groups]
         units = self.pattern.shape[1]
         if not parts:
-            return tf.zeros([tf.shape(x)[0], units], x.dtype)
+            # An empty pattern: zeros, still connected to x and values so
+            # that both get (zero) gradients rather than None.
+            return tf.matmul(x[:, :0], tf.reshape(values, [0, units]))
         y = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         if self._out_gather is not None:
             y = tf.concat([y, tf.zeros_like(y[:, :1])], axis=1)

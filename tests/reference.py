@@ -1,0 +1,32 @@
+"""The single independent reference: NumPy float64 dense algebra."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def dense_kernel(pattern, values) -> np.ndarray:
+    """``W`` built entry by entry from ``pattern.indices`` (no sparselayers code)."""
+    w = np.zeros(pattern.shape, np.float64)
+    for (i, j), v in zip(pattern.indices.tolist(), np.asarray(values, np.float64)):
+        w[i, j] = v
+    return w
+
+
+def forward(x, pattern, values, bias=None) -> np.ndarray:
+    """``x @ W + b`` in float64 over the last axis of ``x``."""
+    y = np.asarray(x, np.float64) @ dense_kernel(pattern, values)
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def gradients(x, pattern, values, upstream):
+    """Gradients of ``sum(upstream * (x @ W + b))`` for 2-D ``x``.
+
+    Returns ``(d_x, d_values, d_bias)``: ``d_values[k]`` is the dense kernel
+    gradient ``x.T @ upstream`` read at ``pattern.indices[k]``.
+    """
+    x = np.asarray(x, np.float64)
+    upstream = np.asarray(upstream, np.float64)
+    d_kernel = x.T @ upstream
+    d_values = np.array([d_kernel[i, j] for i, j in pattern.indices.tolist()], np.float64)
+    return upstream @ dense_kernel(pattern, values).T, d_values, upstream.sum(axis=0)

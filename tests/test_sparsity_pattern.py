@@ -1,0 +1,169 @@
+import numpy as np
+import pytest
+import scipy.sparse
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sparselayers as sl
+from tests.strategies import any_patterns, random_patterns, shapes
+
+
+@given(st.data())
+def test_from_coo_is_canonical_whatever_the_order(data):
+    shape = data.draw(shapes())
+    n_cells = shape[0] * shape[1]
+    cells = data.draw(st.lists(st.integers(0, n_cells - 1), unique=True, max_size=n_cells))
+    rows, cols = np.divmod(np.array(cells, np.int64), shape[1])
+    p = sl.SparsityPattern.from_coo(rows, cols, shape)
+    expected = sorted(zip(rows.tolist(), cols.tolist()))
+    assert p.indices.tolist() == [list(e) for e in expected]
+    assert p.indices.dtype == np.int64 and p.nnz == len(cells)
+    assert p.density == len(cells) / n_cells
+    assert not p.indices.flags.writeable
+
+
+@given(any_patterns)
+def test_scipy_round_trip(p):
+    values = np.arange(1, p.nnz + 1, dtype=np.float64)
+    m = p.to_scipy(values)
+    assert m.format == "csr" and m.shape == p.shape
+    assert sl.SparsityPattern.from_scipy(m) == p
+    dense = np.zeros(p.shape)
+    dense[tuple(p.indices.T)] = values
+    np.testing.assert_array_equal(m.toarray(), dense)
+    np.testing.assert_array_equal(p.to_dense(values), dense)
+
+
+@given(random_patterns())
+def test_from_dense_matches_numpy_nonzero(p):
+    mask = p.to_dense()
+    q = sl.SparsityPattern.from_dense(mask)
+    assert q == p
+    assert sorted(map(tuple, q.indices.tolist())) == list(zip(*np.nonzero(mask)))
+
+
+FORMATS = ["coo", "csr", "csc", "bsr", "dia", "lil", "dok"]
+
+
+@pytest.mark.parametrize("kind", ["matrix", "array"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_from_scipy_every_format(fmt, kind):
+    dense = np.array([[0, 2.0, 0, 0], [1.0, 0, 0, 3.0], [0, 0, 4.0, 0]])
+    constructor = getattr(scipy.sparse, f"{fmt}_{kind}")
+    m = constructor(scipy.sparse.csr_array(dense)) if fmt != "dia" else constructor(dense)
+    p = sl.SparsityPattern.from_scipy(m)
+    assert p == sl.SparsityPattern.from_dense(dense)
+
+
+def test_from_scipy_keeps_explicit_zeros_and_merges_duplicates():
+    m = scipy.sparse.coo_array(
+        ([1.0, 0.0, 2.0, 5.0], ([0, 1, 0, 2], [1, 0, 1, 2])), shape=(3, 3)
+    )
+    p, data = sl.SparsityPattern._from_scipy_with_data(m)
+    reference = m.tocsr()  # scipy's own merge
+    reference.sum_duplicates()
+    assert p.indices.tolist() == [[0, 1], [1, 0], [2, 2]]
+    np.testing.assert_array_equal(data, reference.data)
+
+
+@given(any_patterns, any_patterns)
+def test_union_and_intersection_match_dense_logic(p, q):
+    if p.shape != q.shape:
+        q = sl.SparsityPattern.from_dense(np.ones(p.shape) * (np.random.default_rng(q.nnz).random(p.shape) < 0.4))
+    a, b = p.to_dense() != 0, q.to_dense() != 0
+    assert (p | q) == sl.SparsityPattern.from_dense(a | b)
+    assert (p & q) == sl.SparsityPattern.from_dense(a & b)
+
+
+@given(any_patterns)
+def test_transpose_matches_dense_transpose(p):
+    assert p.transpose() == sl.SparsityPattern.from_dense(p.to_dense().T)
+    assert p.T.T == p
+
+
+@given(random_patterns(max_dim=4), random_patterns(max_dim=4))
+def test_kron_matches_numpy_kron(p, q):
+    assert p.kron(q) == sl.SparsityPattern.from_dense(np.kron(p.to_dense(), q.to_dense()))
+
+
+@given(any_patterns)
+def test_config_round_trip_and_equality_and_hash(p):
+    q = sl.SparsityPattern.from_config(p.get_config())
+    assert q == p and hash(q) == hash(p)
+
+
+def test_config_of_a_large_pattern_is_compact():
+    p = sl.patterns.random((2000, 1000), density=0.5, seed=0)
+    size = len(p.get_config()["gaps"])
+    assert size < 3 * p.nnz  # a JSON list of indices would take over 10 bytes per entry
+
+
+def test_corrupt_config_is_refused():
+    config = sl.patterns.banded((5, 5), lower=1).get_config()
+    with pytest.raises(ValueError, match="nnz"):
+        sl.SparsityPattern.from_config({**config, "nnz": config["nnz"] + 1})
+    with pytest.raises(ValueError, match="Corrupt"):
+        sl.SparsityPattern.from_config({**config, "gaps": "not base64!"})
+
+
+def test_fans_match_dense_sums():
+    p = sl.patterns.random((30, 20), density=0.3, seed=3)
+    np.testing.assert_array_equal(p.fan_in, p.to_dense().sum(axis=0))
+    np.testing.assert_array_equal(p.fan_out, p.to_dense().sum(axis=1))
+
+
+BAD_COO = [
+    (([0, 1], [0], (2, 2)), ValueError, "same length"),
+    (([0, 2], [0, 1], (2, 2)), ValueError, r"rows\[1\]=2"),
+    (([0, -1], [0, 1], (2, 2)), ValueError, r"rows\[1\]=-1"),
+    (([0, 1], [0, 5], (2, 2)), ValueError, r"cols\[1\]=5"),
+    (([0, 1, 0], [1, 0, 1], (2, 2)), ValueError, r"duplicate entry \(row=0, col=1\) at position 2"),
+    (([0.5, 1], [0, 1], (2, 2)), TypeError, "rows.*integers"),
+    (([np.nan, 1], [0, 1], (2, 2)), TypeError, "rows.*integers"),
+    (([0, 1], [0, np.inf], (2, 2)), TypeError, "cols.*integers"),
+    (([[0], [1, 2]], [0, 1], (2, 2)), TypeError, "ragged"),
+    ((np.array([0, 1], dtype=object), [0, 1], (2, 2)), TypeError, "rows"),
+    (([True, False], [0, 1], (2, 2)), TypeError, "rows"),
+    (([0], [0], (0, 2)), ValueError, r"shape.*Received: shape=\(0, 2\)"),
+    (([0], [0], (-1, 2)), ValueError, "shape"),
+    (([0], [0], (2,)), ValueError, "exactly two"),
+    (([0], [0], (2.0, 2)), TypeError, "shape"),
+    (([0], [0], (2**40, 2)), ValueError, "shape"),
+    (([0], [0], "ab"), TypeError, "shape"),
+]
+
+
+@pytest.mark.parametrize("args, error, message", BAD_COO)
+def test_bad_coo_input(args, error, message):
+    with pytest.raises(error, match=message):
+        sl.SparsityPattern.from_coo(*args)
+
+
+@pytest.mark.parametrize(
+    "mask, error, message",
+    [
+        (np.ones(3), ValueError, r"2-D.*shape \(3,\)"),
+        (np.ones((2, 2, 2)), ValueError, "2-D"),
+        (np.zeros((0, 3)), ValueError, "mask.shape"),
+        ([[1, 0], [1]], TypeError, "rectangular"),
+        (np.array([["a", "b"]]), TypeError, "numeric"),
+    ],
+)
+def test_bad_mask(mask, error, message):
+    with pytest.raises(error, match=message):
+        sl.SparsityPattern.from_dense(mask)
+
+
+def test_from_scipy_refuses_non_sparse():
+    with pytest.raises(TypeError, match="scipy.sparse"):
+        sl.SparsityPattern.from_scipy(np.eye(3))
+
+
+def test_values_of_wrong_length_are_refused():
+    with pytest.raises(ValueError, match=r"Received: values with shape \(2,\)"):
+        sl.patterns.dense((2, 2)).to_dense([1.0, 2.0])
+
+
+def test_empty_pattern_is_valid():
+    p = sl.SparsityPattern.from_coo([], [], (3, 4))
+    assert p.nnz == 0 and p.to_dense().sum() == 0 and p.to_scipy().nnz == 0
