@@ -15,12 +15,14 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from sparselayers import initializers, ops, patterns  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
+from sparselayers.towers import Towers  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseDense",
     "SparsityPattern",
+    "Towers",
     "initializers",
     "ops",
     "patterns",

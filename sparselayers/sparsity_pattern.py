@@ -299,11 +299,48 @@ class SparsityPattern:
         digest.update(self._indices.tobytes())
         return digest.hexdigest()[:16]
 
+    @functools.cached_property
+    def structure(self) -> str:
+        """The structure detected in the pattern, e.g. ``'block-diagonal: 3 blocks'``."""
+        from sparselayers.structure import describe
+
+        return describe(self)
+
     def __repr__(self) -> str:
         return (
             f"SparsityPattern(shape={self._shape}, nnz={self.nnz}, "
-            f"density={self.density:.4g})"
+            f"density={self.density:.4g}, structure='{self.structure}')"
         )
+
+    def summary(self) -> str:
+        """Fan-in/fan-out statistics and dead units, as text.
+
+        >>> import sparselayers as sl
+        >>> print(sl.patterns.banded((4, 3), upper=1).summary())
+        SparsityPattern(shape=(4, 3), nnz=5, density=0.4167, structure='banded: lower=0, upper=1')
+          fan-in per output: min 1, mean 1.67, max 2
+          fan-out per input: min 0, mean 1.25, max 2
+          inputs feeding no output (dead inputs): 1
+          outputs with no input (bias only): 0
+        """
+        def stats(counts: np.ndarray) -> str:
+            return f"min {counts.min()}, mean {counts.mean():.3g}, max {counts.max()}"
+
+        return "\n".join(
+            [
+                repr(self),
+                f"  fan-in per output: {stats(self.fan_in)}",
+                f"  fan-out per input: {stats(self.fan_out)}",
+                f"  inputs feeding no output (dead inputs): {int((self.fan_out == 0).sum())}",
+                f"  outputs with no input (bias only): {int((self.fan_in == 0).sum())}",
+            ]
+        )
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """Spy plot with block boundaries (needs matplotlib); see :func:`sparselayers.plotting.plot_pattern`."""
+        from sparselayers.plotting import plot_pattern
+
+        return plot_pattern(self, ax, **kwargs)
 
     # Serialization --------------------------------------------------------
 

@@ -131,3 +131,28 @@ def detect_band(pattern: SparsityPattern) -> Band | None:
     low, high = int(offsets.min()), int(offsets.max())
     cells = _diagonal_length(*pattern.shape, np.arange(low, high + 1)).sum()
     return Band(low, high) if cells == pattern.nnz else None
+
+
+def describe(pattern: SparsityPattern) -> str:
+    """A short name for the structure detected in ``pattern``.
+
+    >>> import sparselayers as sl
+    >>> describe(sl.patterns.block_diagonal([(4, 4)] * 3))
+    'block-diagonal: 3 blocks'
+    >>> describe(sl.patterns.banded((9, 9), lower=1, upper=2))
+    'banded: lower=1, upper=2'
+    """
+    if pattern.nnz == 0:
+        return "empty"
+    if pattern.nnz == pattern.shape[0] * pattern.shape[1]:
+        return "dense"
+    band = detect_band(pattern)
+    if band is not None:
+        if band.min_offset <= 0 <= band.max_offset:
+            return f"banded: lower={-band.min_offset}, upper={band.max_offset}"
+        return f"banded: offsets {band.min_offset}..{band.max_offset}"
+    blocks = detect_blocks(pattern)
+    if blocks.mean_area >= 4:
+        kind = "block-diagonal" if blocks.is_diagonal else "block-sparse"
+        return f"{kind}: {blocks.count} blocks"
+    return "unstructured"

@@ -1,0 +1,281 @@
+"""sparselayers benchmark suite: every kernel beside the masked-dense workaround.
+
+    python benchmarks/run.py            # full suite, about 15 minutes on 2 cores
+    python benchmarks/run.py --quick    # tiny sizes: checks that everything runs
+
+Each case times, in one process and side by side, the forward pass and one
+training step (forward, MSE loss, gradients w.r.t. weights and inputs, SGD
+update) of every method, as the median of repeated runs of a compiled
+``tf.function``. Peak memory of a training step is measured per method in a
+fresh subprocess (peak RSS growth), since allocations cannot be attributed
+inside one process. Results: ``results/results.md`` (tables),
+``results/results.json`` and ``results/density.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import sparselayers as sl  # noqa: E402
+from sparselayers import baselines  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_METHODS = ["auto", "block", "banded", "csr", "dense", "gather", "sparse_dense_matmul"]
+# The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
+GATHER_MAX_PRODUCTS = 2**27
+
+
+def cases(quick: bool) -> list[dict]:
+    n = 256 if quick else 4096
+    densities = [0.01, 0.2] if quick else [0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3]
+    blocks = 8 if quick else 64
+    out = [dict(name=f"random {d:g}", kind="pattern", group="density", density=d,
+                make=("random", (n, n), d)) for d in densities]
+    out.append(dict(name=f"block diagonal {blocks}x{n // blocks}", kind="pattern", group="structure",
+                    make=("block_diagonal", n, blocks)))
+    out.append(dict(name="banded +-16", kind="pattern", group="structure", make=("banded", n, 16)))
+    out.append(dict(name="many outputs", kind="towers", group="towers",
+                    outputs=16 if quick else 1024, trunk=32 if quick else 256, hidden=[4, 4] if quick else [16, 16]))
+    return out
+
+
+def make_pattern(spec) -> sl.SparsityPattern:
+    kind, *args = spec
+    if kind == "random":
+        shape, density = args
+        return sl.patterns.random(shape, density=density, seed=0)
+    if kind == "block_diagonal":
+        n, blocks = args
+        return sl.patterns.block_diagonal([(n // blocks, n // blocks)] * blocks)
+    n, half = args
+    return sl.patterns.banded((n, n), lower=half, upper=half)
+
+
+def pattern_layer(method: str, pattern: sl.SparsityPattern):
+    if method == "masked dense":
+        return baselines.MaskedDense(pattern)
+    if method == "keras Dense":
+        return keras.layers.Dense(pattern.shape[1])
+    return sl.SparseDense(pattern, kernel=method)
+
+
+def methods_for(case: dict, pattern=None, batch: int = 256) -> list[str]:
+    if case["kind"] == "towers":
+        return ["sparselayers Towers", "masked dense", "one Dense MLP per output"]
+    names = ["masked dense", "keras Dense"]
+    for k in KERNEL_METHODS:
+        if k == "banded" and sl.structure.detect_band(pattern) is None:
+            continue
+        if k == "block" and sl.structure.detect_blocks(pattern).mean_area < 4:
+            continue
+        if k == "gather" and batch * pattern.nnz > GATHER_MAX_PRODUCTS:
+            continue
+        names.append(k)
+    return names
+
+
+def build_model(case: dict, method: str) -> tuple[keras.Model, int]:
+    """The model of one method in one case, and its input width."""
+    keras.utils.set_random_seed(0)
+    if case["kind"] == "towers":
+        towers = sl.Towers(case["outputs"], hidden_units=case["hidden"])
+        towers.build((None, case["trunk"]))
+        if method == "sparselayers Towers":
+            body = towers
+        elif method == "masked dense":
+            body = baselines.masked_towers(towers)
+        else:
+            body = baselines.dense_towers(towers, case["trunk"])
+        inputs = keras.Input((case["trunk"],))
+        return keras.Model(inputs, body(inputs)), case["trunk"]
+    pattern = make_pattern(case["make"])
+    inputs = keras.Input((pattern.shape[0],))
+    return keras.Model(inputs, pattern_layer(method, pattern)(inputs)), pattern.shape[0]
+
+
+def steps(model: keras.Model):
+    optimizer = keras.optimizers.SGD(1e-3)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def forward(x):
+        return model(x)
+
+    @tf.function
+    def train(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+        grads = tape.gradient(loss, model.trainable_variables + [x])
+        optimizer.apply(grads[:-1], model.trainable_variables)
+        return loss, grads[-1]
+
+    return forward, train
+
+
+def median_time(fn, *args, budget: float, min_reps: int = 3, max_reps: int = 15) -> float:
+    fn(*args)  # trace and warm up
+    times = []
+    while len(times) < min_reps or (len(times) < max_reps and sum(times) < budget):
+        start = time.perf_counter()
+        result = fn(*args)
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def trainable_params(model: keras.Model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+def time_case(case: dict, batch: int, budget: float) -> list[dict]:
+    pattern = make_pattern(case["make"]) if case["kind"] == "pattern" else None
+    rows = []
+    for method in methods_for(case, pattern, batch):
+        model, width = build_model(case, method)
+        rng = np.random.default_rng(0)
+        x = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+        y = tf.constant(rng.normal(size=(batch, model.output_shape[-1])).astype("float32"))
+        forward, train = steps(model)
+        row = dict(case=case["name"], group=case["group"], method=method,
+                   params=trainable_params(model),
+                   forward_ms=1000 * median_time(forward, x, budget=budget),
+                   step_ms=1000 * median_time(train, x, y, budget=budget))
+        if method in KERNEL_METHODS:
+            row["kernel"] = model.layers[-1].kernel_name
+        if pattern is not None:
+            row["density"] = pattern.density
+        rows.append(row)
+        print(f"  {case['name']:<26} {method:<26} step {row['step_ms']:9.2f} ms  forward {row['forward_ms']:8.2f} ms",
+              flush=True)
+        del model, forward, train
+    return rows
+
+
+def memory_probe(case: dict, method: str, batch: int) -> None:
+    """Run in a subprocess: prints the peak RSS growth (MiB) of building and training."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, width = build_model(case, method)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
+    y = tf.constant(rng.normal(size=(batch, model.output_shape[-1])).astype("float32"))
+    _, train = steps(model)
+    for _ in range(3):
+        train(x, y)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (after - before) / 1024}))
+
+
+def measure_memory(case: dict, method: str, batch: int) -> float:
+    command = [sys.executable, __file__, "--probe", json.dumps(case), method, "--batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    return (f"{cpu}, {os.cpu_count()} CPUs, {'GPU ' + str(len(gpus)) if gpus else 'no GPU'}; "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+            f"sparselayers {sl.__version__}")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | method | kernel | params | forward ms | step ms | masked / method (step) | peak MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    by_case: dict[str, list[dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    for case, group in by_case.items():
+        masked = next(r for r in group if r["method"] == "masked dense")
+        for r in group:
+            memory = f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""
+            lines.append(
+                f"| {case} | {r['method']} | {r.get('kernel', '')} | {r['params']:,} | {r['forward_ms']:.2f} | "
+                f"{r['step_ms']:.2f} | {masked['step_ms'] / r['step_ms']:.2f}x | {memory} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r["group"] == "density"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        points = sorted((r["density"], r["step_ms"]) for r in sweep if r["method"] == method)
+        style = "-o" if method in ("auto", "masked dense") else "--."
+        ax.plot(*zip(*points), style, label=method, linewidth=2.5 if method == "auto" else 1.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("density of a random pattern")
+    ax.set_ylabel("training step (ms), batch 256")
+    ax.set_title("Training step time vs density (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the suite runs")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=None, help="seconds of repeats per timing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        memory_probe(json.loads(args.probe[0]), args.probe[1], args.batch)
+        return 0
+    budget = args.budget or (0.05 if args.quick else 2.0)
+    os.makedirs(args.out, exist_ok=True)
+    header = f"Machine: {machine()}\nBatch {args.batch}, float32; times are medians; ratios are masked-dense time / method time, measured in one process."
+    print(header, flush=True)
+    rows = []
+    for case in cases(args.quick):
+        if args.only and args.only not in case["name"]:
+            continue
+        case_rows = time_case(case, args.batch, budget)
+        if not args.no_memory:
+            for r in case_rows:
+                r["peak_mib"] = measure_memory(case, r["method"], args.batch)
+        rows.extend(case_rows)
+    text = f"# sparselayers benchmarks\n\n{header}\n\n{table(rows)}\n"
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"machine": machine(), "batch": args.batch, "rows": rows}, f, indent=1)
+    if any(r["group"] == "density" for r in rows):
+        plot(rows, os.path.join(args.out, "density.png"))
+    print("\n" + table(rows))
+    print(f"\nWrote {args.out}/results.md, results.json, density.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

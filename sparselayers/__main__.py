@@ -1,0 +1,5 @@
+import sys
+
+from sparselayers.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""The many-outputs demo: a shared trunk and one small MLP per target.
+
+``sparselayers demo`` generates a problem with many targets, each a
+different nonlinear function of a few shared latent features, trains a
+trunk + :class:`~sparselayers.Towers` model, then puts the trained weights
+into the two usual workarounds (a masked dense stack, and one Keras Dense
+MLP per output) to show that they compute the same function at a far
+higher cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sparselayers import baselines
+from sparselayers.towers import Towers
+
+#: Masked baselines whose dense kernels would exceed this many entries in
+#: total are not built (the point they make is then their memory alone).
+MASKED_MAX_ENTRIES = 3 * 10**8
+#: Keras needs minutes to trace a model of thousands of tiny Dense layers, so
+#: at most this many per-output towers are built; the rest is scaled.
+DENSE_TOWERS_TIMED = 64
+
+
+@dataclasses.dataclass
+class Problem:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def make_problem(n_outputs: int, n_samples: int, *, n_latent: int = 8, n_features: int = 16, seed: int = 0) -> Problem:
+    """Targets that are each a different nonlinear function of 3 of ``n_latent`` latents.
+
+    The model sees ``n_features`` noisy linear mixtures of the latents, so it
+    must first recover them (the trunk) and then fit each target (a tower).
+    """
+    rng = np.random.default_rng(seed)
+    n_total = n_samples + n_samples // 4
+    z = rng.normal(size=(n_total, n_latent))
+    x = z @ rng.normal(size=(n_latent, n_features)) / np.sqrt(n_latent)
+    x += 0.05 * rng.normal(size=x.shape)
+    chosen = np.stack([rng.choice(n_latent, 3, replace=False) for _ in range(n_outputs)])
+    weights = rng.normal(size=(n_outputs, 3))
+    a = np.einsum("nok,ok->no", z[:, chosen], weights)
+    kind = np.arange(n_outputs) % 3
+    y = np.where(kind == 0, np.sin(a), np.where(kind == 1, np.tanh(a) * z[:, chosen[:, 1]], 0.3 * a**2))
+    y = (y - y.mean(0)) / (y.std(0) + 1e-9)
+    y += 0.05 * rng.normal(size=y.shape)
+    x, y = x.astype("float32"), y.astype("float32")
+    return Problem(x[:n_samples], y[:n_samples], x[n_samples:], y[n_samples:])
+
+
+def build_model(n_features: int, n_outputs: int, hidden: Sequence[int], trunk: int) -> keras.Model:
+    inputs = keras.Input((n_features,), name="features")
+    h = keras.layers.Dense(trunk, activation="relu", name="trunk")(inputs)
+    outputs = Towers(n_outputs, hidden_units=list(hidden), output_units=1, name="towers")(h)
+    return keras.Model(inputs, outputs, name="trunk_and_towers")
+
+
+def _time_step(model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int) -> float:
+    """Median seconds of one Adam training step, after a warm-up step."""
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.train_on_batch(x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _params(model: keras.Model | keras.layers.Layer) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def _training_mib(params: int, extra_bytes: int = 0) -> float:
+    """Weights, gradients and Adam's two slots in float32, plus constants."""
+    return (4 * 4 * params + extra_bytes) / 2**20
+
+
+def _mse(model: keras.Model, problem: Problem) -> float:
+    pred = model.predict(problem.x_val, batch_size=512, verbose=0)
+    return float(np.mean((pred - problem.y_val) ** 2))
+
+
+def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) -> list[dict]:
+    towers = model.get_layer("towers")
+    trunk = model.get_layer("trunk")
+    trunk_in = keras.Input(model.input_shape[1:])
+    xb, yb = problem.x_train[:batch], problem.y_train[:batch]
+    trunk_params = _params(trunk)
+    rows = []
+
+    def row(name, m, extra_bytes=0, note="", scale=1.0, columns=None):
+        params = trunk_params + scale * (_params(m) - trunk_params)
+        log(f"  timing {name} ...")
+        # measured before timing: the timed steps change the weights
+        if columns is None:
+            val = _mse(m, problem)
+        else:
+            reference = model.predict(problem.x_val, batch_size=512, verbose=0)[:, columns]
+            diff = np.abs(m.predict(problem.x_val, batch_size=512, verbose=0) - reference).max()
+            val, note = float("nan"), f"{note}; outputs equal Towers' to {diff:.1e}"
+        y = yb if columns is None else yb[:, columns]
+        weights = m.get_weights()
+        step = scale * _time_step(m, xb, y, steps)
+        m.set_weights(weights)  # the trunk is shared: later rows need the trained weights
+        rows.append(dict(method=name, params=int(params), mib=_training_mib(int(params), extra_bytes),
+                         step=step, val=val, note=note))
+        gc.collect()
+
+    row("sparselayers Towers", model)
+    dense_entries = sum(layer.input_dim * layer.units for layer in towers.tower_layers)
+    if dense_entries <= MASKED_MAX_ENTRIES:
+        masked = baselines.masked_towers(towers)
+        row("masked dense", keras.Model(trunk_in, masked(trunk(trunk_in))), extra_bytes=4 * dense_entries,
+            note="the mask is a constant")
+        del masked
+    else:
+        params = trunk_params + dense_entries + sum(layer.units for layer in towers.tower_layers)
+        rows.append(dict(method="masked dense", params=params, mib=_training_mib(params, 4 * dense_entries),
+                         step=float("nan"), val=float("nan"), note="not built: too large"))
+    shown = min(towers.n_towers, DENSE_TOWERS_TIMED)
+    log(f"  building {shown} separate Dense towers ...")
+    separate = baselines.dense_towers(towers, trunk.units, range(shown))
+    note = "" if shown == towers.n_towers else f"{shown} of {towers.n_towers} towers built, time and size scaled"
+    row("one Dense MLP per output", keras.Model(trunk_in, separate(trunk(trunk_in))), note=note,
+        scale=towers.n_towers / shown, columns=None if shown == towers.n_towers else np.arange(shown))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    base = rows[0]["step"]
+    lines = [
+        "| method | trainable params | weights+grads+Adam (MiB) | step (ms) | step / sparselayers | val MSE | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = r["step"] / base if np.isfinite(r["step"]) else float("nan")
+        lines.append(
+            f"| {r['method']} | {r['params']:,} | {r['mib']:,.1f} | {1000 * r['step']:.1f} | "
+            f"{ratio:.1f}x | {r['val']:.4f} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def _pictures(model: keras.Model, history: dict, problem: Problem, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparselayers.plotting import plot_pattern
+
+    towers = model.get_layer("towers")
+    layers = towers.tower_layers
+    paths = []
+    fig, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 8), squeeze=False)
+    for k, layer in enumerate(layers):
+        plot_pattern(layer.pattern, axes[0, k], title=f"layer {k}: {layer.pattern.structure}")
+        # the first four towers, where the blocks are visible
+        zoom_rows = layer.input_dim if k == 0 else 4 * towers.widths[k - 1]
+        zoom = layer.to_scipy()[:zoom_rows, : 4 * towers.widths[k]]
+        from sparselayers.sparsity_pattern import SparsityPattern
+
+        plot_pattern(SparsityPattern.from_scipy(zoom), axes[1, k], title=f"layer {k}, first 4 towers")
+    fig.suptitle(f"Towers: {towers.n_towers} towers, hidden {towers.hidden_units}")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "patterns.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(history["loss"], label="train")
+    ax.plot(history["val_loss"], label="validation")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    ax.legend()
+    ax.set_title("Loss of the trunk + towers model")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "loss.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    pred = model.predict(problem.x_val, batch_size=512, verbose=0)
+    show = np.linspace(0, problem.y_val.shape[1] - 1, min(4, problem.y_val.shape[1])).astype(int)
+    fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], show):
+        ax.scatter(problem.y_val[:, t], pred[:, t], s=4, alpha=0.5)
+        lim = [problem.y_val[:, t].min(), problem.y_val[:, t].max()]
+        ax.plot(lim, lim, color="tab:red", linewidth=1)
+        ax.set_title(f"target {t}")
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+    fig.tight_layout()
+    paths.append(os.path.join(out, "predictions.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run(
+    outputs: int = 1024,
+    hidden: Sequence[int] = (16, 16),
+    epochs: int = 15,
+    out: str = "sparselayers-demo",
+    *,
+    samples: int = 4096,
+    trunk: int = 256,
+    batch: int = 256,
+    timing_steps: int = 3,
+    baselines_too: bool = True,
+    seed: int = 0,
+    verbose: int = 1,
+) -> dict:
+    """Runs the demo and returns its figures (also written to ``out``)."""
+    log = print if verbose else (lambda *a, **k: None)
+    os.makedirs(out, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    problem = make_problem(outputs, samples, seed=seed)
+    model = build_model(problem.x_train.shape[1], outputs, hidden, trunk)
+    log(f"sparselayers demo: {outputs} targets, trunk {trunk}, a {list(hidden)} tower per target, "
+        f"{model.count_params():,} parameters")
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
+    fit = model.fit(problem.x_train, problem.y_train, validation_data=(problem.x_val, problem.y_val),
+                    epochs=epochs, batch_size=batch, verbose=verbose)
+    rows = []
+    if baselines_too:
+        log("Comparing with the usual workarounds, all carrying the trained weights:")
+        rows = _compare(model, problem, batch, timing_steps, log)
+    table = format_table(rows) if rows else ""
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, TensorFlow {tf.__version__}"
+    pictures = _pictures(model, fit.history, problem, out)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# sparselayers demo\n\nMachine: {machine}. Batch {batch}; step = one Adam training step "
+                f"(median of {timing_steps}).\n\n{table}\n")
+    log("\n" + table)
+    log(f"\nFinal validation MSE {fit.history['val_loss'][-1]:.4f} (targets have unit variance).")
+    log(f"Pictures and summary in {os.path.abspath(out)}: " + ", ".join(os.path.basename(p) for p in pictures))
+    return {"history": fit.history, "rows": rows, "pictures": pictures, "model": model}

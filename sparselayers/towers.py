@@ -1,0 +1,163 @@
+"""`Towers`: one small MLP per output, as a chain of block-diagonal layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from sparselayers import initializers as sparse_initializers
+from sparselayers import patterns
+from sparselayers._validation import _short, check_int
+from sparselayers.sparse_dense import SparseDense
+
+
+def _default_initializer() -> sparse_initializers.SparseVarianceScaling:
+    # LeCun normal with each tower's own fan-in: every tower starts as an
+    # independent MLP would, whatever the number of towers.
+    return sparse_initializers.SparseVarianceScaling(1.0, "fan_in", "truncated_normal")
+
+
+@keras.saving.register_keras_serializable(package="sparselayers")
+class Towers(keras.layers.Layer):
+    """``n_towers`` independent MLPs over one shared input, in a few sparse layers.
+
+    Tower ``t`` maps the shared input through ``hidden_units`` to
+    ``output_units`` outputs, seen at output columns
+    ``t * output_units .. (t + 1) * output_units``. The first layer connects
+    the input to every tower's first hidden layer (a dense pattern); every
+    further layer is a block-diagonal :class:`SparseDense`, so no tower sees
+    another's hidden units and the parameter count is exactly that of
+    ``n_towers`` separate MLPs.
+
+    Args:
+        n_towers: number of towers (outputs groups).
+        hidden_units: widths of each tower's hidden layers; may be empty.
+        output_units: outputs per tower.
+        activation: activation of the hidden layers.
+        output_activation: activation of the outputs, default none.
+        use_bias: biases in every layer.
+        values_initializer: default LeCun normal with each entry's own fan-in.
+        kernel: kernel of every SparseDense (see ``SparseDense``).
+        **kwargs: Keras ``Layer`` arguments.
+
+    Example:
+
+    >>> import numpy as np, sparselayers as sl
+    >>> towers = sl.Towers(100, hidden_units=[8, 8], output_units=2)
+    >>> towers(np.zeros((4, 32), "float32")).shape
+    TensorShape([4, 200])
+    >>> towers.count_params() == 100 * (32 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2)
+    True
+    """
+
+    def __init__(
+        self,
+        n_towers: int,
+        hidden_units: Sequence[int] = (32, 32),
+        output_units: int = 1,
+        activation: Any = "relu",
+        output_activation: Any = None,
+        use_bias: bool = True,
+        values_initializer: Any = None,
+        kernel: str = "auto",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.n_towers = check_int(n_towers, "n_towers", minimum=1)
+        if isinstance(hidden_units, (str, bytes)) or not isinstance(hidden_units, Sequence):
+            raise TypeError(
+                f"`hidden_units` must be a list of positive integers. Received: hidden_units={_short(hidden_units)}"
+            )
+        self.hidden_units = [check_int(h, "hidden_units", minimum=1) for h in hidden_units]
+        self.output_units = check_int(output_units, "output_units", minimum=1)
+        self.activation = keras.activations.get(activation)
+        self.output_activation = keras.activations.get(output_activation)
+        self.use_bias = use_bias
+        self.values_initializer = (
+            _default_initializer() if values_initializer is None else sparse_initializers.get(values_initializer)
+        )
+        self.kernel = kernel
+        self.tower_layers: list[SparseDense] = []
+
+    @property
+    def widths(self) -> list[int]:
+        """Per-tower widths of every layer's output: ``hidden_units + [output_units]``."""
+        return [*self.hidden_units, self.output_units]
+
+    def build(self, input_shape: Any) -> None:
+        input_dim = input_shape[-1]
+        if input_dim is None:
+            raise ValueError(f"Towers needs a known last input dimension. Received: input_shape={input_shape}")
+        n = self.n_towers
+        widths = self.widths
+        layer_patterns = [patterns.dense((input_dim, n * widths[0]))]
+        layer_patterns += [patterns.block_diagonal([(a, b)] * n) for a, b in zip(widths[:-1], widths[1:])]
+        self.tower_layers = []
+        for k, pattern in enumerate(layer_patterns):
+            last = k == len(layer_patterns) - 1
+            layer = SparseDense(
+                pattern,
+                activation=self.output_activation if last else self.activation,
+                use_bias=self.use_bias,
+                values_initializer=self.values_initializer,
+                kernel=self.kernel,
+                dtype=self.dtype_policy,
+                name=f"tower_layer_{k}",
+            )
+            layer.build((None, pattern.shape[0]))
+            self.tower_layers.append(layer)
+
+    def call(self, inputs):
+        x = inputs
+        for layer in self.tower_layers:
+            x = layer(x)
+        return x
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return tuple(input_shape[:-1]) + (self.n_towers * self.output_units,)
+
+    # Per-tower views -------------------------------------------------------
+
+    def output_layout(self) -> np.ndarray:
+        """Tower index of every output column, shape ``(n_towers * output_units,)``."""
+        return np.repeat(np.arange(self.n_towers), self.output_units)
+
+    def output_columns(self, tower: int) -> np.ndarray:
+        """Output columns that belong to ``tower``."""
+        tower = check_int(tower, "tower", minimum=0, maximum=self.n_towers - 1)
+        return np.arange(tower * self.output_units, (tower + 1) * self.output_units)
+
+    def tower_weights(self, tower: int) -> list[np.ndarray]:
+        """Tower ``tower`` as plain arrays ``[kernel_0, bias_0, kernel_1, ...]``.
+
+        Each kernel is dense ``(in, out)`` for that tower alone, in the order
+        ``keras.layers.Dense.set_weights`` expects for a stack of Dense layers.
+        """
+        tower = check_int(tower, "tower", minimum=0, maximum=self.n_towers - 1)
+        weights = []
+        widths_in = [self.tower_layers[0].input_dim, *self.widths[:-1]]
+        for k, layer in enumerate(self.tower_layers):
+            w_in, w_out = widths_in[k], self.widths[k]
+            rows = slice(0, w_in) if k == 0 else slice(tower * w_in, (tower + 1) * w_in)
+            cols = slice(tower * w_out, (tower + 1) * w_out)
+            weights.append(layer.to_scipy()[rows, cols].toarray())
+            if layer.bias is not None:
+                weights.append(keras.ops.convert_to_numpy(layer.bias)[cols])
+        return weights
+
+    def get_config(self) -> dict[str, Any]:
+        base_config = super().get_config()
+        config = {
+            "n_towers": self.n_towers,
+            "hidden_units": list(self.hidden_units),
+            "output_units": self.output_units,
+            "activation": keras.activations.serialize(self.activation),
+            "output_activation": keras.activations.serialize(self.output_activation),
+            "use_bias": self.use_bias,
+            "values_initializer": keras.initializers.serialize(self.values_initializer),
+            "kernel": self.kernel,
+        }
+        return {**base_config, **config}

@@ -1,0 +1,81 @@
+import keras
+import numpy as np
+import pytest
+
+import sparselayers as sl
+
+
+def independent_mlps(towers, input_dim):
+    """n_towers separate Keras MLPs given the Towers' weights, tower by tower."""
+    mlps = []
+    for t in range(towers.n_towers):
+        layers = [keras.layers.Dense(w, activation=towers.activation) for w in towers.hidden_units]
+        layers.append(keras.layers.Dense(towers.output_units, activation=towers.output_activation))
+        mlp = keras.Sequential([keras.Input((input_dim,)), *layers])
+        mlp.set_weights(towers.tower_weights(t))
+        mlps.append(mlp)
+    return mlps
+
+
+@pytest.mark.parametrize(
+    "n, hidden, out",
+    [(5, [4, 3], 2), (3, [], 1), (1, [6], 3), (7, [2, 2, 2], 1)],
+)
+def test_towers_equal_independent_dense_mlps(n, hidden, out):
+    input_dim = 9
+    towers = sl.Towers(n, hidden_units=hidden, output_units=out, activation="tanh")
+    x = np.random.default_rng(0).normal(size=(6, input_dim)).astype("float32")
+    y = towers(x).numpy()
+    assert y.shape == (6, n * out)
+    # give biases nonzero values so they are checked too
+    for layer in towers.tower_layers:
+        layer.bias.assign(np.random.default_rng(1).normal(size=layer.units).astype("float32"))
+    y = towers(x).numpy()
+    mlps = independent_mlps(towers, input_dim)
+    for t, mlp in enumerate(mlps):
+        np.testing.assert_allclose(y[:, towers.output_columns(t)], mlp(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert towers.count_params() == sum(m.count_params() for m in mlps)
+
+
+def test_output_layout():
+    towers = sl.Towers(3, hidden_units=[2], output_units=2)
+    np.testing.assert_array_equal(towers.output_layout(), [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(towers.output_columns(2), [4, 5])
+    with pytest.raises(ValueError, match="tower"):
+        towers.output_columns(3)
+
+
+def test_towers_save_and_load(tmp_path):
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, sl.Towers(4, hidden_units=[3, 3], output_units=2)(inputs))
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype("float32")
+    model.save(tmp_path / "towers.keras")
+    loaded = keras.models.load_model(tmp_path / "towers.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert loaded.count_params() == model.count_params()
+
+
+def test_towers_train():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 4)).astype("float32")
+    y = np.stack([np.sin(x[:, t % 4]) * (t + 1) / 4 for t in range(6)], axis=1).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), sl.Towers(6, hidden_units=[16, 16])])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    history = model.fit(x, y, epochs=20, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < 0.05 * history.history["loss"][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n_towers=0), ValueError, "n_towers"),
+        (dict(n_towers=2.5), TypeError, "n_towers"),
+        (dict(n_towers=2, hidden_units=32), TypeError, "hidden_units"),
+        (dict(n_towers=2, hidden_units=[0]), ValueError, "hidden_units"),
+        (dict(n_towers=2, output_units=0), ValueError, "output_units"),
+    ],
+)
+def test_bad_towers_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sl.Towers(**kwargs)
