@@ -167,6 +167,8 @@ class SparseDense(keras.layers.Layer):
         values = tf.cast(self.values, x.dtype)
         kernel = self._jit_kernel if _in_xla_context() else self._kernel
         flat = tf.reshape(x, [-1, self.input_dim])
+        if flat.shape[0] is not None:
+            kernel.check_batch(flat.shape[0])
         y = kernel(flat, values)
         if len(x.shape) != 2:
             y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))

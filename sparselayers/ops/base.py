@@ -10,6 +10,10 @@ import tensorflow as tf
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
+#: Largest element count of one int32-indexed intermediate.
+INT32_LIMIT = 2**31 - 1
+
+
 def constant(array: np.ndarray, dtype: tf.DType | None = None) -> tf.Tensor:
     """An eager constant, created once and captured (not copied) by traces."""
     with tf.init_scope():
@@ -33,6 +37,9 @@ class Kernel:
 
     def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
+
+    def check_batch(self, batch: int) -> None:
+        """Raises ValueError, before any op runs, if ``batch`` rows exceed a limit of the kernel."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pattern!r})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, constant
+from sparselayers.ops.base import INT32_LIMIT, Kernel, constant
 
 
 class GatherKernel(Kernel):
@@ -22,6 +22,14 @@ class GatherKernel(Kernel):
         super().__init__(pattern)
         self._rows = constant(pattern.rows, tf.int64)
         self._cols = constant(pattern.cols, tf.int64)
+
+    def check_batch(self, batch):
+        if batch * self.pattern.nnz > INT32_LIMIT:
+            raise ValueError(
+                f"The gather kernel would hold batch * nnz = {batch} * {self.pattern.nnz} products, above 2^31. "
+                "Use smaller batches or another kernel (kernel='csr' or 'dense'). "
+                f"Received: batch={batch}"
+            )
 
     def __call__(self, x, values):
         products = tf.gather(tf.transpose(x), self._rows) * values[:, None]

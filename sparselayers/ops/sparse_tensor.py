@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, constant
+from sparselayers.ops.base import INT32_LIMIT, Kernel, constant
 
 
 class SparseTensorKernel(Kernel):
@@ -20,6 +20,15 @@ class SparseTensorKernel(Kernel):
     def __init__(self, pattern):
         super().__init__(pattern)
         self._indices = constant(pattern.indices, tf.int64)
+
+    def check_batch(self, batch):
+        # TF's GPU kernel refuses outputs with batch * nnz above 2^31 at run time.
+        if batch * self.pattern.nnz > INT32_LIMIT and tf.config.list_logical_devices("GPU"):
+            raise ValueError(
+                f"tf.sparse.sparse_dense_matmul on GPU cannot handle batch * nnz = {batch} * {self.pattern.nnz} "
+                "above 2^31. Use smaller batches or kernel='csr'. "
+                f"Received: batch={batch}"
+            )
 
     def __call__(self, x, values):
         weights = tf.SparseTensor(self._indices, values, self.pattern.shape)

@@ -1,0 +1,26 @@
+"""The benchmark suite's quick mode runs end to end (timings are not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_quick_mode_writes_table_json_and_plot(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = {(r["case"], r["method"]) for r in results["rows"]}
+    cases = {case for case, _ in methods}
+    assert {"many outputs", "banded +-16"} <= cases and len(cases) == 5
+    for case in cases - {"many outputs"}:
+        assert {(case, "masked dense"), (case, "auto"), (case, "csr")} <= methods
+    assert all(r["step_ms"] > 0 and r["params"] > 0 for r in results["rows"])
+    assert "peak_mib" in results["rows"][0]
+    auto = [r for r in results["rows"] if r["method"] == "auto"]
+    assert {r["case"]: r["kernel"] for r in auto}["banded +-16"] == "banded"
+    assert (tmp_path / "density.png").stat().st_size > 0
+    assert "| masked dense |" in (tmp_path / "results.md").read_text()
