@@ -120,15 +120,18 @@ def test_sparse_matmul_function_and_bad_kernel_name():
     "pattern, expected",
     [
         (sl.patterns.block_diagonal([(64, 64)] * 8), "block"),
-        (sl.patterns.block_diagonal([(4, 4)] * 200), "csr"),
-        (sl.patterns.banded((500, 500), lower=8, upper=8), "banded"),
+        (sl.patterns.block_diagonal([(4, 4)] * 200), "block"),
+        (sl.patterns.block_diagonal([(2, 2)] * 200), "csr"),
+        (sl.patterns.dense((30, 20)), "block"),
+        (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
+        (sl.patterns.banded((500, 500), lower=4, upper=4), "csr"),
         (sl.patterns.banded((500, 500), lower=1, upper=1), "csr"),
         (sl.patterns.random((500, 500), density=0.2, seed=0), "dense"),
         (sl.patterns.random((500, 500), density=0.01, seed=0), "csr"),
         (sl.patterns.random((10000, 8000), density=0.06, seed=0), "csr"),
         (sl.SparsityPattern.from_coo([], [], (5, 5)), "block"),
     ],
-    ids=["big-blocks", "small-blocks", "wide-band", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
+    ids=["big-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-9", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
 )
 def test_auto_follows_the_documented_rule(pattern, expected):
     from sparselayers.ops import choose
@@ -137,7 +140,8 @@ def test_auto_follows_the_documented_rule(pattern, expected):
     # the rule as documented, recomputed from the thresholds
     blocks = sl.structure.detect_blocks(pattern)
     band = detect_band(pattern)
-    if pattern.nnz == 0 or blocks.mean_area >= choose.BLOCK_MIN_AREA:
+    if pattern.nnz == 0 or (blocks.mean_area >= choose.BLOCK_MIN_AREA
+                            and blocks.n_rows.mean() >= choose.BLOCK_MIN_ROWS):
         rule = "block"
     elif band is not None and band.width >= choose.BAND_MIN_WIDTH:
         rule = "banded"

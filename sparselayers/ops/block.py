@@ -103,6 +103,8 @@ class BlockKernel(Kernel):
             wg = tf.reshape(values[g.value_start : g.value_start + k * r * c], [k, r, c])
         else:
             wg = tf.gather(values, g.values)
+        if k == 1:  # one rectangle (a dense pattern, say): a plain matmul, no transposes
+            return tf.matmul(tf.reshape(xg, [-1, r]), tf.reshape(wg, [r, c]))
         return tf.reshape(tf.einsum("bkr,krc->bkc", xg, wg), [-1, k * c])
 
     def __call__(self, x, values):
