@@ -8,9 +8,15 @@ TensorShape([2, 6])
 """
 
 import os as _os
+import sys as _sys
 
 # TensorFlow's C++ INFO and WARNING lines drown a user's own output.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("", "0"):
+    from sparselayers._quiet import native_stderr_hidden as _hidden
+
+    with _hidden():  # the lines TF prints at import, before it reads the level
+        import tensorflow  # noqa: F401
 
 from sparselayers import initializers, ops, patterns  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402

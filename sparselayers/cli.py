@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sparselayers._quiet import native_stderr_hidden
+
 
 def _hidden(text: str) -> list[int]:
     try:
@@ -43,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from sparselayers import demo
+    with native_stderr_hidden():
+        import tensorflow as tf
+
+        tf.constant(0.0) + 1.0  # starts the runtime, which logs once more
+        from sparselayers import demo
 
     demo.run(
         outputs=args.outputs,

@@ -247,7 +247,8 @@ def run(
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# sparselayers demo\n\nMachine: {machine}. Batch {batch}; step = one Adam training step "
                 f"(median of {timing_steps}).\n\n{table}\n")
-    log("\n" + table)
+    if table:
+        log("\n" + table)
     log(f"\nFinal validation MSE {fit.history['val_loss'][-1]:.4f} (targets have unit variance).")
     log(f"Pictures and summary in {os.path.abspath(out)}: " + ", ".join(os.path.basename(p) for p in pictures))
     return {"history": fit.history, "rows": rows, "pictures": pictures, "model": model}

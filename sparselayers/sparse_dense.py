@@ -54,9 +54,11 @@ class SparseDense(keras.layers.Layer):
         values_initializer: default :class:`SparseGlorotUniform`, which uses
             each entry's real fan-in and fan-out; any Keras initializer works.
         bias_initializer: default ``"zeros"``.
-        values_regularizer, bias_regularizer, activity_regularizer: Keras
-            regularizers.
-        values_constraint, bias_constraint: Keras constraints.
+        values_regularizer: Keras regularizer of ``values``.
+        bias_regularizer: Keras regularizer of the bias.
+        activity_regularizer: Keras regularizer of the output.
+        values_constraint: Keras constraint on ``values``.
+        bias_constraint: Keras constraint on the bias.
         kernel: ``"auto"`` or a name from :data:`sparselayers.ops.KERNELS`:
             the implementation of the product (see ``docs/kernels.md``).
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
