@@ -6,7 +6,7 @@
 Each case times, in one process and side by side, the forward pass and one
 training step (forward, MSE loss, gradients w.r.t. weights and inputs, SGD
 update) of every method, as the median of repeated runs of a compiled
-``tf.function``. Peak memory of a training step is measured per method in a
+``tf.function``, the methods taking turns round by round. Peak memory of a training step is measured per method in a
 fresh subprocess (peak RSS growth), since allocations cannot be attributed
 inside one process. Results: ``results/results.md`` (tables),
 ``results/results.json`` and ``results/density.png``.
@@ -15,7 +15,6 @@ inside one process. Results: ``results/results.md`` (tables),
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -129,15 +128,26 @@ def steps(model: keras.Model):
     return forward, train
 
 
-def median_time(fn, *args, budget: float, min_reps: int = 3, max_reps: int = 15) -> float:
-    fn(*args)  # trace and warm up
-    times = []
-    while len(times) < min_reps or (len(times) < max_reps and sum(times) < budget):
-        start = time.perf_counter()
-        result = fn(*args)
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _run(fn, *args) -> float:
+    start = time.perf_counter()
+    result = fn(*args)
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(calls: dict, budget: float, min_rounds: int = 3, max_rounds: int = 15) -> dict:
+    """Median seconds of each call, timed round-robin so that drift on a
+    shared machine hits every method alike; each call is warmed up first."""
+    for fn, args in calls.values():
+        _run(fn, *args)
+    times = {name: [] for name in calls}
+    while True:
+        for name, (fn, args) in calls.items():
+            times[name].append(_run(fn, *args))
+        rounds = len(next(iter(times.values())))
+        slowest = max(sum(t) for t in times.values())
+        if rounds >= max_rounds or (rounds >= min_rounds and slowest >= budget):
+            return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def trainable_params(model: keras.Model) -> int:
@@ -146,29 +156,29 @@ def trainable_params(model: keras.Model) -> int:
 
 def time_case(case: dict, batch: int, budget: float) -> list[dict]:
     pattern = make_pattern(case["make"]) if case["kind"] == "pattern" else None
-    rows = []
+    rows, calls = [], {}
     for method in methods_for(case, pattern, batch):
         model, width = build_model(case, method)
         rng = np.random.default_rng(0)
         x = tf.constant(rng.normal(size=(batch, width)).astype("float32"))
         y = tf.constant(rng.normal(size=(batch, model.output_shape[-1])).astype("float32"))
         forward, train = steps(model)
+        calls[(method, "forward")] = (forward, (x,))
+        calls[(method, "step")] = (train, (x, y))
         scale = case["outputs"] / min(case["outputs"], DENSE_TOWERS_BUILT) if method.startswith("one Dense") else 1
         row = dict(case=case["name"], group=case["group"], method=method,
-                   params=int(scale * trainable_params(model)),
-                   forward_ms=scale * 1000 * median_time(forward, x, budget=budget),
-                   step_ms=scale * 1000 * median_time(train, x, y, budget=budget), scaled=scale)
+                   params=int(scale * trainable_params(model)), scaled=scale)
         if method in KERNEL_METHODS:
             row["kernel"] = model.layers[-1].kernel_name
         if pattern is not None:
             row["density"] = pattern.density
         rows.append(row)
-        print(f"  {case['name']:<26} {method:<26} step {row['step_ms']:9.2f} ms  forward {row['forward_ms']:8.2f} ms",
-              flush=True)
-        del model, forward, train
-        keras.backend.clear_session()
-        sl.ops.get_kernel.cache_clear()
-        gc.collect()
+    medians = interleaved_medians(calls, budget)
+    for row in rows:
+        row["forward_ms"] = row["scaled"] * 1000 * medians[(row["method"], "forward")]
+        row["step_ms"] = row["scaled"] * 1000 * medians[(row["method"], "step")]
+        print(f"  {case['name']:<26} {row['method']:<26} step {row['step_ms']:9.2f} ms  "
+              f"forward {row['forward_ms']:8.2f} ms", flush=True)
     return rows
 
 
