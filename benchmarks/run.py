@@ -135,15 +135,20 @@ def _run(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(calls: dict, budget: float, min_rounds: int = 3, max_rounds: int = 15) -> dict:
-    """Median seconds of each call, timed round-robin so that drift on a
-    shared machine hits every method alike; each call is warmed up first."""
+def interleaved_medians(calls: dict, budget: float, min_rounds: int = 5, max_rounds: int = 15) -> dict:
+    """Median seconds of each call, timed in rounds so that drift on a shared
+    machine hits every method alike; each call is warmed up first. The order
+    is shuffled every round: a call right after a memory-hungry one pays for
+    re-faulting freed memory, and that must not always be the same call."""
     for fn, args in calls.values():
         _run(fn, *args)
     times = {name: [] for name in calls}
+    order = np.random.default_rng(0)
+    names = list(calls)
     while True:
-        for name, (fn, args) in calls.items():
-            times[name].append(_run(fn, *args))
+        for k in order.permutation(len(names)):
+            fn, args = calls[names[k]]
+            times[names[k]].append(_run(fn, *args))
         rounds = len(next(iter(times.values())))
         slowest = max(sum(t) for t in times.values())
         if rounds >= max_rounds or (rounds >= min_rounds and slowest >= budget):

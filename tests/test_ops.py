@@ -120,18 +120,19 @@ def test_sparse_matmul_function_and_bad_kernel_name():
     "pattern, expected",
     [
         (sl.patterns.block_diagonal([(64, 64)] * 8), "block"),
-        (sl.patterns.block_diagonal([(4, 4)] * 200), "block"),
+        (sl.patterns.block_diagonal([(8, 8)] * 200), "block"),
+        (sl.patterns.block_diagonal([(4, 4)] * 200), "csr"),
         (sl.patterns.block_diagonal([(2, 2)] * 200), "csr"),
         (sl.patterns.dense((30, 20)), "block"),
         (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
-        (sl.patterns.banded((500, 500), lower=4, upper=4), "csr"),
+        (sl.patterns.banded((500, 500), lower=8, upper=8), "csr"),
         (sl.patterns.banded((500, 500), lower=1, upper=1), "csr"),
         (sl.patterns.random((500, 500), density=0.2, seed=0), "dense"),
         (sl.patterns.random((500, 500), density=0.01, seed=0), "csr"),
         (sl.patterns.random((10000, 8000), density=0.06, seed=0), "csr"),
         (sl.SparsityPattern.from_coo([], [], (5, 5)), "block"),
     ],
-    ids=["big-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-9", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
+    ids=["big-blocks", "8x8-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-17", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
 )
 def test_auto_follows_the_documented_rule(pattern, expected):
     from sparselayers.ops import choose

@@ -238,3 +238,18 @@ def test_string_inputs_are_refused():
     layer = built_layer(sl.patterns.dense((2, 2)))
     with pytest.raises((TypeError, ValueError)):
         layer(tf.constant([["a", "b"]]))
+
+
+def test_pickle_and_clone_model_round_trip():
+    import pickle
+
+    pattern = sl.patterns.random((12, 7), density=0.3, seed=0)
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, sl.SparseDense(pattern, activation="relu")(inputs))
+    x = inputs_for(pattern, 4)
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+    clone = keras.models.clone_model(model)
+    assert clone.layers[-1].pattern == pattern
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))

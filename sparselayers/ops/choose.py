@@ -1,7 +1,8 @@
 """The ``kernel="auto"`` rule: pick by structure, density and size.
 
-The thresholds come from ``benchmarks/`` on a 2-core CPU (training step,
-batch 256, float32); docs/kernels.md shows the measurements behind them.
+The thresholds are the crossovers measured by ``benchmarks/crossovers.py``
+(training step, 4096 x 4096, batch 256, float32, 2-core CPU); the figures
+quoted below are its medians in milliseconds, structured kernel vs CSR.
 """
 
 from __future__ import annotations
@@ -10,19 +11,19 @@ from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import detect_band, detect_blocks
 
 #: Mean entries per dense rectangle from which one batched matmul per block
-#: shape beats CSR (measured: 4x4 blocks 7.2 ms vs 8.1 ms, 2x2 blocks
-#: 8.8 ms vs 6.0 ms, training step at 4096 x 4096, batch 256).
-BLOCK_MIN_AREA = 16
+#: shape beats CSR: 4x4 blocks 6.7 vs 6.6 (a tie), 8x8 blocks 6.2 vs 7.7,
+#: 16x16 blocks 5.3 vs 9.7; 16x1 blocks 3.7 vs 2.7.
+BLOCK_MIN_AREA = 32
 #: Mean rows per rectangle below which the split is really rows of a band
 #: or of a random pattern, not blocks.
 BLOCK_MIN_ROWS = 2
 #: Band width (``lower + upper + 1``) from which the tiled banded kernel
-#: beats CSR (measured: width 9 9.5 ms vs 9.2 ms, width 17 9.1 ms vs 13.0 ms).
-BAND_MIN_WIDTH = 12
-#: Density from which multiplying by the densified kernel is fastest
-#: (measured: CSR 1.07x and dense 1.06x masked-dense speed at 3%,
-#: CSR 0.28x and dense 1.02x at 10%).
-DENSE_MIN_DENSITY = 0.05
+#: beats CSR: width 17 12.1 vs 10.6, width 33 15.1 vs 15.8, width 65 21.5
+#: vs 27.5.
+BAND_MIN_WIDTH = 32
+#: Density from which multiplying by the densified kernel beats CSR: at 5%
+#: 87.2 vs 75.8, at 8% 86.3 vs 127.0.
+DENSE_MIN_DENSITY = 0.06
 #: Largest ``input_dim * units`` the dense kernel may materialise (256 MiB f32).
 DENSE_MAX_ENTRIES = 2**26
 
