@@ -74,7 +74,7 @@ def _runs(pattern: SparsityPattern) -> tuple[np.ndarray, ...]:
     return run_row, cols[first], length, offset
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def detect_blocks(pattern: SparsityPattern) -> Blocks | None:
     """Splits ``pattern`` into dense rectangles, or None if it has no entries.
 
@@ -122,7 +122,7 @@ def _diagonal_length(n: int, m: int, offsets: np.ndarray) -> np.ndarray:
     return np.maximum(0, np.minimum(n, m - offsets) - np.maximum(0, -offsets))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def detect_band(pattern: SparsityPattern) -> Band | None:
     """Returns the band that ``pattern`` fills exactly, else None."""
     if pattern.nnz == 0:

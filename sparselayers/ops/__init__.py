@@ -70,7 +70,7 @@ def check_kernel_name(kernel: object, pattern: SparsityPattern) -> str:
     return kernel
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def get_kernel(name: str, pattern: SparsityPattern) -> Kernel:
     """The kernel ``name`` (or ``"auto"``) prepared for ``pattern``; cached."""
     return KERNELS[check_kernel_name(name, pattern)](pattern)
