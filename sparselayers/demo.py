@@ -148,11 +148,9 @@ def format_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        ratio = r["step"] / base if np.isfinite(r["step"]) else float("nan")
-        lines.append(
-            f"| {r['method']} | {r['params']:,} | {r['mib']:,.1f} | {1000 * r['step']:.1f} | "
-            f"{ratio:.1f}x | {r['val']:.4f} | {r['note']} |"
-        )
+        step = f"{1000 * r['step']:.1f} | {r['step'] / base:.1f}x" if np.isfinite(r["step"]) else "- | -"
+        val = f"{r['val']:.4f}" if np.isfinite(r["val"]) else "see note"
+        lines.append(f"| {r['method']} | {r['params']:,} | {r['mib']:,.1f} | {step} | {val} | {r['note']} |")
     return "\n".join(lines)
 
 
