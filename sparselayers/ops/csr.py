@@ -45,11 +45,15 @@ class CSRKernel(Kernel):
         self._transposed_order = constant(transposed, tf.int64)
         self._indices = constant(pattern.indices, tf.int64)
         self._indices_t = constant(pattern.indices[transposed][:, ::-1], tf.int64)
+        # Flat (rows, cols, rows, cols, ...) per chunk: the custom gradient
+        # takes them as positional inputs.
         self._chunks = [
-            (constant(pattern.rows[s : s + chunk], tf.int64), constant(pattern.cols[s : s + chunk], tf.int64))
+            constant(array[s : s + chunk], tf.int64)
             for s in range(0, pattern.nnz, chunk)
+            for array in (pattern.rows, pattern.cols)
         ]
         self._shape = np.array([n, m], np.int64)
+        self._shape_t = np.array([m, n], np.int64)
 
     def _product(self, indices, values, shape, dense):
         """``(A @ dense.T).T`` for the sparse ``A`` given in canonical COO."""
@@ -64,15 +68,12 @@ class CSRKernel(Kernel):
         return tf.cast(y, dtype)
 
     def _matmul(self, x, values):
-        shape_t = self._shape[::-1].copy()
-        chunks = [t for pair in self._chunks for t in pair]
-
         # The index tensors are explicit inputs, not closures, so that a
         # SavedModel captures them with the forward function and can save
         # this custom gradient.
         @tf.custom_gradient
         def matmul(x, values, indices, indices_t, order, *chunks):
-            y = self._product(indices_t, tf.gather(values, order), shape_t, x)
+            y = self._product(indices_t, tf.gather(values, order), self._shape_t, x)
 
             def grad(dy):
                 dx = self._product(indices, values, self._shape, dy)
@@ -89,4 +90,4 @@ class CSRKernel(Kernel):
 
             return y, grad
 
-        return matmul(x, values, self._indices, self._indices_t, self._transposed_order, *chunks)
+        return matmul(x, values, self._indices, self._indices_t, self._transposed_order, *self._chunks)
