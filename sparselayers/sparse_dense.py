@@ -9,10 +9,11 @@ import keras
 import numpy as np
 import scipy.sparse
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 from sparselayers import initializers as sparse_initializers
-from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
+from sparselayers import pattern_state
+from sparselayers.ops import KERNELS, check_kernel_name, choose_export_kernel, choose_jit_kernel, get_kernel
+from sparselayers.ops.context import kernel_context
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -30,10 +31,6 @@ def as_pattern(pattern: Any) -> SparsityPattern:
         "`pattern` must be a SparsityPattern, a scipy.sparse matrix or array, or a 2-D mask. "
         f"Received: pattern of type {type(pattern).__name__}"
     )
-
-
-def _in_xla_context() -> bool:
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 @keras.saving.register_keras_serializable(package="sparselayers")
@@ -103,15 +100,74 @@ class SparseDense(keras.layers.Layer):
         self.values_constraint = keras.constraints.get(values_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self._kernel_argument = kernel
+        self.set_kernel(kernel)
+        self.supports_masking = True
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
+
+    def set_kernel(self, kernel: str) -> None:
+        """Selects the kernel of later calls (``"auto"`` or a name in ``KERNELS``).
+
+        The saved config keeps the constructor's ``kernel`` argument: a choice
+        made for one device (see :func:`sparselayers.autotune`) is not part
+        of the model. Functions traced before keep the kernel they traced.
+        """
         self.kernel_name = check_kernel_name(kernel, self.pattern)
-        self.jit_kernel_name = choose_jit_kernel(self.pattern, self.kernel_name)
         # Inside an XLA compile, call() uses `jit_kernel_name`, which XLA can
         # compile. With kernel="auto" that swap is the layer's own choice, so
         # it supports jit; a kernel the user forced is honoured, so the layer
         # then supports jit only if that kernel does, and Keras runs it
         # uncompiled.
-        self.supports_jit = kernel == "auto" or KERNELS[self.kernel_name].supports_jit
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
+        self.jit_kernel_name = choose_jit_kernel(self.pattern, self.kernel_name)
+        self.supports_jit = self._kernel_argument == "auto" or KERNELS[self.kernel_name].supports_jit
+
+    def set_pattern(self, pattern: Any, values: Any = None) -> None:
+        """Replaces the layer's connections, in place, keeping its variables.
+
+        This is the one seam through which a pattern changes after
+        construction (pruning, RigL and SET, loading a saved pattern). The new
+        pattern must have the layer's shape and, once built, its ``nnz``:
+        ``values`` keeps its variable (and the optimizer its slots), and
+        ``values[k]`` now belongs to ``pattern.indices[k]``. Pass ``values``
+        to assign new values in the same step. The kernel follows the new
+        pattern; functions traced under the old pattern raise instead of
+        computing with it (rebuild them with
+        :func:`sparselayers.reset_compiled_functions`).
+
+        >>> import numpy as np, sparselayers as sl
+        >>> layer = sl.SparseDense(sl.patterns.banded((4, 4)), use_bias=False)
+        >>> layer.build((None, 4))
+        >>> layer.set_pattern(sl.patterns.banded((4, 4)).transpose(), values=[1.0, 2.0, 3.0, 4.0])
+        >>> layer(np.eye(4, dtype="float32")).numpy().diagonal().tolist()
+        [1.0, 2.0, 3.0, 4.0]
+        """
+        pattern = as_pattern(pattern)
+        if pattern.shape != self.pattern.shape:
+            raise ValueError(
+                f"`pattern` must keep the layer's shape {self.pattern.shape}. Received: pattern with shape {pattern.shape}"
+            )
+        if self.built and pattern.nnz != self.pattern.nnz:
+            raise ValueError(
+                f"`pattern` must keep the built layer's nnz={self.pattern.nnz} (its values variable). "
+                f"Received: pattern with nnz={pattern.nnz}"
+            )
+        if values is not None:
+            values = np.asarray(values)
+            if values.shape != (pattern.nnz,):
+                raise ValueError(
+                    f"`values` must have shape ({pattern.nnz},). Received: values with shape {values.shape}"
+                )
+        kernel = self._kernel_argument
+        if kernel != "auto":
+            try:
+                check_kernel_name(kernel, pattern)
+            except ValueError:
+                kernel = "auto"  # a forced structured kernel no longer fits: choose again
+        self.pattern = pattern
+        self.set_kernel(kernel)
+        if self.built:
+            if values is not None:
+                self.values.assign(values.astype(self.values.dtype))
+            self._state.bump()
 
     @classmethod
     def from_scipy(cls, matrix: Any, **kwargs: Any) -> SparseDense:
@@ -155,8 +211,19 @@ class SparseDense(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-        self._kernel = get_kernel(self.kernel_name, self.pattern)
-        self._jit_kernel = get_kernel(self.jit_kernel_name, self.pattern)
+        self._state = pattern_state.PatternState()
+        self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
+
+    def _select_kernel(self):
+        """The kernel for this call's context: see :mod:`sparselayers.ops.context`."""
+        context = kernel_context()
+        if context == "xla":
+            name = self.jit_kernel_name
+        elif context == "export":
+            name = choose_export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto")
+        else:
+            name = self.kernel_name
+        return get_kernel(name, self.pattern), context
 
     def call(self, inputs):
         x = inputs
@@ -167,11 +234,13 @@ class SparseDense(keras.layers.Layer):
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
         values = tf.cast(self.values, x.dtype)
-        kernel = self._jit_kernel if _in_xla_context() else self._kernel
+        kernel, context = self._select_kernel()
         flat = tf.reshape(x, [-1, self.input_dim])
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
         y = kernel(flat, values)
+        if context == "default":
+            y = self._state.guard(y, self.name)
         if len(x.shape) != 2:
             y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         if self.bias is not None:
@@ -191,14 +260,35 @@ class SparseDense(keras.layers.Layer):
         """The current kernel as a dense ``(input_dim, units)`` NumPy array."""
         return self.pattern.to_dense(keras.ops.convert_to_numpy(self.values))
 
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return mask  # as Dense: a mask over the leading axes passes through
+
+    def save_own_variables(self, store: Any) -> None:
+        super().save_own_variables(store)
+        pattern_state.save_pattern(self.pattern, store)
+
     def load_own_variables(self, store: Any) -> None:
         stored = store["0"] if "0" in store else None
+        saved_pattern = pattern_state.load_pattern(store, "the weights file")
+        if saved_pattern is not None:
+            pattern_state.check_replacement(self, saved_pattern, "The weights file")
         if stored is not None and tuple(stored.shape) != (self.pattern.nnz,):
             raise ValueError(
                 f"Saved values do not match layer '{self.name}': the pattern has "
                 f"nnz={self.pattern.nnz} but the file holds values of shape {tuple(stored.shape)}."
             )
-        super().load_own_variables(store)
+        variables = self._trainable_variables + self._non_trainable_variables
+        expected = [str(i) for i in range(len(variables))]
+        missing = [key for key in expected if key not in store]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables in the weights file "
+                f"but found none under keys {missing}."
+            )
+        if saved_pattern is not None and saved_pattern != self.pattern:
+            self.set_pattern(saved_pattern)
+        for key, variable in zip(expected, variables):
+            variable.assign(store[key])
 
     def get_config(self) -> dict[str, Any]:
         base_config = super().get_config()

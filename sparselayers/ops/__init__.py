@@ -22,7 +22,7 @@ import tensorflow as tf
 from sparselayers.ops.banded import BandedKernel
 from sparselayers.ops.base import Kernel
 from sparselayers.ops.block import BlockKernel
-from sparselayers.ops.choose import choose_jit_kernel, choose_kernel
+from sparselayers.ops.choose import choose_export_kernel, choose_jit_kernel, choose_kernel
 from sparselayers.ops.csr import CSRKernel
 from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.gather import GatherKernel
@@ -44,6 +44,7 @@ __all__ = [
     "DenseKernel",
     "GatherKernel",
     "SparseTensorKernel",
+    "choose_export_kernel",
     "choose_jit_kernel",
     "choose_kernel",
     "get_kernel",
@@ -77,7 +78,40 @@ def get_kernel(name: str, pattern: SparsityPattern) -> Kernel:
 
 
 def sparse_matmul(x, pattern: SparsityPattern, values, kernel: str = "auto") -> tf.Tensor:
-    """``x @ W`` for a 2-D ``x``, with ``W`` given by ``pattern`` and ``values``."""
+    """``x @ W`` with ``W`` given by ``pattern`` and ``values``, over the last axis of ``x``.
+
+    Args:
+        x: floating tensor ``(..., input_dim)``; float16, bfloat16, float32 or float64.
+        pattern: the :class:`SparsityPattern` of ``W``.
+        values: ``(nnz,)`` entries of ``W`` in ``pattern``'s order; cast to ``x.dtype``.
+        kernel: ``"auto"`` or a name in :data:`KERNELS`.
+
+    Returns:
+        A tensor ``(..., units)`` of ``x``'s dtype.
+
+    Raises:
+        TypeError: ``x`` is not floating point, or ``pattern`` is no SparsityPattern.
+        ValueError: ``x``'s last axis is not ``input_dim``, or ``values`` is not ``(nnz,)``.
+    """
+    if not isinstance(pattern, SparsityPattern):
+        raise TypeError(f"`pattern` must be a SparsityPattern. Received: pattern of type {type(pattern).__name__}")
     x = tf.convert_to_tensor(x)
-    values = tf.convert_to_tensor(values, dtype=x.dtype)
-    return get_kernel(kernel, pattern)(x, values)
+    if not x.dtype.is_floating:
+        raise TypeError(
+            "`x` must be a floating-point tensor (cast integers first, as a layer does). "
+            f"Received: x of dtype {x.dtype.name}"
+        )
+    input_dim, units = pattern.shape
+    if x.shape.rank is not None and (x.shape.rank < 1 or x.shape[-1] not in (None, input_dim)):
+        raise ValueError(
+            f"The last axis of `x` must equal the pattern's input_dim={input_dim}. Received: x with shape {x.shape}"
+        )
+    values = tf.convert_to_tensor(values)
+    if values.shape.rank is not None and values.shape.as_list() != [pattern.nnz]:
+        raise ValueError(f"`values` must have shape ({pattern.nnz},). Received: values with shape {values.shape}")
+    values = tf.cast(values, x.dtype)
+    flat = tf.reshape(x, [-1, input_dim])
+    y = get_kernel(kernel, pattern)(flat, values)
+    if x.shape.rank == 2:
+        return y
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [units]], axis=0))

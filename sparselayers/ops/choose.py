@@ -72,3 +72,30 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
     if KERNELS[preferred].supports_jit:
         return preferred
     return "dense" if fits_dense(pattern) else "gather"
+
+
+#: Kernels whose ops every export format can express (LiteRT builtins or
+#: ONNX operators); others are swapped for one of these at export.
+EXPORTABLE = ("block", "banded", "dense", "gather")
+
+
+def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> str:
+    """The kernel a layer traces with while Keras exports it.
+
+    SavedModel keeps ``preferred``: TensorFlow serves every kernel. LiteRT and
+    ONNX get ``preferred`` if they can express it, else the dense kernel
+    (or gather, past :data:`DENSE_MAX_ENTRIES`). A kernel the user forced
+    that the format cannot express raises ValueError before conversion.
+    """
+    from sparselayers.ops.context import export_format
+
+    format = export_format()  # noqa: A001
+    if format in (None, "tf_saved_model") or preferred in EXPORTABLE:
+        return preferred
+    if forced:
+        raise ValueError(
+            f"`kernel='{preferred}'` cannot be exported to {format}: its ops have no {format} "
+            f"equivalent. Use kernel='auto' (swapped at export) or one of {list(EXPORTABLE)}. "
+            f"Received: kernel='{preferred}'"
+        )
+    return "dense" if fits_dense(pattern) and pattern.density >= 0.05 else "gather"

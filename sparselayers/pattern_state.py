@@ -1,0 +1,155 @@
+"""The pattern as part of a layer's saved state.
+
+A layer whose connections can change (pruning, RigL, SET, a checkpoint
+restored mid-training) must never pair its ``values`` with another pattern's
+connections. This module makes the current pattern travel with the values:
+
+* Keras files (``.keras``, ``.weights.h5``): :func:`save_pattern` writes the
+  pattern's linear positions next to the variables, :func:`load_pattern`
+  reads them back;
+* ``tf.train.Checkpoint`` (and SavedModel): :class:`PatternCheckpoint` is a
+  trackable child of the layer holding the same positions;
+* traced functions: :class:`PatternState` counts pattern changes, and a
+  graph traced under an older pattern fails loudly instead of running with
+  stale index constants.
+
+Either way, a saved pattern with the layer's ``nnz`` replaces the layer's
+pattern; any other raises ``ValueError``. Nothing here adds Keras weights, so
+``count_params()`` stays ``nnz (+ units)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.saved_model import save_context
+from tensorflow.python.trackable import base as trackable
+
+from sparselayers.sparsity_pattern import SparsityPattern
+
+#: Keys of the Keras weights store that hold the pattern.
+LINEAR_KEY = "pattern_linear"
+SHAPE_KEY = "pattern_shape"
+
+
+def _linear_dtype(shape: tuple[int, int]) -> np.dtype:
+    return np.dtype(np.uint32) if shape[0] * shape[1] <= 2**32 else np.dtype(np.int64)
+
+
+def save_pattern(pattern: SparsityPattern, store: Any) -> None:
+    """Writes ``pattern`` into a Keras weights store (4 or 8 bytes per entry)."""
+    store[LINEAR_KEY] = pattern.linear.astype(_linear_dtype(pattern.shape))
+    store[SHAPE_KEY] = np.asarray(pattern.shape, np.int64)
+
+
+def pattern_from_arrays(linear: Any, shape: Any, where: str) -> SparsityPattern:
+    """A pattern from saved linear positions, checked like any other input."""
+    shape = tuple(int(s) for s in np.asarray(shape).ravel())
+    linear = np.asarray(linear)
+    if len(shape) != 2 or linear.ndim != 1 or not np.issubdtype(linear.dtype, np.integer):
+        raise ValueError(f"Corrupt pattern in {where}: shape {shape}, positions of shape {linear.shape}")
+    linear = linear.astype(np.int64)
+    if linear.size and (
+        linear[0] < 0 or linear[-1] >= shape[0] * shape[1] or np.any(np.diff(linear) <= 0)
+    ):
+        raise ValueError(f"Corrupt pattern in {where}: positions unsorted, repeated or outside shape {shape}")
+    return SparsityPattern._from_linear(linear, shape)
+
+
+def load_pattern(store: Any, where: str) -> SparsityPattern | None:
+    """The pattern saved in a Keras weights store, or None for files without one."""
+    if LINEAR_KEY not in store:
+        return None
+    return pattern_from_arrays(np.asarray(store[LINEAR_KEY]), np.asarray(store[SHAPE_KEY]), where)
+
+
+def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None:
+    """Raises ValueError unless ``pattern`` can replace ``layer.pattern`` in place."""
+    if pattern.shape != layer.pattern.shape:
+        raise ValueError(
+            f"{source} does not fit layer '{layer.name}': the saved pattern has shape {pattern.shape}, "
+            f"the layer {layer.pattern.shape}."
+        )
+    if pattern.nnz != layer.pattern.nnz:
+        raise ValueError(
+            f"{source} does not fit layer '{layer.name}': the saved pattern has nnz={pattern.nnz}, "
+            f"the layer nnz={layer.pattern.nnz}. Build the layer with the saved pattern "
+            "(for example from the model's config) before loading its values."
+        )
+
+
+class PatternCheckpoint(trackable.Trackable):
+    """The layer's current pattern as a ``tf.train.Checkpoint`` dependency."""
+
+    def __init__(self, layer: Any):
+        self._layer = layer
+
+    def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
+        pattern = self._layer.pattern
+        return {
+            LINEAR_KEY: tf.constant(pattern.linear, tf.int64),
+            SHAPE_KEY: tf.constant(pattern.shape, tf.int64),
+        }
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, tf.Tensor]) -> Any:
+        if not tf.executing_eagerly():
+            # SavedModel traces restore functions; a loaded SavedModel's graph
+            # already holds the pattern it was saved with.
+            return tf.no_op()
+        pattern = pattern_from_arrays(
+            restored_tensors[LINEAR_KEY].numpy(), restored_tensors[SHAPE_KEY].numpy(), "the checkpoint"
+        )
+        check_replacement(self._layer, pattern, "The checkpoint")
+        self._layer.set_pattern(pattern)
+        return tf.no_op()
+
+
+class PatternState:
+    """Counts pattern changes so that a graph traced before one fails loudly.
+
+    Keras caches traced train, test and predict functions; they hold the
+    pattern's index tensors as constants. After :meth:`SparseDense.set_pattern`
+    such a function would pair the values with the old connections, so every
+    graph checks the layer's version (one scalar read) and raises instead.
+    """
+
+    def __init__(self) -> None:
+        with tf.init_scope():
+            self.version = tf.Variable(0, dtype=tf.int64, trainable=False, name="pattern_version")
+        self._python_version = 0
+
+    def bump(self) -> None:
+        self._python_version += 1
+        self.version.assign(self._python_version)
+
+    def guard(self, y: tf.Tensor, layer_name: str) -> tf.Tensor:
+        """``y``, after checking in graphs that the pattern did not change since tracing."""
+        if tf.executing_eagerly() or save_context.in_save_context():
+            return y
+        check = tf.debugging.assert_equal(
+            self.version.read_value(),
+            tf.constant(self._python_version, tf.int64),
+            message=(
+                f"The pattern of layer '{layer_name}' changed after this function was traced, so it "
+                "would pair the values with the old connections. Rebuild the model's functions: "
+                "sl.reset_compiled_functions(model), or compile the model again."
+            ),
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(y)
+
+
+def reset_compiled_functions(model: Any) -> None:
+    """Makes ``model`` trace its train, test and predict functions anew.
+
+    Needed after a layer's pattern changed outside ``fit`` (the callbacks of
+    :mod:`sparselayers.callbacks` do it themselves); a stale function raises
+    rather than computing with the old pattern.
+    """
+    for kind in ("train", "test", "predict"):
+        if getattr(model, f"{kind}_function", None) is not None:
+            # Rebuilt rather than cleared: fit() reads train_function anew at
+            # every step, so a callback may call this mid-epoch.
+            getattr(model, f"make_{kind}_function")(force=True)
