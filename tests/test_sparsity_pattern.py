@@ -45,6 +45,28 @@ def test_from_dense_matches_numpy_nonzero(p):
 FORMATS = ["coo", "csr", "csc", "bsr", "dia", "lil", "dok"]
 
 
+def stored_positions(m):
+    """The stored coordinates of ``m`` read from its own format's arrays (no tocoo)."""
+    n, k = m.shape
+    if m.format == "dia":  # data[d, j] is stored at (j - offsets[d], j)
+        return {(j - off, j) for off in m.offsets for j in range(min(k, m.data.shape[1])) if 0 <= j - off < n}
+    if m.format == "dok":
+        return set(m.keys())
+    if m.format == "lil":
+        return {(i, j) for i, row in enumerate(m.rows) for j in row}
+    if m.format in ("csr", "csc", "bsr"):
+        r, c = m.blocksize if m.format == "bsr" else (1, 1)
+        cells = {
+            (major, int(m.indices[t]))
+            for major in range(len(m.indptr) - 1)
+            for t in range(m.indptr[major], m.indptr[major + 1])
+        }
+        if m.format == "csc":
+            return {(i, j) for j, i in cells}
+        return {(i * r + a, j * c + b) for i, j in cells for a in range(r) for b in range(c)}
+    return set(zip(*(m.coords if hasattr(m, "coords") else (m.row, m.col))))
+
+
 @pytest.mark.parametrize("kind", ["matrix", "array"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_from_scipy_every_format(fmt, kind):
@@ -52,7 +74,42 @@ def test_from_scipy_every_format(fmt, kind):
     constructor = getattr(scipy.sparse, f"{fmt}_{kind}")
     m = constructor(scipy.sparse.csr_array(dense)) if fmt != "dia" else constructor(dense)
     p = sl.SparsityPattern.from_scipy(m)
-    assert p == sl.SparsityPattern.from_dense(dense)
+    assert p.nnz == m.nnz
+    assert set(map(tuple, p.indices.tolist())) == stored_positions(m)
+    if fmt != "dia":  # DIA stores whole diagonals, padding zeros included
+        assert p == sl.SparsityPattern.from_dense(dense)
+
+
+@pytest.mark.parametrize("kind", ["matrix", "array"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_from_scipy_keeps_zero_initialised_structures(fmt, kind):
+    """A structure whose stored values are all 0 keeps every stored entry, in every format."""
+    expected = sl.patterns.banded((6, 5), lower=1, upper=1) | sl.SparsityPattern.from_coo([5, 0], [0, 4], (6, 5))
+    zeros = scipy.sparse.csr_array(
+        (np.zeros(expected.nnz), expected.cols.copy(), expected.row_pointers.copy()), shape=(6, 5)
+    )
+    constructor = getattr(scipy.sparse, f"{fmt}_{kind}")
+    m = constructor(zeros)
+    p, data = sl.SparsityPattern._from_scipy_with_data(m)
+    assert p.nnz == m.nnz and set(map(tuple, p.indices.tolist())) == stored_positions(m)
+    assert not data.any()
+    if fmt != "dia":
+        assert p == expected
+    else:  # the stored diagonals of the band and the two corners, all in shape
+        assert set(map(tuple, expected.indices.tolist())) <= stored_positions(m)
+
+
+def test_from_scipy_dia_keeps_zeros():
+    zeros = scipy.sparse.diags_array([np.zeros(3), np.zeros(4), np.zeros(3)], offsets=[-1, 0, 1])
+    assert zeros.nnz == 10 and sl.SparsityPattern.from_scipy(zeros).nnz == 10
+    assert sl.SparsityPattern.from_scipy(zeros) == sl.patterns.banded((4, 4), lower=1, upper=1)
+    one_zero = scipy.sparse.dia_array(([[1.0, 0.0, 3.0]], [0]), shape=(3, 3))
+    p, data = sl.SparsityPattern._from_scipy_with_data(one_zero)
+    assert p.indices.tolist() == [[0, 0], [1, 1], [2, 2]] and data.tolist() == [1.0, 0.0, 3.0]
+    wide = scipy.sparse.dia_matrix((np.arange(1.0, 13.0).reshape(2, 6), [2, -1]), shape=(3, 5))
+    p, data = sl.SparsityPattern._from_scipy_with_data(wide)
+    np.testing.assert_array_equal(p.to_dense(data), wide.toarray())
+    assert p.nnz == wide.nnz
 
 
 def test_from_scipy_keeps_explicit_zeros_and_merges_duplicates():
