@@ -812,9 +812,9 @@ class SparsityPattern:
             dtype = np.dtype(config["gap_dtype"])
         except TypeError:
             dtype = None
-        if dtype is None or dtype.kind not in "ui" or dtype.byteorder not in "=|":
+        if dtype is None or dtype.kind not in "ui":
             raise ValueError(
-                "Corrupt SparsityPattern config: `gap_dtype` must name a native integer dtype "
+                "Corrupt SparsityPattern config: `gap_dtype` must name an integer dtype "
                 f"such as 'uint8'. Received: gap_dtype={_short(config['gap_dtype'])}"
             )
         try:

@@ -1,3 +1,8 @@
+import base64
+import json
+import zipfile
+import zlib
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -224,3 +229,107 @@ def test_values_of_wrong_length_are_refused():
 def test_empty_pattern_is_valid():
     p = sl.SparsityPattern.from_coo([], [], (3, 4))
     assert p.nnz == 0 and p.to_dense().sum() == 0 and p.to_scipy().nnz == 0
+
+
+# Malformed data is refused at construction (issue 12.5) ---------------------
+
+
+def config_with_gaps(gaps, dtype, shape=(5, 5), **extra):
+    payload = zlib.compress(np.asarray(gaps, dtype=dtype).tobytes())
+    config = {"shape": list(shape), "nnz": len(gaps), "gap_dtype": np.dtype(dtype).name,
+              "gaps": base64.b64encode(payload).decode("ascii")}
+    return {**config, **extra}
+
+
+@pytest.mark.parametrize("dtype", ["int16", ">u4", "uint64"])
+def test_config_with_handmade_gaps_matches_cumsum(dtype):
+    p = sl.SparsityPattern.from_config({**config_with_gaps([2, 1, 5, 10], dtype), "gap_dtype": dtype})
+    assert p.linear.tolist() == [2, 3, 8, 18]
+
+
+BAD_CONFIGS = [
+    (config_with_gaps([0, 1.5, 2], "float32"), "gap_dtype.*integer.*float32"),
+    (config_with_gaps([0, 1, 2], "complex64"), "gap_dtype"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "gap_dtype": "str"}, "gap_dtype"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "gap_dtype": "no-such-dtype"}, "gap_dtype"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "gap_dtype": None}, "gap_dtype"),
+    (config_with_gaps([0, 3, -1], "int8"), r"sorted and unique.*gaps\[2\]=-1"),
+    (config_with_gaps([-2, 3, 1], "int8"), r"gaps\[0\]=-2"),
+    (config_with_gaps([0, 1, 0], "uint8"), r"gaps\[2\]=0"),
+    (config_with_gaps([0, 2**63 + 5], "uint64"), r"gaps\[1\]=-"),
+    (config_with_gaps([4, 20, 1], "uint8"), r"run past shape=\(5, 5\)"),
+    (config_with_gaps([0, 2**62, 2**62], "int64"), "run past"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "nnz": 4}, "declares nnz=4 but `gaps` holds 3"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "nnz": 2}, "declares nnz=2"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "nnz": 2.5}, "nnz"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "nnz": "3"}, "nnz"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "nnz": 26}, "nnz"),
+    (config_with_gaps([0, 1, 2], "uint16", shape=(0, 5)), "shape"),
+    ({**config_with_gaps([0, 1, 2], "uint8"), "gaps": "not base64!"}, "decode"),
+    ({k: v for k, v in config_with_gaps([0], "uint8").items() if k != "gaps"}, r"missing \['gaps'\]"),
+    (config_with_gaps([0, 1], "uint8", input_names=["a", "b"]), "input_names.*5"),
+    (config_with_gaps([0, 1], "uint8", output_names=["a", "b", "c", "d", "a"]), "output_names.*unique.*'a'"),
+    (config_with_gaps([0, 1], "uint8", input_names=[1, 2, 3, 4, 5]), "input_names.*str"),
+    (config_with_gaps([0, 1], "uint8", input_names="eJzLSMzJAQ=="), "input_names"),
+    ("not a dict", "dict"),
+]
+
+
+@pytest.mark.parametrize("config, message", BAD_CONFIGS)
+def test_malformed_config_is_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        sl.SparsityPattern.from_config(config)
+
+
+def test_inflating_payload_is_refused_without_inflating_it():
+    bomb = base64.b64encode(zlib.compress(bytes(50_000_000))).decode("ascii")
+    with pytest.raises(ValueError, match=r"declares nnz=3 but `gaps` holds 4\+ entries"):
+        sl.SparsityPattern.from_config({"shape": [5, 5], "nnz": 3, "gap_dtype": "uint8", "gaps": bomb})
+
+
+BAD_INDICES = [
+    ([[0.0, 1.0]], (2, 2), TypeError, "integers.*float64"),
+    ([[True, False]], (2, 2), TypeError, "integers"),
+    ([[0, 1, 2]], (2, 3), ValueError, r"\(nnz, 2\)"),
+    ([0, 1], (2, 2), ValueError, r"\(nnz, 2\)"),
+    ([[0, 1], [2, 0]], (2, 2), ValueError, r"rows must lie in \[0, 2\).*indices\[1\]=\[2, 0\]"),
+    ([[0, -1]], (2, 2), ValueError, r"cols must lie"),
+    ([[1, 0], [0, 1]], (2, 2), ValueError, r"sorted and unique.*indices\[1\]=\[0, 1\] after \[1, 0\]"),
+    ([[0, 1], [0, 1]], (2, 2), ValueError, "sorted and unique"),
+    ([[0, 1]], (2, 0), ValueError, "shape"),
+]
+
+
+@pytest.mark.parametrize("indices, shape, error, message", BAD_INDICES)
+def test_constructor_refuses_non_canonical_indices(indices, shape, error, message):
+    with pytest.raises(error, match=message):
+        sl.SparsityPattern(np.asarray(indices), shape)
+
+
+@given(any_patterns)
+def test_constructor_accepts_canonical_indices(p):
+    assert sl.SparsityPattern(p.indices, p.shape) == p
+
+
+@pytest.mark.parametrize(
+    "gaps, dtype, message",
+    [([0, 3, -1], "int8", r"gaps\[2\]=-1"), ([0, 1, 0], "uint8", r"gaps\[2\]=0"), ([0, 1, 2], "float64", "gap_dtype")],
+)
+def test_edited_keras_file_is_refused(tmp_path, gaps, dtype, message):
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((5,)), sl.SparseDense(sl.patterns.banded((5, 5)), name="sparse")])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    layer = next(layer for layer in config["config"]["layers"] if layer["config"]["name"] == "sparse")
+    layer["config"]["pattern"].update(config_with_gaps(gaps, dtype))
+    files["config.json"] = json.dumps(config).encode()
+    edited = tmp_path / "edited.keras"
+    with zipfile.ZipFile(edited, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    # Keras re-raises deserialization errors as TypeError, quoting ours.
+    with pytest.raises((ValueError, TypeError), match="Corrupt SparsityPattern config.*" + message):
+        keras.saving.load_model(edited)
