@@ -333,3 +333,156 @@ def test_edited_keras_file_is_refused(tmp_path, gaps, dtype, message):
     # Keras re-raises deserialization errors as TypeError, quoting ours.
     with pytest.raises((ValueError, TypeError), match="Corrupt SparsityPattern config.*" + message):
         keras.saving.load_model(edited)
+
+
+# Named patterns from edge lists (issue 11) ----------------------------------
+
+names = st.sampled_from([f"u{k}" for k in range(8)])
+
+
+def first_appearance(items):
+    order = []
+    for item in items:
+        if item not in order:
+            order.append(item)
+    return order
+
+
+@given(st.lists(st.tuples(names, names), min_size=1, max_size=30), st.booleans())
+def test_from_edges_matches_a_dense_reference(edges, give_lists):
+    sources, targets = [s for s, _ in edges], [t for _, t in edges]
+    inputs = sorted(set(sources)) + ["unused"] if give_lists else first_appearance(sources)
+    outputs = sorted(set(targets), reverse=True) if give_lists else first_appearance(targets)
+    dense = np.zeros((len(inputs), len(outputs)))
+    for s, t in edges:
+        dense[inputs.index(s), outputs.index(t)] = 1  # repeated edges merge
+    p = sl.SparsityPattern.from_edges(sources, targets, inputs if give_lists else None, outputs if give_lists else None)
+    assert p == sl.SparsityPattern.from_dense(dense)
+    assert p.input_names == tuple(inputs) and p.output_names == tuple(outputs)
+
+
+def test_from_edges_integer_positions_and_mixed_sides():
+    p = sl.SparsityPattern.from_edges(np.array([3, 0, 3]), [1, 0, 1])
+    assert p.shape == (4, 2) and p.indices.tolist() == [[0, 0], [3, 1]]
+    assert p.input_names is None and p.output_names is None
+    q = sl.SparsityPattern.from_edges([2, 0], ["B", "A"], inputs=5, outputs=["A", "B", "C"])
+    assert q.shape == (5, 3) and q.indices.tolist() == [[0, 0], [2, 1]]
+    assert q.input_names is None and q.output_names == ("A", "B", "C")
+    r = sl.SparsityPattern.from_edges([1, 0], ["B", "A"], inputs=["x", "y"])  # positions into named inputs
+    assert r.input_names == ("x", "y") and r.output_names == ("B", "A") and r.indices.tolist() == [[0, 1], [1, 0]]
+    empty = sl.SparsityPattern.from_edges([], [], inputs=["x"], outputs=2)
+    assert empty.shape == (1, 2) and empty.nnz == 0
+
+
+BAD_EDGES = [
+    ((["a", "b"], ["x"]), {}, ValueError, r"same length.*len\(sources\)=2, len\(targets\)=1"),
+    ((["a", "zz", "b", "yy", "zz"], ["x"] * 5), {"inputs": ["a", "b"]}, ValueError,
+     r"`sources` holds 2 names not in `inputs`: 'zz', 'yy'. Received: 3 edges"),
+    ((["a"] * 7, [f"g{k}" for k in range(7)]), {"outputs": ["x"]}, ValueError,
+     r"7 names not in `outputs`: 'g0', 'g1', 'g2', 'g3', 'g4', \.\.\. \(7 in all\)"),
+    ((["a", 1], ["x", "y"]), {}, TypeError, r"one kind only.*sources\[1\]=1"),
+    ((["a", None], ["x", "y"]), {}, TypeError, r"sources\[1\]=None"),
+    ((["a", float("nan")], ["x", "y"]), {}, TypeError, r"sources\[1\]=nan"),
+    (([0.5], ["x"]), {}, TypeError, r"sources\[0\]=0.5"),
+    (([True], ["x"]), {}, TypeError, "sources"),
+    (("abc", ["x"]), {}, TypeError, "sequence of names"),
+    (([0, 5], ["x", "y"]), {"inputs": 3}, ValueError, r"sources.*\[0, 3\).*sources\[1\]=5"),
+    (([0, -1], ["x", "y"]), {}, ValueError, r"sources\[1\]=-1"),
+    ((["a"], ["x"]), {"inputs": 3}, TypeError, "holds names.*inputs"),
+    ((["a"], ["x"]), {"inputs": ["a", "b", "a"]}, ValueError, r"`inputs` must be unique.*'a'"),
+    ((["a"], ["x"]), {"inputs": ["a", 2]}, TypeError, r"inputs\[1\]=2"),
+    (([], []), {}, ValueError, "without edges needs"),
+    (([0], [0]), {"inputs": 0}, ValueError, "inputs` must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", BAD_EDGES)
+def test_bad_edges(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sl.SparsityPattern.from_edges(*args, **kwargs)
+
+
+def test_from_frame_and_from_csv_match_from_edges(tmp_path):
+    pd = pytest.importorskip("pandas")
+    table = pd.DataFrame({"snp": ["rs3", "rs1", "rs3", "rs7"], "gene": ["B", "A", "A", "B"], "score": [1, 2, 3, 4]})
+    expected = sl.SparsityPattern.from_edges(["rs3", "rs1", "rs3", "rs7"], ["B", "A", "A", "B"])
+    p = sl.SparsityPattern.from_frame(table, "snp", "gene")
+    assert p == expected and p.input_names == ("rs3", "rs1", "rs7") and p.output_names == ("B", "A")
+    table.to_csv(tmp_path / "map.csv", index=False)
+    q = sl.SparsityPattern.from_csv(tmp_path / "map.csv", "snp", "gene", outputs=["A", "B"])
+    assert q.output_names == ("A", "B") and q.input_names == p.input_names
+    assert q == sl.SparsityPattern.from_edges(table.snp, table.gene, outputs=["A", "B"])
+    (tmp_path / "map.tsv").write_text("gene\tsnp\n007\trs1\n\n007\trs2\n")
+    r = sl.SparsityPattern.from_csv(tmp_path / "map.tsv", "snp", "gene", delimiter="\t")
+    assert r.output_names == ("007",) and r.input_names == ("rs1", "rs2")
+    with pytest.raises(ValueError, match=r"`target` must be a column.*'genes'.*'snp', 'gene', 'score'"):
+        sl.SparsityPattern.from_frame(table, "snp", "genes")
+    with pytest.raises(ValueError, match="`source` must be a column"):
+        sl.SparsityPattern.from_csv(tmp_path / "map.csv", "SNP", "gene")
+    (tmp_path / "short.csv").write_text("snp,gene\nrs1\n")
+    with pytest.raises(ValueError, match="line 2: expected 2 fields"):
+        sl.SparsityPattern.from_csv(tmp_path / "short.csv", "snp", "gene")
+
+
+def named(shape=(4, 3), seed=0):
+    p = sl.patterns.random(shape, density=0.5, seed=seed)
+    return p.with_names([f"in{k}" for k in range(shape[0])], [f"out{k}" for k in range(shape[1])])
+
+
+def test_names_survive_config_and_transpose():
+    p = named()
+    q = sl.SparsityPattern.from_config(p.get_config())
+    assert q == p and q.input_names == p.input_names and q.output_names == p.output_names
+    t = p.transpose()
+    assert t.input_names == p.output_names and t.output_names == p.input_names
+    assert t == sl.SparsityPattern.from_dense(p.to_dense().T)
+    odd = p.with_names(["ä", "b\n,\"", "", "\x00"], None)
+    assert sl.SparsityPattern.from_config(odd.get_config()).input_names == ("ä", "b\n,\"", "", "\x00")
+    assert "output_names" not in odd.get_config() and "input_names" not in sl.patterns.dense((2, 2)).get_config()
+    plain = {**p.get_config(), "input_names": ["a", "b", "c", "d"]}  # a hand-written config
+    assert sl.SparsityPattern.from_config(plain).input_names == ("a", "b", "c", "d")
+
+
+def test_config_of_a_million_names_is_compact():
+    snps = [f"rs{k}" for k in np.random.default_rng(0).choice(10**8, 10**6, replace=False)]
+    p = sl.SparsityPattern.from_edges(snps, [f"G{k // 50}" for k in range(10**6)])
+    size = len(json.dumps(p.get_config()))
+    raw = sum(len(s) + 3 for s in snps)  # the names as a JSON list
+    assert size < 0.6 * raw, (size, raw)
+
+
+def test_equality_and_hash_ignore_names():
+    p = named()
+    assert p == sl.SparsityPattern(p.indices, p.shape) and hash(p) == hash(sl.SparsityPattern(p.indices, p.shape))
+    assert p.with_names(None, list("abc")) == p
+
+
+def test_union_and_intersection_keep_agreeing_names():
+    p, q = named(seed=1), named(seed=2)
+    for result in (p | q, p & q, p | q.with_names(None, None), q.with_names(None, q.output_names) & p):
+        assert result.input_names == p.input_names and result.output_names == p.output_names
+    assert (p | q) == sl.SparsityPattern.from_dense((p.to_dense() + q.to_dense()) > 0)
+    other = q.with_names(["in0", "in1", "x", "in3"], q.output_names)
+    with pytest.raises(ValueError, match=r"`\|` needs patterns whose input_names agree. Received: input_names\[2\]='in2' and 'x'"):
+        p | other
+    with pytest.raises(ValueError, match="`&`.*output_names"):
+        p & q.with_names(None, ["a", "b", "c"])
+    assert p.kron(p).input_names is None
+
+
+def test_repr_and_summary_show_a_few_names():
+    p = sl.SparsityPattern.from_edges([f"rs{k}" for k in range(10)], ["A"] * 9 + ["B"], outputs=["A", "B", "C"])
+    assert "inputs=['rs0', 'rs1', 'rs2', 'rs3', 'rs4', ... (10 in all)], outputs=['A', 'B', 'C']" in repr(p)
+    assert "outputs with no input (bias only): 1: 'C'" in p.summary()
+    assert "inputs=" not in repr(sl.patterns.dense((2, 2)))
+
+
+def test_names_survive_keras_save_and_load(tmp_path):
+    keras = pytest.importorskip("keras")
+    p = named((6, 4))
+    model = keras.Sequential([keras.Input((6,)), sl.SparseDense(p, name="sparse")])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras").get_layer("sparse")
+    assert loaded.pattern == p and loaded.pattern.input_names == p.input_names
+    assert loaded.pattern.output_names == p.output_names
+    np.testing.assert_array_equal(loaded.to_dense(), model.get_layer("sparse").to_dense())
