@@ -302,6 +302,7 @@ def layer_frame(layer: SparseDense) -> Any:
 
 def _chain_of(model: Any) -> list[Any]:
     layers = list(model.layers) if isinstance(model, keras.Model) else list(model)
+    layers = [layer for layer in layers if not isinstance(layer, keras.layers.InputLayer)]
     if not layers:
         raise ValueError("`model` must hold at least one layer.")
     return layers
@@ -384,8 +385,9 @@ def path_weights(model: Any, *, level: int = 0, output: int | str = 0) -> Any:
     per layer from the output back. Activations and biases are ignored.
 
     Args:
-        model: a ``keras.Sequential`` (or list of layers) chaining
-            ``SparseDense``/``Dense`` layers; weightless layers pass through.
+        model: a ``keras.Sequential``, a functional model whose layers form
+            one chain, or a list of layers, chaining ``SparseDense``/``Dense``
+            layers; weightless layers pass through.
         level: 0 for the inputs, ``k`` for the outputs of the ``k``-th
             ``SparseDense``/``Dense`` layer (e.g. genes).
         output: position or name of the output unit.
@@ -450,8 +452,9 @@ def gradient_x_input(
     effects of opposite signs in different samples do not cancel).
 
     Args:
-        model: a ``keras.Sequential`` (or list of layers) chaining
-            ``SparseDense``/``Dense`` layers; other layers run in inference mode.
+        model: a ``keras.Sequential``, a functional model whose layers form
+            one chain, or a list of layers, chaining ``SparseDense``/``Dense``
+            layers; other layers run in inference mode.
         data: inputs, a 2-D array (a NumPy memmap is read batch by batch, so
             int8 genotypes never become one float copy) or a
             ``tf.data.Dataset`` of batches (``x`` or ``(x, y, ...)``).
