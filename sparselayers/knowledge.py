@@ -173,7 +173,7 @@ def check_chain(
     first_sources, _, declared_inputs, _ = edges[0]
     levels: list[tuple[Any, ...]] = [
         tuple(inputs) if inputs is not None else declared_inputs or _first_appearance(first_sources)
-    ]
+    ]  # tuples, so that a named pattern's names compare equal
     for k, (sources, _, declared_sources, _) in enumerate(edges):
         if k:
             here = levels[k]
@@ -193,6 +193,10 @@ def check_chain(
         levels.append(declared_targets or _first_appearance(targets))
     built = []
     for k, (sources, targets, _, _) in enumerate(edges):
+        table = tables[k]
+        if isinstance(table, SparsityPattern) and (table.input_names, table.output_names) == tuple(levels[k : k + 2]):
+            built.append(table)  # already aligned: skip rebuilding it from its edges
+            continue
         try:
             built.append(SparsityPattern.from_edges(sources, targets, levels[k], levels[k + 1]))
         except (TypeError, ValueError) as error:
