@@ -21,6 +21,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
 from sparselayers import initializers, ops, patterns  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
 
@@ -31,6 +32,7 @@ __all__ = [
     "SparsityPattern",
     "Towers",
     "initializers",
+    "knowledge",
     "ops",
     "patterns",
     "reset_compiled_functions",

@@ -260,6 +260,15 @@ class SparseDense(keras.layers.Layer):
         """The current kernel as a dense ``(input_dim, units)`` NumPy array."""
         return self.pattern.to_dense(keras.ops.convert_to_numpy(self.values))
 
+    def to_frame(self) -> Any:
+        """Every entry as a pandas DataFrame ``input, output, weight``: names when the pattern has them.
+
+        See :func:`sparselayers.knowledge.layer_frame`; needs pandas.
+        """
+        from sparselayers.knowledge import layer_frame
+
+        return layer_frame(self)
+
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         return mask  # as Dense: a mask over the leading axes passes through
 
