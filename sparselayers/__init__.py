@@ -19,6 +19,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
         import tensorflow  # noqa: F401
 
 from sparselayers import initializers, ops, patterns  # noqa: E402
+from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "SparseDense",
     "SparsityPattern",
     "Towers",
+    "autotune",
     "initializers",
     "ops",
     "patterns",
