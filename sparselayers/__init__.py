@@ -19,6 +19,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
         import tensorflow  # noqa: F401
 
 from sparselayers import initializers, ops, patterns  # noqa: E402
+from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
@@ -31,6 +32,7 @@ __all__ = [
     "SparseDense",
     "SparsityPattern",
     "Towers",
+    "autotune",
     "initializers",
     "knowledge",
     "ops",

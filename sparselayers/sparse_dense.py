@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from sparselayers import initializers as sparse_initializers
 from sparselayers import pattern_state
+from sparselayers.autotune import kernel_for_call
 from sparselayers.ops import KERNELS, check_kernel_name, choose_export_kernel, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -214,15 +215,20 @@ class SparseDense(keras.layers.Layer):
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
 
-    def _select_kernel(self):
-        """The kernel for this call's context: see :mod:`sparselayers.ops.context`."""
+    def _select_kernel(self, flat=None):
+        """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
+
+        In the default context a ``kernel="auto"`` layer takes a kernel
+        measured on this device for ``flat``'s batch, if one is cached
+        (:mod:`sparselayers.autotune`).
+        """
         context = kernel_context()
         if context == "xla":
             name = self.jit_kernel_name
         elif context == "export":
             name = choose_export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto")
         else:
-            name = self.kernel_name
+            name = self.kernel_name if flat is None else kernel_for_call(self, flat)
         return get_kernel(name, self.pattern), context
 
     def call(self, inputs):
@@ -234,8 +240,8 @@ class SparseDense(keras.layers.Layer):
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
         values = tf.cast(self.values, x.dtype)
-        kernel, context = self._select_kernel()
         flat = tf.reshape(x, [-1, self.input_dim])
+        kernel, context = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
         y = kernel(flat, values)
