@@ -13,8 +13,9 @@ import tensorflow as tf
 from sparselayers import initializers as sparse_initializers
 from sparselayers import pattern_state
 from sparselayers.autotune import kernel_for_call
-from sparselayers.ops import KERNELS, check_kernel_name, choose_export_kernel, choose_jit_kernel, get_kernel
+from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
+from sparselayers.ops.export_kernels import export_kernel
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -223,10 +224,10 @@ class SparseDense(keras.layers.Layer):
         (:mod:`sparselayers.autotune`).
         """
         context = kernel_context()
+        if context == "export":
+            return export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto"), context
         if context == "xla":
             name = self.jit_kernel_name
-        elif context == "export":
-            name = choose_export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto")
         else:
             name = self.kernel_name if flat is None else kernel_for_call(self, flat)
         return get_kernel(name, self.pattern), context

@@ -79,28 +79,56 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
     return "dense" if fits_dense(pattern) else "gather"
 
 
-#: Kernels whose ops every export format can express (LiteRT builtins or
-#: ONNX operators); others are swapped for one of these at export.
+#: Kernels a user may force and still export to LiteRT and ONNX: each has
+#: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
+#: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
+#: Density from which an exported layer multiplies by its densified kernel:
+#: at batch 1 the dense matmul of the artifact beats the sparse gather-sum
+#: from about this density on (``benchmarks/export.py``), and below it the
+#: dense weights would also make the artifact far larger than the entries.
+EXPORT_DENSE_MIN_DENSITY = 0.1
+#: Largest ``units * width / nnz`` (padding of the ELL layout, ``width`` the
+#: fullest column) for which export uses the ELL kernel rather than gather
+#: and segment sum: beyond it the padded artifact grows past the entries.
+ELL_MAX_PADDING = 2.0
 
 
 def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> str:
     """The kernel a layer traces with while Keras exports it.
 
-    SavedModel keeps ``preferred``: TensorFlow serves every kernel. LiteRT and
-    ONNX get ``preferred`` if they can express it, else the dense kernel
-    (or gather, past :data:`DENSE_MAX_ENTRIES`). A kernel the user forced
-    that the format cannot express raises ValueError before conversion.
+    SavedModel keeps ``preferred``: TensorFlow serves every kernel. For
+    LiteRT and ONNX, a block or banded kernel keeps its structure, and a
+    kernel the user forced keeps its computation (dense or gather); the
+    automatic choice for other patterns is ``"dense"`` from a density of
+    :data:`EXPORT_DENSE_MIN_DENSITY`, else ``"ell"``, or ``"gather"`` when
+    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A forced
+    kernel that the format cannot express raises ValueError before
+    conversion.
+
+    >>> import sparselayers as sl
+    >>> from sparselayers.ops.context import exporting
+    >>> with exporting("onnx"):
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((512, 512), density=0.01, seed=0), "csr")
+    'ell'
     """
     from sparselayers.ops.context import export_format
 
     format = export_format()  # noqa: A001
-    if format in (None, "tf_saved_model") or preferred in EXPORTABLE:
+    if format in (None, "tf_saved_model"):
         return preferred
     if forced:
-        raise ValueError(
-            f"`kernel='{preferred}'` cannot be exported to {format}: its ops have no {format} "
-            f"equivalent. Use kernel='auto' (swapped at export) or one of {list(EXPORTABLE)}. "
-            f"Received: kernel='{preferred}'"
-        )
-    return "dense" if fits_dense(pattern) and pattern.density >= 0.05 else "gather"
+        if preferred not in EXPORTABLE:
+            raise ValueError(
+                f"`kernel='{preferred}'` cannot be exported to {format}: its ops have no {format} "
+                f"equivalent. Use kernel='auto' (swapped at export) or one of {list(EXPORTABLE)}. "
+                f"Received: kernel='{preferred}'"
+            )
+        return preferred
+    if preferred in ("block", "banded"):
+        return preferred
+    if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
+        return "dense"
+    if pattern.nnz and pattern.shape[1] * pattern.fan_in.max() <= ELL_MAX_PADDING * pattern.nnz:
+        return "ell"
+    return "gather"
