@@ -20,6 +20,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
 
 from sparselayers import initializers, ops, patterns  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
+from sparselayers.pruning import sparsify  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
@@ -34,4 +35,5 @@ __all__ = [
     "ops",
     "patterns",
     "reset_compiled_functions",
+    "sparsify",
 ]
