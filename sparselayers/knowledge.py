@@ -490,8 +490,9 @@ def gradient_x_input(
     bias = keras.ops.convert_to_numpy(after.bias).astype(np.float64) if after.bias is not None else 0.0
     total, count = None, 0
     for batch in _batches(data, batch_size):
-        h = tf.convert_to_tensor(batch)
+        h = batch
         if split:
+            h = tf.convert_to_tensor(h)
             if not h.dtype.is_floating:
                 h = tf.cast(h, "float32")  # per batch: the data set stays in its own dtype
             for layer in layers[:split]:
