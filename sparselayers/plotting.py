@@ -72,9 +72,9 @@ def plot_manhattan(
     :func:`sparselayers.knowledge.gradient_x_input`. With ``groups``, the
     pattern (or ``SparseDense`` layer) from that level to the next, each
     point takes the colour of the first unit it feeds (e.g. its gene), in
-    alternating shades as chromosomes in a genome-wide association plot; the
-    ``labels`` most relevant points are annotated with their name (and
-    group).
+    alternating shades as chromosomes in a genome-wide association plot, and
+    the most relevant unit of each of the ``labels`` most relevant groups is
+    annotated with its name and its group's.
 
     Args:
         relevance: a DataFrame with columns ``unit``, ``position`` and
@@ -82,7 +82,7 @@ def plot_manhattan(
         groups: a :class:`SparsityPattern` or ``SparseDense`` whose rows are
             the plotted units, or None.
         ax: matplotlib ``Axes`` to draw on; a new figure by default.
-        labels: how many of the most relevant points to annotate.
+        labels: how many points to annotate (one per group).
         title: the title; by default, the level's size.
 
     Returns:
@@ -124,7 +124,14 @@ def plot_manhattan(
         colours = np.array(["tab:blue", "tab:orange", "lightgrey"])[shade]
         ax.scatter(position[order], height[order], s=6, c=colours, rasterized=True)
     names = pattern.output_names if pattern is not None else None
-    for k in np.argsort(-height, kind="stable")[:labels]:
+    labelled: set[int] = set()
+    for k in np.argsort(-height, kind="stable"):
+        if len(labelled) == labels:
+            break
+        key = int(group[k]) if group is not None else int(k)
+        if key in labelled:  # one label per group: its most relevant unit
+            continue
+        labelled.add(key)
         text = str(relevance["unit"].iloc[k])
         if group is not None and group[k] >= 0:
             text += f" ({names[group[k]] if names is not None else group[k]})"

@@ -158,6 +158,9 @@ class SparseDense(keras.layers.Layer):
                 raise ValueError(
                     f"`values` must have shape ({pattern.nnz},). Received: values with shape {values.shape}"
                 )
+        if pattern.input_names is None and pattern.output_names is None:
+            # Same shape, so the layer's unit names still apply.
+            pattern = pattern.with_names(self.pattern.input_names, self.pattern.output_names)
         kernel = self._kernel_argument
         if kernel != "auto":
             try:

@@ -239,6 +239,7 @@ def test_manhattan_plot_colours_units_by_their_group():
     texts = [t.get_text() for t in ax.texts]
     top = frame.unit.iloc[0]
     assert len(texts) == 2 and texts[0].startswith(f"{top} (")
+    assert len({text.split(" (")[1] for text in texts}) == 2  # one label per gene
     with pytest.raises(ValueError, match="columns unit, position"):
         plot_manhattan(pd.DataFrame({"x": [1]}))
     with pytest.raises(ValueError, match="a row per plotted unit"):

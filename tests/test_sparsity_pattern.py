@@ -271,6 +271,9 @@ BAD_CONFIGS = [
     (config_with_gaps([0, 1], "uint8", output_names=["a", "b", "c", "d", "a"]), "output_names.*unique.*'a'"),
     (config_with_gaps([0, 1], "uint8", input_names=[1, 2, 3, 4, 5]), "input_names.*str"),
     (config_with_gaps([0, 1], "uint8", input_names="eJzLSMzJAQ=="), "input_names"),
+    (config_with_gaps([0, 1], "uint8", input_names=base64.b64encode(zlib.compress(b" " * 30000)).decode()),
+     "input_names.*over 20480 bytes"),
+    ({**config_with_gaps([0, 1], "uint8"), "gap_dtype": "i4,i4"}, "gap_dtype"),
     ("not a dict", "dict"),
 ]
 
