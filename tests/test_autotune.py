@@ -63,10 +63,10 @@ def test_chooses_the_fastest_of_its_own_median_timings():
 
 def test_a_kernel_far_slower_in_the_first_round_is_not_timed_again():
     calls = []
-    table = {"sparse_dense_matmul": 100.0, "csr": 1.0, "gather": 2.0, "dense": 3.0, "block": 3.5}
+    table = {"sparse_dense_matmul": 100.0, "csr": 1.0, "gather": 2.0, "dense": 3.0, "block": 3.5}  # limit: 3x
     sl.autotune(one_layer_model(RANDOM), x_for(RANDOM), rounds=4, timer=timer_from(table, calls))
     counted = {kernel: sum(k == kernel for _, k in calls) for kernel in table}
-    assert counted == {"sparse_dense_matmul": 1, "csr": 4, "gather": 4, "dense": 4, "block": 4}
+    assert counted == {"sparse_dense_matmul": 1, "csr": 4, "gather": 4, "dense": 4, "block": 1}
 
 
 def test_every_sparse_dense_is_tuned_also_inside_towers_and_nested_models():
