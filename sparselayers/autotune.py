@@ -194,7 +194,7 @@ def autotune(
     :class:`~sparselayers.Towers` and nested models) with the batch and
     dtype it sees. For each layer built with ``kernel="auto"``, every kernel
     of :data:`sparselayers.ops.KERNELS` that accepts the pattern and the
-    batch (and, for ``"dense"``, fits in memory) is timed as a training step:
+    batch, and whose temporaries fit in memory, is timed as a training step:
     forward and gradients w.r.t. the values and the input, on the device
     holding the layer's variables. Timing is in steady state: several
     consecutive steps of one kernel, then the next, round after round; the
