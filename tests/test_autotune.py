@@ -304,3 +304,16 @@ def test_bad_arguments():
 def test_device_description_names_the_cpu():
     description = autotune_module.describe_device("/job:localhost/replica:0/task:0/device:CPU:0")
     assert description.startswith("CPU: ") and "threads" in description
+
+
+def test_batch_counts_the_rows_of_the_flattened_input_and_dtype_is_part_of_the_key():
+    sequences = keras.Sequential([keras.Input((5, 24)), sl.SparseDense(RANDOM)])
+    report = sl.autotune(sequences, np.ones((2, 5, 24), "float32"), rounds=1, timer=timer_from({"gather": 1.0}))
+    assert report[0].batch == 10
+    half = keras.Sequential([keras.Input((24,)), sl.SparseDense(RANDOM, dtype="mixed_float16")])
+    report = sl.autotune(half, np.ones((16, 24), "float32"), rounds=1, timer=timer_from({"csr": 1.0}))
+    assert report[0].dtype == "float16" and report[0].chosen == "csr" and report[0].source == "measured"
+    fresh = sl.SparseDense(RANDOM)
+    fresh.build((None, 24))
+    assert fresh._select_kernel(tf.zeros((16, 24)))[0].name == "gather"  # the float32 measurement
+    assert fresh._select_kernel(tf.zeros((16, 24), tf.float16))[0].name == "csr"
