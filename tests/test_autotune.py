@@ -317,3 +317,16 @@ def test_batch_counts_the_rows_of_the_flattened_input_and_dtype_is_part_of_the_k
     fresh.build((None, 24))
     assert fresh._select_kernel(tf.zeros((16, 24)))[0].name == "gather"  # the float32 measurement
     assert fresh._select_kernel(tf.zeros((16, 24), tf.float16))[0].name == "csr"
+
+
+def test_a_kernel_variant_is_timed_like_any_kernel(monkeypatch):
+    class CSRVariant(sl.ops.CSRKernel):
+        name = "csr_variant"
+
+    monkeypatch.setitem(sl.ops.KERNELS, "csr_variant", CSRVariant)
+    monkeypatch.setattr(sl.ops.CSRKernel, "variants", ("csr_variant",), raising=False)
+    model = one_layer_model(RANDOM)
+    report = sl.autotune(model, x_for(RANDOM), rounds=1, timer=timer_from({"csr_variant": 0.5, "csr": 1.0}))
+    assert report[0].chosen == "csr_variant" == model.layers[0].kernel_name
+    assert list(report[0].ms).index("csr_variant") == list(report[0].ms).index("csr") + 1
+    assert "csr_variant" in str(report).splitlines()[1]
