@@ -215,7 +215,7 @@ class SparseDense(keras.layers.Layer):
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
 
-    def _select_kernel(self, flat=None):
+    def _select_kernel(self, flat: tf.Tensor | None = None):
         """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
 
         In the default context a ``kernel="auto"`` layer takes a kernel
