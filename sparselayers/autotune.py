@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers._validation import check_int
-from sparselayers.ops import KERNELS, check_kernel_name, choose_kernel, get_kernel
+from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import fits_dense
 from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import detect_blocks
