@@ -113,12 +113,11 @@ def sparsify(
         )
     selected = _select(model, layers)
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
-    kept: dict[int, tuple[SparsityPattern, np.ndarray]] = {}
+    kept_values: dict[int, np.ndarray] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         if id(layer) in selected:
-            pattern, values = _prune(layer, density, block)
-            kept[id(layer)] = (pattern, values)
+            pattern, kept_values[id(layer)] = _prune(layer, density, block)
             clone = _sparse_layer(layer, pattern)
         else:
             clone = layer.__class__.from_config(layer.get_config())
@@ -129,8 +128,8 @@ def sparsify(
     if not new_model.built:  # a Sequential built by a call, without an Input
         new_model.build(model.input_shape)
     for layer, clone in clones:
-        if id(layer) in kept:
-            clone.values.assign(kept[id(layer)][1].astype(clone.values.dtype))
+        if id(layer) in kept_values:
+            clone.values.assign(kept_values[id(layer)].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
         else:
@@ -147,7 +146,7 @@ def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
         return clone_layer(layer)
 
     inputs = None
-    if isinstance(model, Functional) and not isinstance(model, keras.Sequential):
+    if isinstance(model, Functional):
         # clone_model would name new inputs after their tensors, and a model
         # fed a dict finds its inputs by name.
         inputs = keras.tree.map_structure(
