@@ -292,7 +292,8 @@ def tables(results: dict) -> str:
         "",
         f"Command: `python benchmarks/pruning.py{' --quick' if args['quick'] else ''}`  ",
         f"Machine: {results['machine']}  ",
-        f"Duration: {results['seconds']:.0f} s",
+        f"Duration: {results['seconds']:.0f} s; 1-minute load average {results['load'][0]:.1f} at the start, "
+        f"{results['load'][1]:.1f} at the end (other jobs share the machine: compare within a table).",
         "",
         f"## Digits (scikit-learn, {results['train_size']} train / {results['test_size']} test), "
         f"MLP {'-'.join(map(str, args['widths']))}",
@@ -343,6 +344,12 @@ def tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def percent_ticks(ax, densities: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(densities, [f"{d:.0%}" for d in densities])
+    ax.minorticks_off()
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -359,7 +366,7 @@ def plot(results: dict, path: str) -> None:
         points = sorted((r["density"], r["accuracy"], r["accuracy_std"]) for r in rows if r["method"] == method)
         d, a, s = map(np.array, zip(*points))
         ax.errorbar(d, a, yerr=s, marker="o", capsize=3, label=method)
-    ax.set_xscale("log")
+    percent_ticks(ax, results["settings"]["densities"])
     ax.set_xlabel("density (share of Dense entries kept)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Digits MLP: accuracy vs density")
@@ -382,9 +389,10 @@ def plot(results: dict, path: str) -> None:
     for method in dict.fromkeys(r["method"] for r in speed if r["method"] != "dense Keras"):
         points = sorted((r["density"], r["step_ms"]) for r in speed if r["method"] == method)
         ax.plot(*zip(*points), marker="o", label=method)
-    ax.set_xscale("log")
+    percent_ticks(ax, results["settings"]["speed_densities"])
+    ax.set_yscale("log")
     ax.set_xlabel("density")
-    ax.set_ylabel("training step (ms)")
+    ax.set_ylabel("training step (ms, log scale)")
     ax.set_title(f"MLP {'-'.join(map(str, results['settings']['speed_widths']))}: step time")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -422,6 +430,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     print(machine(), flush=True)
     data = digits()
     if args.quick:
@@ -435,7 +444,8 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     results = dict(machine=machine(), settings=settings, accuracy=accuracy_table, teacher_rows=teacher_table,
                    teacher=teacher, speed=speed, train_size=len(data[0]), test_size=len(data[1]),
-                   seconds=time.perf_counter() - start, callbacks=HAVE_CALLBACKS)
+                   seconds=time.perf_counter() - start, callbacks=HAVE_CALLBACKS,
+                   load=[load_start, os.getloadavg()[0]])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "pruning.json"), "w") as f:
         json.dump(results, f, indent=1)
