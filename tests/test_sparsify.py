@@ -166,6 +166,18 @@ def test_ties_go_to_the_earlier_position_in_row_major_order():
     np.testing.assert_array_equal(kept, [[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]])
 
 
+def test_tied_tiles_go_to_the_earlier_tile_in_row_major_order():
+    model = one_dense((5, 5), use_bias=False)
+    model.get_layer("d").kernel.assign(np.ones((5, 5), "float32"))
+    kept = sl.sparsify(model, density=0.5, block=(2, 2)).get_layer("d").pattern.to_dense()
+    # k = round(12.5) = 12: three full 2x2 tiles (norm 2) beat the partial
+    # edge tiles (norm sqrt(2) or 1); of the four full tiles, the first three.
+    expected = np.zeros((5, 5))
+    expected[:2, :4] = 1
+    expected[2:4, :2] = 1
+    np.testing.assert_array_equal(kept, expected)
+
+
 def test_a_higher_density_never_adds_connections():
     once = sl.sparsify(one_dense((8, 6)), density=0.25)
     again = sl.sparsify(once, density=0.75)
