@@ -133,8 +133,23 @@ def sparsify(
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
         else:
-            clone.set_weights(layer.get_weights())
+            _copy_state(layer, clone)
     return new_model
+
+
+def _copy_state(layer: keras.layers.Layer, clone: keras.layers.Layer) -> None:
+    """Weights, and the current pattern of every SparseDense inside ``layer``.
+
+    A container's config (``Towers``) holds the patterns it was built with;
+    RigL or SET may have moved them since, and values must follow.
+    """
+    def inner(root: keras.layers.Layer) -> list[SparseDense]:
+        return [sub for sub in root._flatten_layers(include_self=True, recursive=True) if isinstance(sub, SparseDense)]
+
+    for old, new in zip(inner(layer), inner(clone)):
+        if old.pattern != new.pattern:
+            new.set_pattern(old.pattern)
+    clone.set_weights(layer.get_weights())
 
 
 def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:

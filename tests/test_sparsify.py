@@ -273,6 +273,21 @@ def test_layers_by_name_prune_only_those_and_copy_the_rest():
     np.testing.assert_allclose(as_numpy(sparse, x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_towers_layer_whose_patterns_moved_is_copied_with_its_patterns():
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d"), sl.Towers(2, hidden_units=[3])])
+    towers = model.layers[-1]
+    moved = [sub for sub in towers._flatten_layers(recursive=True) if isinstance(sub, sl.SparseDense)][1]
+    old = moved.pattern  # as RigL would: same nnz, other connections
+    moved.set_pattern(sl.SparsityPattern.from_dense(np.flip(old.to_dense(), axis=1)))
+    assert moved.pattern != old
+    sparse = sl.sparsify(model, density=0.5, layers=["d"])
+    kernel = model.get_layer("d").kernel.numpy()
+    masked = np.where(reference_keep(kernel, np.ones(kernel.shape, bool), 0.5), kernel, 0)
+    x = np.random.default_rng(7).normal(size=(4, 6))
+    hidden = forward64(x, [(masked, model.get_layer("d").bias.numpy(), None)])
+    np.testing.assert_allclose(as_numpy(sparse, x), as_numpy(towers, hidden), rtol=1e-5, atol=1e-5)
+
+
 def test_dense_on_3d_inputs_has_a_2d_kernel_and_is_pruned():
     model = keras.Sequential([keras.Input((5, 6)), keras.layers.Dense(4, name="d")])
     kernel = model.get_layer("d").kernel.numpy()
