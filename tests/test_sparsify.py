@@ -1,8 +1,6 @@
 """`sl.sparsify` against an independent NumPy top-k reference (float64)."""
 
 import os
-import pathlib
-import re
 import subprocess
 import sys
 
@@ -435,15 +433,3 @@ def test_pruning_benchmark_quick_mode_writes_table_and_plot(tmp_path):
     for method in ["dense", "static random", "one-shot sparsify", "gradual sparsify"]:
         assert f"| {method} |" in table
     assert (tmp_path / "pruning.png").stat().st_size > 0
-
-
-def test_the_finding_a_pattern_page_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    text = pathlib.Path(ROOT, "docs", "finding-a-pattern.md").read_text()
-    blocks = re.findall(r"```python\n(.+?)```", text, flags=re.S)
-    assert len(blocks) >= 3
-    namespace = {}
-    for block in blocks:
-        if "sl.callbacks" in block and not hasattr(sl, "callbacks"):
-            continue  # RigL and SET land with sl.callbacks
-        exec(compile(block, "docs/finding-a-pattern.md", "exec"), namespace)  # noqa: S102 - our own docs
