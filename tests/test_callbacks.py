@@ -393,3 +393,24 @@ def test_mirrored_strategy_evolves_every_replica_alike():
         assert result[name]["same_patterns"], name  # as on one device
         assert result[name]["spread"] == 0.0, name  # replicas hold identical values and optimizer slots
         assert result[name]["diff"] < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "optimizer, kinds",
+    [
+        (keras.optimizers.SGD(0.1), []),
+        (keras.optimizers.SGD(0.1, momentum=0.9), ["momentum"]),
+        (keras.optimizers.Adam(amsgrad=True), ["momentum", "velocity", "velocity_hat"]),
+        (keras.optimizers.Adam(use_ema=True), ["average", "momentum", "velocity"]),
+        (keras.optimizers.LossScaleOptimizer(keras.optimizers.RMSprop(momentum=0.5)), ["momentum", "velocity"]),
+    ],
+    ids=["sgd", "momentum", "amsgrad", "ema", "loss-scale"],
+)
+def test_optimizer_slots_are_every_per_entry_state(optimizer, kinds):
+    model = build(optimizer)
+    model.train_on_batch(X[:16], Y[:16])
+    values = model.get_layer("hidden").values
+    slots = sl.callbacks.optimizer_slots(optimizer, values)
+    prefix = values.path.replace("/", "_") + "_"  # Keras' name for a variable's slots
+    assert sorted(slot.path.split("/")[-1].removeprefix(prefix) for slot in slots) == kinds
+    assert all(tuple(slot.shape) == (36,) for slot in slots)
