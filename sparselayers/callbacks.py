@@ -37,14 +37,13 @@ Semantics, shared by both callbacks:
   moments, momentum, EMA averages, gradient accumulators). A kept
   connection, including one dropped and grown again, keeps its value and its
   optimizer state, both moved to its new place in the canonical order.
-* **Cost.** An update runs eagerly between two steps: RigL adds one forward
-  and backward pass on the batch and the tiled scoring below; then the
-  model's compiled functions are rebuilt (:func:`reset_compiled_functions`),
-  because traced functions hold the pattern's indices as constants. So the
-  step after an update traces (with ``jit_compile=True``: compiles) the train
-  function again, and under RigL so does the step that ends in an update
-  (see *Batch*). Every other step runs the function of a fixed pattern, at
-  its speed.
+* **Cost.** An update runs eagerly between two steps: the drop and grow
+  in NumPy, RigL's forward and backward pass on the batch and tiled
+  scoring. The model's compiled functions are then rebuilt
+  (:func:`reset_compiled_functions`), because traced functions hold the
+  pattern's indices as constants: the step after an update traces (with
+  ``jit_compile=True``, compiles) the train step once. Every other step runs
+  the function of a fixed pattern of the new structure, at its speed.
 * **Memory (RigL).** The dense gradient ``x.T @ dy`` is never materialised:
   it is scored in column tiles of ``max(tile_elements, input_dim)`` entries
   at most, keeping a running top-``n``. Beyond the forward and backward pass
@@ -53,19 +52,24 @@ Semantics, shared by both callbacks:
   (product, magnitude, masked copy) and ``4 * n`` candidate scores and
   positions: with the default ``tile_elements = 2**22``, 48 MiB plus
   ``16 * n`` bytes, whatever the layer's size.
-* **Batch (RigL).** During ``fit`` the callback wraps ``model.train_function``:
-  at a step that ends in an update, the wrapper takes the batch from
-  ``fit``'s iterator itself, keeps it, and runs Keras' own one-step function
-  on it (Keras' path for Python iterables: the same ``train_step``, compiled
-  as ``fit`` compiles it); every other step passes through untouched. This
-  works eagerly, compiled, with ``jit_compile=True``, with
-  ``steps_per_execution > 1`` and under ``tf.distribute`` strategies, where
-  the replicas' shares are joined into the global batch.
+* **Batch (RigL).** During ``fit`` RigL wraps ``model.train_function`` so
+  that it sees the batch: the wrapper takes each batch from ``fit``'s
+  iterator itself and runs Keras' own compiled one-step function on it (the
+  path Keras takes for Python iterables: the same ``train_step``, compiled
+  as ``fit`` compiles it), keeping the batch of a step that ends in an
+  update. With ``steps_per_execution > 1`` only those steps take this path
+  (so they trace it too), the others pass through untouched. This works
+  eagerly, compiled, with ``jit_compile=True`` and under ``tf.distribute``
+  strategies, where the replicas' shares are joined into the global batch
+  (on one machine: under ``MultiWorkerMirroredStrategy`` a worker would see
+  only its own share, and Keras' ``fit`` does not run there anyway). The gradient is that of ``model.compute_loss`` with ``training=True``, in
+  a ``keras.StatelessScope``: the probe moves no metric, batch-norm
+  statistic or random seed.
 * **Distribution and saving.** Updates assign the (mirrored) variables in
   cross-replica context, so every replica holds the same pattern. The
   pattern is saved with the values (``.keras``, ``.weights.h5``,
   ``tf.train.Checkpoint``), and the schedule and SET's draws depend only on
-  the restored step: restoring a checkpoint written mid-training and calling
+  the step and the seed: restoring a checkpoint written mid-training and calling
   ``fit(..., initial_epoch=...)`` continues the run identically.
 """
 
@@ -318,7 +322,6 @@ class _DynamicSparsity(keras.callbacks.Callback):
         # Every draw is a function of (seed, step, layer), so a resumed run
         # draws what the uninterrupted run would have.
         self._seed = self.seed if seed is not None else np.random.SeedSequence().entropy
-        #: One record per layer update: step, layer name, drop fraction, entries dropped, new positions.
         self.updates: list[dict[str, Any]] = []
         self._layers: list[SparseDense] = []
         self._batch = None
@@ -386,12 +389,13 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._end = self._end_step()
         optimizer = self.model.optimizer
         self._step = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
-        self._wrap_train_function()
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
         coming = self._update_step(self._step + self.model.steps_per_execution, self._step)
         self._recording_batch = self._needs_batch and coming > 0
+        if self._needs_batch:
+            self._wrap_train_function()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         previous = self._step
@@ -402,8 +406,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._batch = None
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        function = self.model.train_function
-        self.model.train_function = getattr(function, "__wrapped__", function)
+        self._unwrap_train_function()
         self._batch = None
         self._recording_batch = False
 
@@ -414,23 +417,46 @@ class _DynamicSparsity(keras.callbacks.Callback):
         return step if step > previous else 0
 
     def _wrap_train_function(self) -> None:
-        if not self._needs_batch:
-            return
-        inner = self.model.train_function
+        """Makes ``model.train_function`` keep the batch of recording steps.
+
+        Wraps again whenever the function was rebuilt (by this callback's
+        update or another's); wrappers of several callbacks nest.
+        """
+        function = self.model.train_function
+        while function is not None:
+            if getattr(function, "_recorder", None) is self:
+                return
+            function = getattr(function, "__wrapped__", None)
 
         def train_function(iterator):
-            if not self._recording_batch:
+            inner = train_function.__wrapped__
+            if self.model.steps_per_execution > 1 and not self._recording_batch:
                 return inner(iterator)
-            batches = list(itertools.islice(iterator, self.model.steps_per_execution))
+            # A list of batches takes Keras' path for Python iterables: the
+            # same compiled one-step function, called once per batch. With one
+            # step per execution every step takes it, so that an update
+            # retraces one function, not this and the multi-step one.
+            batches = list(itertools.islice(iter(iterator), self.model.steps_per_execution))
             if not batches:
                 raise StopIteration
-            self._batch = batches[-1]
-            # A list takes Keras' path for Python iterators: the same one-step
-            # function, called once per batch.
+            if self._recording_batch:
+                self._batch = batches[-1]
             return inner(batches)
 
-        train_function.__wrapped__ = inner
+        train_function.__wrapped__ = self.model.train_function
+        train_function._recorder = self
         self.model.train_function = train_function
+
+    def _unwrap_train_function(self) -> None:
+        outer, function = None, self.model.train_function
+        while function is not None and getattr(function, "_recorder", None) is not self:
+            outer, function = function, getattr(function, "__wrapped__", None)
+        if function is None:
+            return
+        if outer is None:
+            self.model.train_function = function.__wrapped__
+        else:
+            outer.__wrapped__ = function.__wrapped__
 
     # The update ----------------------------------------------------------------
 
@@ -442,7 +468,6 @@ class _DynamicSparsity(keras.callbacks.Callback):
             changed |= self._update_layer(layer, number, step, fraction, prepared)
         if changed:
             reset_compiled_functions(self.model)
-            self._wrap_train_function()
 
     def _prepare(self, layers: list[SparseDense]) -> Any:
         """What ``_grow`` needs for this update (RigL: the layers' gradients)."""
@@ -507,6 +532,11 @@ class SET(_DynamicSparsity):
             every SparseDense that can.
         seed: seed of the random draws; None draws a fresh one.
 
+    Attributes:
+        updates: one dict per layer and update: ``step``, ``layer`` (its
+            path), ``drop_fraction``, ``dropped`` (entries dropped) and
+            ``new`` (connections at positions the layer did not have).
+
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: an argument out of range; at the start of ``fit``, a
@@ -552,6 +582,11 @@ class RigL(_DynamicSparsity):
             positions have a nonzero gradient; None draws a fresh one.
         tile_elements: dense gradient entries scored at once (at least one
             column of ``input_dim``); bounds an update's extra memory.
+
+    Attributes:
+        updates: one dict per layer and update: ``step``, ``layer`` (its
+            path), ``drop_fraction``, ``dropped`` (entries dropped) and
+            ``new`` (connections at positions the layer did not have).
 
     Raises:
         TypeError: an argument of the wrong type.

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -414,3 +415,15 @@ def test_optimizer_slots_are_every_per_entry_state(optimizer, kinds):
     prefix = values.path.replace("/", "_") + "_"  # Keras' name for a variable's slots
     assert sorted(slot.path.split("/")[-1].removeprefix(prefix) for slot in slots) == kinds
     assert all(tuple(slot.shape) == (36,) for slot in slots)
+
+
+def test_two_rigl_callbacks_each_see_the_batch():
+    model = build()
+    start = patterns_of(model)
+    callbacks = [sl.callbacks.RigL(2, 0.5, end_step=4, layers=[name], seed=0) for name in ("hidden", "out")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL did not see")
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    assert [u["layer"] for c in callbacks for u in c.updates] == ["hidden", "out"]
+    assert all(a != b for a, b in zip(patterns_of(model), start))
+    assert getattr(model.train_function, "__wrapped__", None) is None  # fit leaves Keras' own function
