@@ -427,3 +427,24 @@ def test_two_rigl_callbacks_each_see_the_batch():
     assert [u["layer"] for c in callbacks for u in c.updates] == ["hidden", "out"]
     assert all(a != b for a, b in zip(patterns_of(model), start))
     assert getattr(model.train_function, "__wrapped__", None) is None  # fit leaves Keras' own function
+
+
+def test_rigl_completes_growth_at_random_when_few_gradients_are_nonzero():
+    x = np.zeros_like(X)
+    x[:, 0] = X[:, 0]  # only input 0 carries signal: dL/dW of the first layer is zero outside row 0
+    before, after = Snapshot(), Snapshot()
+    runs = []
+    for seed in (0, 0, 1):
+        rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, end_step=4, layers=["hidden"], seed=seed)
+        model = build()
+        model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[before, rigl, after])
+        runs.append(model.get_layer("hidden").pattern)
+    old, new = before.records[1]["hidden"], after.records[1]["hidden"]
+    n = round(0.5 * 36 * (1 + math.cos(math.pi * 2 / 4)) / 2)
+    kept = np.sort(old["pattern"].linear[np.argsort(np.abs(old["values"]), kind="stable")[n:]])
+    grown = np.setdiff1d(new["pattern"].linear, kept)
+    scores = np.abs(reference_dense_gradients(before.records[1], x[BATCH : 2 * BATCH], Y[BATCH : 2 * BATCH])["hidden"])
+    nonzero = np.setdiff1d(np.flatnonzero(scores.ravel() > 0), kept)
+    assert 0 < nonzero.size < n == grown.size
+    assert np.isin(nonzero, grown).all()
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # the random rest follows the seed
