@@ -107,9 +107,11 @@ def cosine_drop_fraction(step: int, drop_fraction: float, end_step: int) -> floa
         ``drop_fraction * (1 + cos(pi * step / end_step)) / 2`` before
         ``end_step``, 0 from it on.
 
+    Example:
+
     >>> from sparselayers.callbacks import cosine_drop_fraction
-    >>> [round(cosine_drop_fraction(t, 0.3, 100), 4) for t in (0, 50, 100, 150)]
-    [0.3, 0.15, 0.0, 0.0]
+    >>> tuple(round(cosine_drop_fraction(t, 0.3, 100), 4) for t in (0, 50, 100, 150))
+    (0.3, 0.15, 0.0, 0.0)
     """
     if step >= end_step:
         return 0.0
@@ -124,6 +126,8 @@ def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
 
     Returns:
         The layers in a fixed traversal order (equal for equal architectures).
+
+    Example:
 
     >>> import sparselayers as sl
     >>> towers = sl.Towers(2, hidden_units=[3])
