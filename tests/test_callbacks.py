@@ -353,7 +353,7 @@ MIRRORED = textwrap.dedent(
         return model
 
     def run(model, callback):
-        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[callback])
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
         return [l.pattern.fingerprint for l in sl.callbacks.sparse_dense_layers(model)]
 
     out = {}
