@@ -275,8 +275,8 @@ def _recording(layers: list[SparseDense], tape: tf.GradientTape) -> Iterator[dic
     for layer in layers:
         choose = layer._select_kernel
 
-        def recording_choice(choose=choose, record=calls[id(layer)]):
-            kernel, context = choose()
+        def recording_choice(*args, choose=choose, record=calls[id(layer)]):
+            kernel, context = choose(*args)
             return _RecordingKernel(kernel, record, tape), context
 
         object.__setattr__(layer, "_select_kernel", recording_choice)

@@ -21,6 +21,10 @@ BLOCK_MIN_ROWS = 2
 #: beats CSR: width 17 12.1 vs 10.6, width 33 15.1 vs 15.8, width 65 21.5
 #: vs 27.5.
 BAND_MIN_WIDTH = 32
+#: Band density from which the dense kernel beats the tiled banded one
+#: (4096 x 4096, Intel Xeon): width 513 (12%) 538 vs 626, width 1025 (23%)
+#: 940 vs 546, width 4097 (75%) 3528 vs 816.
+BAND_MAX_DENSITY = 0.15
 #: Density from which multiplying by the densified kernel beats CSR: at 5%
 #: 87.2 vs 75.8, at 8% 86.3 vs 127.0.
 DENSE_MIN_DENSITY = 0.06
@@ -37,7 +41,8 @@ def choose_kernel(pattern: SparsityPattern) -> str:
        at least :data:`BLOCK_MIN_AREA` entries and :data:`BLOCK_MIN_ROWS`
        rows on average (block diagonal, block sparse, fully dense);
     2. ``"banded"`` for a full diagonal band of width at least
-       :data:`BAND_MIN_WIDTH`;
+       :data:`BAND_MIN_WIDTH`, unless it is :data:`BAND_MAX_DENSITY` dense
+       and the dense kernel fits;
     3. ``"dense"`` from a density of :data:`DENSE_MIN_DENSITY`, if the dense
        kernel fits in :data:`DENSE_MAX_ENTRIES`;
     4. ``"csr"`` otherwise.
@@ -55,7 +60,7 @@ def choose_kernel(pattern: SparsityPattern) -> str:
         return "block"
     band = detect_band(pattern)
     if band is not None and band.width >= BAND_MIN_WIDTH:
-        return "banded"
+        return "dense" if pattern.density >= BAND_MAX_DENSITY and fits_dense(pattern) else "banded"
     if pattern.density >= DENSE_MIN_DENSITY and fits_dense(pattern):
         return "dense"
     return "csr"
@@ -74,28 +79,56 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
     return "dense" if fits_dense(pattern) else "gather"
 
 
-#: Kernels whose ops every export format can express (LiteRT builtins or
-#: ONNX operators); others are swapped for one of these at export.
+#: Kernels a user may force and still export to LiteRT and ONNX: each has
+#: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
+#: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
+#: Density from which an exported layer multiplies by its densified kernel:
+#: at batch 1 the dense matmul of the artifact beats the sparse gather-sum
+#: from about this density on (``benchmarks/export.py``), and below it the
+#: dense weights would also make the artifact far larger than the entries.
+EXPORT_DENSE_MIN_DENSITY = 0.1
+#: Largest ``units * width / nnz`` (padding of the ELL layout, ``width`` the
+#: fullest column) for which export uses the ELL kernel rather than gather
+#: and segment sum: beyond it the padded artifact grows past the entries.
+ELL_MAX_PADDING = 2.0
 
 
 def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> str:
     """The kernel a layer traces with while Keras exports it.
 
-    SavedModel keeps ``preferred``: TensorFlow serves every kernel. LiteRT and
-    ONNX get ``preferred`` if they can express it, else the dense kernel
-    (or gather, past :data:`DENSE_MAX_ENTRIES`). A kernel the user forced
-    that the format cannot express raises ValueError before conversion.
+    SavedModel keeps ``preferred``: TensorFlow serves every kernel. For
+    LiteRT and ONNX, a block or banded kernel keeps its structure, and a
+    kernel the user forced keeps its computation (dense or gather); the
+    automatic choice for other patterns is ``"dense"`` from a density of
+    :data:`EXPORT_DENSE_MIN_DENSITY`, else ``"ell"``, or ``"gather"`` when
+    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A forced
+    kernel that the format cannot express raises ValueError before
+    conversion.
+
+    >>> import sparselayers as sl
+    >>> from sparselayers.ops.context import exporting
+    >>> with exporting("onnx"):
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((512, 512), density=0.01, seed=0), "csr")
+    'ell'
     """
     from sparselayers.ops.context import export_format
 
     format = export_format()  # noqa: A001
-    if format in (None, "tf_saved_model") or preferred in EXPORTABLE:
+    if format in (None, "tf_saved_model"):
         return preferred
     if forced:
-        raise ValueError(
-            f"`kernel='{preferred}'` cannot be exported to {format}: its ops have no {format} "
-            f"equivalent. Use kernel='auto' (swapped at export) or one of {list(EXPORTABLE)}. "
-            f"Received: kernel='{preferred}'"
-        )
-    return "dense" if fits_dense(pattern) and pattern.density >= 0.05 else "gather"
+        if preferred not in EXPORTABLE:
+            raise ValueError(
+                f"`kernel='{preferred}'` cannot be exported to {format}: its ops have no {format} "
+                f"equivalent. Use kernel='auto' (swapped at export) or one of {list(EXPORTABLE)}. "
+                f"Received: kernel='{preferred}'"
+            )
+        return preferred
+    if preferred in ("block", "banded"):
+        return preferred
+    if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
+        return "dense"
+    if pattern.nnz and pattern.shape[1] * pattern.fan_in.max() <= ELL_MAX_PADDING * pattern.nnz:
+        return "ell"
+    return "gather"

@@ -1,0 +1,218 @@
+"""Kernels that LiteRT and ONNX can express, swapped in while Keras exports.
+
+Keras' ``model.export(path, format="litert" | "onnx")`` traces the model and
+hands the graph to a converter (the TFLite converter, tf2onnx). The training
+kernels do not all survive that: TF's CSR ops have no LiteRT or ONNX
+equivalent, and index tensors that a kernel created eagerly and captured are
+inputs of the traced function, which tf2onnx turns into required inputs of
+the ONNX graph. The kernels here read the same ``values`` in the same order,
+create every index tensor inside the trace (so converters embed it as a
+constant) and use only gather, concat, multiply, sum, matmul and
+``unsorted_segment_sum``, which both converters map to builtin operators.
+
+>>> import numpy as np, sparselayers as sl
+>>> p = sl.patterns.random((6, 5), density=0.4, seed=0)
+>>> v = np.arange(1, p.nnz + 1, dtype="float32")
+>>> x = np.eye(6, dtype="float32")
+>>> bool(np.allclose(sl.ops.export_kernels.EllKernel(p)(x, v), p.to_dense(v)))
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.ops import EagerTensor
+
+from sparselayers.ops.base import Kernel
+from sparselayers.ops.choose import choose_export_kernel
+from sparselayers.ops.context import export_format
+from sparselayers.sparsity_pattern import SparsityPattern
+
+
+def _index_dtype(*bounds: int) -> tf.DType:
+    # int32 halves the artifact's index bytes; both converters take it.
+    return tf.int32 if max(bounds, default=0) < 2**31 - 1 else tf.int64
+
+
+def _captured_ids(graph: Any) -> set[int]:
+    """Ids of the non-variable tensors a traced function captured so far."""
+    captures = getattr(graph, "function_captures", None)
+    if captures is None:
+        return set()
+    return {key for key, tensor in captures.by_val_external.items() if tensor.dtype != tf.resource}
+
+
+class ExportKernel(Kernel):
+    """An exportable kernel: checks that it leaves no captured tensor behind.
+
+    A captured tensor would become a required input of the ONNX graph
+    (tf2onnx lists every capture of the traced function as an input), so an
+    artifact that cannot run: raise while tracing, before any file is written.
+    """
+
+    supports_jit = True
+
+    def __call__(self, x, values):
+        graph = tf.compat.v1.get_default_graph()
+        before = _captured_ids(graph)
+        y = self.compute(x, values)
+        if _captured_ids(graph) - before:
+            raise ValueError(
+                f"The {self.name!r} export kernel captured a tensor created outside the traced function; "
+                "LiteRT and ONNX converters would turn it into a graph input. "
+                f"Received: kernel={self!r}"
+            )
+        return y
+
+    def compute(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+
+def _embed(obj: Any) -> Any:
+    """``obj`` with every eager tensor in it re-created as a constant of the current trace."""
+    if isinstance(obj, EagerTensor):
+        return tf.constant(obj.numpy(), dtype=obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_embed(item) for item in obj)
+    if isinstance(obj, dict):
+        return {key: _embed(item) for key, item in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _embed(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    return obj
+
+
+class EmbeddedKernel(ExportKernel):
+    """A training kernel (block, banded) traced with its index tensors embedded.
+
+    Those kernels hold their index tensors as eager constants, prepared once;
+    at export a shallow copy of the kernel gets in-graph copies of them, so
+    the exported graph is the kernel's own, with constants instead of inputs.
+    """
+
+    def __init__(self, kernel: Kernel):
+        super().__init__(kernel.pattern)
+        self.kernel = kernel
+        self.name = kernel.name
+
+    def compute(self, x, values):
+        embedded = copy.copy(self.kernel)
+        embedded.__dict__.update(_embed(vars(self.kernel)))
+        return embedded(x, values)
+
+    def __repr__(self) -> str:
+        return f"EmbeddedKernel({self.kernel!r})"
+
+
+class EllKernel(ExportKernel):
+    """Each output unit sums its entries, padded to the fullest column.
+
+    ELLPACK layout: output ``j`` reads ``width`` (input row, value) pairs,
+    ``width`` the largest number of entries in a column, padding pointing at
+    an appended zero input and a zero value. Three builtin ops (gather,
+    multiply, sum over the last axis), the fastest sparse form measured on
+    both runtimes at batch 1 (``benchmarks/export.py``). The artifact holds
+    ``units * width`` indices and values, so it is for patterns whose columns
+    are about equally full (see :data:`ELL_MAX_PADDING`).
+    """
+
+    name = "ell"
+
+    def __init__(self, pattern: SparsityPattern):
+        super().__init__(pattern)
+        n, m = pattern.shape
+        order = np.lexsort((pattern.rows, pattern.cols))
+        counts = np.bincount(pattern.cols, minlength=m)
+        self.width = max(int(counts.max(initial=0)), 1)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        cols = pattern.cols[order]
+        slot = np.arange(pattern.nnz) - starts[cols]
+        self._positions = np.full((m, self.width), pattern.nnz, np.int64)
+        self._positions[cols, slot] = order
+        self._rows = np.full((m, self.width), n, np.int64)
+        self._rows[cols, slot] = pattern.rows[order]
+        self._dtype = _index_dtype(n, pattern.nnz)
+
+    def compute(self, x, values):
+        padded_x = tf.concat([x, tf.zeros_like(x[:, :1])], axis=1)
+        padded_values = tf.concat([values, tf.zeros_like(values[:1])], axis=0)
+        weights = tf.gather(padded_values, tf.constant(self._positions, self._dtype))
+        inputs = tf.gather(padded_x, tf.constant(self._rows, self._dtype), axis=1)
+        return tf.reduce_sum(inputs * weights, axis=-1)
+
+
+class SegmentSumKernel(ExportKernel):
+    """``y[:, j] = sum of x[:, rows[k]] * values[k]`` over the entries ``k`` of column ``j``.
+
+    The gather kernel's computation with in-graph indices: gather, multiply,
+    ``unsorted_segment_sum``. Its artifact holds exactly ``nnz`` indices, so
+    it serves patterns too uneven for :class:`EllKernel`.
+    """
+
+    name = "gather"
+
+    def __init__(self, pattern: SparsityPattern):
+        super().__init__(pattern)
+        self._dtype = _index_dtype(*pattern.shape)
+
+    def compute(self, x, values):
+        rows = tf.constant(self.pattern.rows, self._dtype)
+        cols = tf.constant(self.pattern.cols, self._dtype)
+        products = tf.gather(x, rows, axis=1) * values
+        return tf.transpose(tf.math.unsorted_segment_sum(tf.transpose(products), cols, self.pattern.shape[1]))
+
+
+class DenseExportKernel(ExportKernel):
+    """Densifies ``values`` with one gather from an in-graph position table, then a matmul.
+
+    Converters fold the gather of the frozen values into a dense weight
+    constant (TFLite's converter folds this gather where it left a
+    ``scatter_nd`` unfolded), so the artifact runs a plain dense matmul and
+    stores ``input_dim * units`` floats: for dense patterns only.
+    """
+
+    name = "dense"
+
+    def __init__(self, pattern: SparsityPattern):
+        super().__init__(pattern)
+        n, m = pattern.shape
+        self._positions = np.full(n * m, pattern.nnz, np.int64)
+        self._positions[pattern.linear] = np.arange(pattern.nnz)
+        self._dtype = _index_dtype(pattern.nnz)
+
+    def compute(self, x, values):
+        padded_values = tf.concat([values, tf.zeros_like(values[:1])], axis=0)
+        weights = tf.gather(padded_values, tf.constant(self._positions.reshape(self.pattern.shape), self._dtype))
+        return tf.matmul(x, weights)
+
+
+#: Export form of each kernel name :func:`choose_export_kernel` returns.
+_EXPORT_KERNELS = {"ell": EllKernel, "gather": SegmentSumKernel, "dense": DenseExportKernel}
+
+
+@functools.lru_cache(maxsize=16)
+def _export_kernel(name: str, pattern: SparsityPattern) -> Kernel:
+    from sparselayers.ops import get_kernel
+
+    if name in _EXPORT_KERNELS:
+        return _EXPORT_KERNELS[name](pattern)
+    return EmbeddedKernel(get_kernel(name, pattern))
+
+
+def export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> Kernel:
+    """The kernel a layer calls while it is traced for export (see :func:`choose_export_kernel`).
+
+    SavedModel export gets the training kernel ``preferred``; LiteRT and
+    ONNX get an export form (cached per pattern).
+    """
+    from sparselayers.ops import get_kernel
+
+    name = choose_export_kernel(pattern, preferred, forced=forced)
+    if export_format() in (None, "tf_saved_model"):
+        return get_kernel(name, pattern)
+    return _export_kernel(name, pattern)
