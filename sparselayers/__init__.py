@@ -29,6 +29,15 @@ from sparselayers.towers import Towers  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `sl.plotting` needs matplotlib, an optional extra: imported on first use.
+    if name == "plotting":
+        import importlib
+
+        return importlib.import_module("sparselayers.plotting")
+    raise AttributeError(f"module 'sparselayers' has no attribute {name!r}")
+
 __all__ = [
     "SparseDense",
     "SparsityPattern",

@@ -71,6 +71,13 @@ Semantics, shared by both callbacks:
   ``tf.train.Checkpoint``), and the schedule and SET's draws depend only on
   the step and the seed: restoring a checkpoint written mid-training and calling
   ``fit(..., initial_epoch=...)`` continues the run identically.
+* **Not with** ``EarlyStopping(restore_best_weights=True)``: Keras restores
+  those with ``model.set_weights``, which carries values but no pattern, so
+  the best epoch's values would land on the last epoch's connections. Keep
+  the best model with ``ModelCheckpoint(path, save_best_only=True)`` (a
+  ``.keras`` or ``.weights.h5`` file carries the pattern) and load it
+  after ``fit``; the same holds for any ``get_weights``/``set_weights``
+  round trip across a topology update.
 """
 
 from __future__ import annotations
@@ -330,6 +337,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._layers: list[SparseDense] = []
         self._batch = None
         self._recording_batch = False
+        self._in_fit = False
 
     def drop_fraction_at(self, step: int) -> float:
         """The fraction of each layer's entries moved by an update at ``step``."""
@@ -389,6 +397,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
     # Keras hooks -------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self._in_fit = True
         self._layers = self._select_layers()
         self._end = self._end_step()
         optimizer = self.model.optimizer
@@ -410,6 +419,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._batch = None
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._in_fit = False
         self._unwrap_train_function()
         self._batch = None
         self._recording_batch = False
@@ -434,7 +444,9 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
         def train_function(iterator):
             inner = train_function.__wrapped__
-            if self.model.steps_per_execution > 1 and not self._recording_batch:
+            # Outside this callback's fit (one that ended with an exception
+            # skips on_train_end), the wrapper only passes through.
+            if not self._in_fit or (self.model.steps_per_execution > 1 and not self._recording_batch):
                 return inner(iterator)
             # A list of batches takes Keras' path for Python iterables: the
             # same compiled one-step function, called once per batch. With one

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 import tensorflow as tf
 
-from sparselayers._validation import _short
+from sparselayers._validation import _short, check_int
 from sparselayers.sparse_dense import SparseDense
 from sparselayers.sparsity_pattern import SparsityPattern, _quote
 
@@ -294,7 +294,9 @@ def layer_frame(layer: SparseDense) -> Any:
     pd = _pandas()
     pattern = layer.pattern
     if not layer.built:
-        raise ValueError(f"Layer '{layer.name}' has no weights yet: build it (or call it once) first.")
+        raise ValueError(
+            f"Layer '{layer.name}' has no weights yet: build it (or call it once) first. Received: an unbuilt layer"
+        )
     return pd.DataFrame(
         {
             "input": _labels(pattern.input_names, pattern.shape[0])[pattern.rows],
@@ -439,6 +441,17 @@ def _batches(data: Any, batch_size: int) -> Any:
         yield np.asarray(data[start : start + batch_size])  # one batch in memory at a time (memmaps)
 
 
+def _check_data(data: Any, input_dim: int | None, batch_size: Any) -> None:
+    """Checks array ``data`` and ``batch_size`` before any batch runs."""
+    check_int(batch_size, "batch_size", minimum=1)
+    if isinstance(data, tf.data.Dataset) or not hasattr(data, "shape") or len(data.shape) != 2:
+        return  # _batches names a bad container; datasets are checked per batch by the layers
+    if input_dim is not None and data.shape[1] != input_dim:
+        raise ValueError(
+            f"`data` must have the model's {input_dim} inputs per sample. Received: data with shape {tuple(data.shape)}"
+        )
+
+
 def gradient_x_input(
     model: Any,
     data: Any,
@@ -477,6 +490,7 @@ def gradient_x_input(
         ValueError: bad ``level``, ``output`` or ``data``, or no samples.
     """
     layers = _chain_of(model)
+    _check_data(data, getattr(layers[0], "input_dim", None), batch_size)
     weighted = _weighted(layers)
     level = _check_level(level, weighted)
     index = _output_index(output, weighted)

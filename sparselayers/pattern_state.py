@@ -115,10 +115,19 @@ class PatternState:
         self._python_version += 1
         self.version.assign(self._python_version)
 
-    def guard(self, y: tf.Tensor, layer_name: str) -> tf.Tensor:
-        """``y``, after checking in graphs that the pattern did not change since tracing."""
+    def guard(self, y: tf.Tensor, layer_name: str, *, xla: bool = False) -> tf.Tensor:
+        """``y``, after checking in graphs that the pattern did not change since tracing.
+
+        A stale graph raises ``InvalidArgumentError``; a stale XLA-compiled
+        graph, where asserts compile to nothing, returns NaN.
+        """
         if tf.executing_eagerly() or save_context.in_save_context():
             return y
+        if xla:
+            # XLA compiles Assert as a no-op: a stale compiled graph returns
+            # NaN instead, which no loss or metric can mistake for a result.
+            stale = tf.not_equal(self.version.read_value(), tf.constant(self._python_version, tf.int64))
+            return tf.where(stale, tf.constant(float("nan"), y.dtype), y)
         check = tf.debugging.assert_equal(
             self.version.read_value(),
             tf.constant(self._python_version, tf.int64),

@@ -35,6 +35,11 @@ def as_pattern(pattern: Any) -> SparsityPattern:
     )
 
 
+def _identical(a: SparsityPattern, b: SparsityPattern) -> bool:
+    """Same connections and same unit names (``==`` compares connections only)."""
+    return a == b and (a.input_names, a.output_names) == (b.input_names, b.output_names)
+
+
 @keras.saving.register_keras_serializable(package="sparselayers")
 class SparseDense(keras.layers.Layer):
     """Densely-connected layer restricted to a fixed sparsity pattern.
@@ -168,7 +173,9 @@ class SparseDense(keras.layers.Layer):
             try:
                 check_kernel_name(kernel, pattern)
             except ValueError:
-                kernel = "auto"  # a forced structured kernel no longer fits: choose again
+                # A forced structured kernel no longer fits: choose again, and
+                # say so in the config, which must rebuild this pattern.
+                kernel = self._kernel_argument = "auto"
         self.pattern = pattern
         self.set_kernel(kernel)
         if self.built:
@@ -251,8 +258,8 @@ class SparseDense(keras.layers.Layer):
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
         y = kernel(flat, values)
-        if context == "default":
-            y = self._state.guard(y, self.name)
+        if context != "export":
+            y = self._state.guard(y, self.name, xla=context == "xla")
         if len(x.shape) != 2:
             y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         if self.bias is not None:
@@ -306,7 +313,7 @@ class SparseDense(keras.layers.Layer):
                 f"Layer '{self.name}' expected {len(variables)} variables in the weights file "
                 f"but found none under keys {missing}."
             )
-        if saved_pattern is not None and saved_pattern != self.pattern:
+        if saved_pattern is not None and not _identical(saved_pattern, self.pattern):
             self.set_pattern(saved_pattern)
         for key, variable in zip(expected, variables):
             variable.assign(store[key])

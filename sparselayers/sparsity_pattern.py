@@ -431,7 +431,7 @@ class SparsityPattern:
             ValueError: the file has no header or lacks a column, or as
                 :meth:`from_edges`.
         """
-        with open(path, newline="", encoding="utf-8") as file:
+        with open(path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file, delimiter=delimiter)
             header = next(reader, None)
             if header is None:

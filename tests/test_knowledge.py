@@ -245,3 +245,12 @@ def test_manhattan_plot_colours_units_by_their_group():
     with pytest.raises(ValueError, match="a row per plotted unit"):
         plot_manhattan(frame, sl.patterns.dense((2, 2)))
     assert plot_manhattan(frame).collections  # without groups
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"data": np.zeros((4, 6), "float32")}, r"`data` must have the model's 5 inputs.*Received: data with shape \(4, 6\)"),
+    ({"data": np.zeros((4, 5), "float32"), "batch_size": 0}, r"`batch_size` must be >= 1. Received: batch_size=0"),
+])
+def test_gradient_x_input_checks_data_and_batch_size_first(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sl.knowledge.gradient_x_input(small_model(seed=0), **kwargs)

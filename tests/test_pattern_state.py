@@ -50,12 +50,28 @@ def test_set_pattern_keeps_the_variables_and_the_parameter_count():
     assert [w.name for w in layer.trainable_weights] == ["values", "bias"]
 
 
-def test_a_forced_kernel_that_no_longer_fits_falls_back_to_auto():
+def test_a_forced_kernel_that_no_longer_fits_falls_back_to_auto(tmp_path):
     layer = sl.SparseDense(sl.patterns.banded((16, 16), lower=2, upper=2), kernel="banded")
-    layer.build((None, 16))
+    model = keras.Sequential([keras.Input((16,)), layer])
     layer.set_pattern(same_nnz_pattern(layer.pattern, 0))
     assert layer.kernel_name == sl.ops.choose_kernel(layer.pattern)
-    assert layer.get_config()["kernel"] == "banded"
+    assert layer.get_config()["kernel"] == "auto"  # the config must rebuild the new pattern
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.layers[0].pattern == layer.pattern
+
+
+def test_loading_restores_unit_names_even_when_connections_agree(tmp_path):
+    edges = (["a", "b"], ["X", "Y"])
+    named = sl.SparsityPattern.from_edges(*edges)
+    renamed = sl.SparsityPattern.from_edges(["b", "a"], ["Y", "X"], inputs=["b", "a"], outputs=["Y", "X"])
+    assert named == renamed and named.input_names != renamed.input_names
+    source = keras.Sequential([keras.Input((2,)), sl.SparseDense(renamed, name="s")])
+    source.save_weights(tmp_path / "m.weights.h5")
+    target = keras.Sequential([keras.Input((2,)), sl.SparseDense(named, name="s")])
+    target.load_weights(tmp_path / "m.weights.h5")
+    assert target.layers[0].pattern.input_names == ("b", "a")
+    assert target.layers[0].pattern.output_names == ("Y", "X")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -39,3 +39,10 @@ def test_repr_and_summary_report_structure_and_dead_units():
     text = p.summary()
     assert "dead inputs): 2" in text and "bias only): 1" in text
     assert "fan-in per output: min 0, mean 1, max 2" in text
+
+
+def test_plotting_is_reachable_from_the_package():
+    import importlib
+
+    assert sl.plotting is importlib.import_module("sparselayers.plotting")
+    assert callable(sl.plotting.plot_manhattan)

@@ -422,6 +422,8 @@ def test_from_frame_and_from_csv_match_from_edges(tmp_path):
         sl.SparsityPattern.from_frame(table, "snp", "genes")
     with pytest.raises(ValueError, match="`source` must be a column"):
         sl.SparsityPattern.from_csv(tmp_path / "map.csv", "SNP", "gene")
+    (tmp_path / "excel.csv").write_text("snp,gene\nrs1,A\n", encoding="utf-8-sig")  # Excel's byte-order mark
+    assert sl.SparsityPattern.from_csv(tmp_path / "excel.csv", "snp", "gene").input_names == ("rs1",)
     (tmp_path / "short.csv").write_text("snp,gene\nrs1\n")
     with pytest.raises(ValueError, match="line 2: expected 2 fields"):
         sl.SparsityPattern.from_csv(tmp_path / "short.csv", "snp", "gene")
