@@ -86,7 +86,7 @@ EXPORT_DENSE_MIN_DENSITY = 0.1
 #: Largest ``units * width / nnz`` (padding of the ELL layout, ``width`` the
 #: fullest column) for which export uses the ELL kernel rather than gather
 #: and segment sum: beyond it the padded artifact grows past the entries.
-ELL_MAX_PADDING = 2.0
+ELL_MAX_PADDING = 3.0
 
 
 def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> str:
@@ -104,7 +104,7 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     >>> import sparselayers as sl
     >>> from sparselayers.ops.context import exporting
     >>> with exporting("onnx"):
-    ...     sl.ops.choose_export_kernel(sl.patterns.random((512, 512), density=0.01, seed=0), "csr")
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.02, seed=0), "csr")
     'ell'
     """
     from sparselayers.ops.context import export_format
