@@ -18,7 +18,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
     with _hidden():  # the lines TF prints at import, before it reads the level
         import tensorflow  # noqa: F401
 
-from sparselayers import initializers, ops, patterns  # noqa: E402
+from sparselayers import export, initializers, ops, patterns  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
@@ -30,6 +30,7 @@ __all__ = [
     "SparseDense",
     "SparsityPattern",
     "Towers",
+    "export",
     "initializers",
     "ops",
     "patterns",

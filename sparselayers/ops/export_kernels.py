@@ -30,7 +30,7 @@ import tensorflow as tf
 from tensorflow.python.framework.ops import EagerTensor
 
 from sparselayers.ops.base import Kernel
-from sparselayers.ops.choose import choose_export_kernel
+from sparselayers.ops.choose import EXPORTABLE, choose_export_kernel
 from sparselayers.ops.context import export_format
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -48,26 +48,57 @@ def _captured_ids(graph: Any) -> set[int]:
     return {key for key, tensor in captures.by_val_external.items() if tensor.dtype != tf.resource}
 
 
-class ExportKernel(Kernel):
-    """An exportable kernel: checks that it leaves no captured tensor behind.
+@functools.lru_cache(maxsize=1)
+def _onnx_convertible_ops() -> frozenset[str]:
+    """TF op types tf2onnx has a handler for."""
+    import tf2onnx.tfonnx  # noqa: F401 - registers the handlers
+    from tf2onnx import constants
+    from tf2onnx.handler import tf_op
 
-    A captured tensor would become a required input of the ONNX graph
-    (tf2onnx lists every capture of the traced function as an input), so an
-    artifact that cannot run: raise while tracing, before any file is written.
+    return frozenset(name for opset in tf_op.get_opsets()[constants.ONNX_DOMAIN] for name in opset)
+
+
+def unconvertible_onnx_ops(op_types: Any) -> list[str]:
+    """The op types among ``op_types`` that tf2onnx cannot convert, sorted.
+
+    >>> unconvertible_onnx_ops(["MatMul", "SparseMatrixMatMul"])
+    ['SparseMatrixMatMul']
+    """
+    known = _onnx_convertible_ops() | {"Const", "Placeholder", "Identity", "NoOp"}
+    return sorted(set(op_types) - known)
+
+
+class ExportKernel(Kernel):
+    """An exportable kernel: fails the trace rather than yield a broken artifact.
+
+    tf2onnx writes an ONNX file even when it could not convert an op, or when
+    the traced function captured a tensor (it lists every capture as a graph
+    input that nobody feeds); onnxruntime then rejects the file. So, while
+    tracing, this raises ValueError if the kernel captured a tensor, or, for
+    ONNX, created an op that tf2onnx has no handler for.
     """
 
     supports_jit = True
 
     def __call__(self, x, values):
         graph = tf.compat.v1.get_default_graph()
-        before = _captured_ids(graph)
+        captured = _captured_ids(graph)
+        n_ops = len(graph.get_operations())
         y = self.compute(x, values)
-        if _captured_ids(graph) - before:
+        if _captured_ids(graph) - captured:
             raise ValueError(
                 f"The {self.name!r} export kernel captured a tensor created outside the traced function; "
                 "LiteRT and ONNX converters would turn it into a graph input. "
                 f"Received: kernel={self!r}"
             )
+        if export_format() == "onnx" and not tf.executing_eagerly():
+            unknown = unconvertible_onnx_ops(op.type for op in graph.get_operations()[n_ops:])
+            if unknown:
+                raise ValueError(
+                    f"The {self.name!r} export kernel uses TensorFlow ops that tf2onnx cannot convert: "
+                    f"{unknown}. Export to 'litert' or 'tf_saved_model', or force a kernel in "
+                    f"{list(EXPORTABLE)}. Received: kernel={self!r}"
+                )
         return y
 
     def compute(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
