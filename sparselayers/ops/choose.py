@@ -120,10 +120,10 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
                 f"Received: kernel='{preferred}'"
             )
         return preferred
-    if preferred in ("block", "banded"):
+    if preferred in ("block", "banded") and pattern.nnz:
         return preferred
     if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
         return "dense"
-    if pattern.nnz and pattern.shape[1] * pattern.fan_in.max() <= ELL_MAX_PADDING * pattern.nnz:
+    if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * max(pattern.nnz, 1):
         return "ell"
     return "gather"

@@ -85,12 +85,6 @@ class ExportKernel(Kernel):
         captured = _captured_ids(graph)
         n_ops = len(graph.get_operations())
         y = self.compute(x, values)
-        if _captured_ids(graph) - captured:
-            raise ValueError(
-                f"The {self.name!r} export kernel captured a tensor created outside the traced function; "
-                "LiteRT and ONNX converters would turn it into a graph input. "
-                f"Received: kernel={self!r}"
-            )
         if export_format() == "onnx" and not tf.executing_eagerly():
             unknown = unconvertible_onnx_ops(op.type for op in graph.get_operations()[n_ops:])
             if unknown:
@@ -99,6 +93,12 @@ class ExportKernel(Kernel):
                     f"{unknown}. Export to 'litert' or 'tf_saved_model', or force a kernel in "
                     f"{list(EXPORTABLE)}. Received: kernel={self!r}"
                 )
+        if _captured_ids(graph) - captured:
+            raise ValueError(
+                f"The {self.name!r} export kernel captured a tensor created outside the traced function; "
+                "LiteRT and ONNX converters would turn it into a graph input. "
+                f"Received: kernel={self!r}"
+            )
         return y
 
     def compute(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
@@ -171,7 +171,7 @@ class EllKernel(ExportKernel):
 
     def compute(self, x, values):
         padded_x = tf.concat([x, tf.zeros_like(x[:, :1])], axis=1)
-        padded_values = tf.concat([values, tf.zeros_like(values[:1])], axis=0)
+        padded_values = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
         weights = tf.gather(padded_values, tf.constant(self._positions, self._dtype))
         inputs = tf.gather(padded_x, tf.constant(self._rows, self._dtype), axis=1)
         return tf.reduce_sum(inputs * weights, axis=-1)
@@ -217,7 +217,7 @@ class DenseExportKernel(ExportKernel):
         self._dtype = _index_dtype(pattern.nnz)
 
     def compute(self, x, values):
-        padded_values = tf.concat([values, tf.zeros_like(values[:1])], axis=0)
+        padded_values = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
         weights = tf.gather(padded_values, tf.constant(self._positions.reshape(self.pattern.shape), self._dtype))
         return tf.matmul(x, weights)
 
