@@ -78,14 +78,17 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
 #: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
 #: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
-#: Density from which an exported layer multiplies by its densified kernel:
-#: at batch 1 the dense matmul of the artifact beats the sparse gather-sum
-#: from about this density on (``benchmarks/export.py``), and below it the
-#: dense weights would also make the artifact far larger than the entries.
-EXPORT_DENSE_MIN_DENSITY = 0.1
-#: Largest ``units * width / nnz`` (padding of the ELL layout, ``width`` the
-#: fullest column) for which export uses the ELL kernel rather than gather
-#: and segment sum: beyond it the padded artifact grows past the entries.
+#: Density from which an exported layer multiplies by its densified kernel.
+#: At batch 1 (``benchmarks/export.py``, 2048 x 2048, one thread) the ELL
+#: form beat the dense artifact 2.2x at 1%, tied at 3% (1.5x on LiteRT, 0.9x
+#: on onnxruntime) and lost at 10% (0.8x and 0.55x). The price: from this
+#: density the artifact stores the dense kernel (4 bytes per cell).
+EXPORT_DENSE_MIN_DENSITY = 0.06
+#: Largest ratio of ELL slots (``units * width``, ``width`` the fullest
+#: column) to ``nnz + units`` for which export uses the ELL kernel rather than
+#: gather and segment sum (which onnxruntime runs slowly): the artifact stays
+#: within a few times the entries, and columns may be uneven, as at low
+#: densities, where a column holds a few entries more than the mean.
 ELL_MAX_PADDING = 3.0
 
 
@@ -124,6 +127,6 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
         return preferred
     if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
         return "dense"
-    if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * max(pattern.nnz, 1):
+    if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * (pattern.nnz + pattern.shape[1]):
         return "ell"
     return "gather"
