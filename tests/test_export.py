@@ -182,3 +182,28 @@ def test_export_kernel_refuses_captured_tensors_and_unconvertible_ops():
         _traced(_Capturing(pattern), x, values, "litert")
     with pytest.raises(ValueError, match=r"tf2onnx cannot convert: \[.*'SparseMatrixMatMul'"):
         _traced(_CSRInside(pattern), x, values, "onnx")
+
+
+def test_dynamic_range_quantization_stays_within_the_documented_relative_tolerance(tmp_path):
+    """docs/deploying.md: int8 weights move outputs by under 2% of their range, not within 1e-5."""
+    model = _model(sl.SparseDense(sl.patterns.block_diagonal([(64, 64)] * 4)), (256,))
+    model(np.zeros((1, 256), "float32"))
+    path = os.path.join(tmp_path, "quantized.tflite")
+    model.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT])
+    x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    difference = np.abs(sl.export.ExportedModel(path)(x) - expected).max()
+    assert 1e-5 < difference <= 0.02 * np.abs(expected).max()
+
+
+def test_deploying_page_examples_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying.md"
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
