@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparselayers as sl
@@ -133,6 +133,7 @@ def _traced(kernel, x, values, format="onnx"):  # noqa: A002
         return tf.function(lambda x, v: kernel(x, v))(x, values).numpy()
 
 
+@settings(max_examples=12)  # each example traces a tf.function
 @given(
     pattern=random_patterns(),
     name=st.sampled_from(["ell", "gather", "dense"]),
@@ -147,6 +148,7 @@ def test_export_kernels_match_the_dense_reference(pattern, name, batch, seed):
     np.testing.assert_allclose(got, reference.forward(x, pattern, values), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=12)
 @given(pattern=st.one_of(block_diagonal_patterns(), block_sparse_patterns()), seed=st.integers(0, 100))
 def test_embedded_block_kernel_matches_the_dense_reference(pattern, seed):
     rng = np.random.default_rng(seed)
@@ -207,3 +209,21 @@ def test_deploying_page_examples_run(tmp_path, monkeypatch):
     namespace = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def test_litert_sparse_weights_option_exports_the_dense_form_stored_sparse(tmp_path):
+    """optimizations=[EXPERIMENTAL_SPARSITY]: the layer traces its densified kernel, stored sparse."""
+    sparsity = {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}
+    pattern = sl.patterns.random((256, 256), density=0.02, seed=0)
+    layer = sl.SparseDense(pattern)
+    model = _model(layer, (256,))
+    with exporting("litert", **sparsity):
+        assert layer._select_kernel()[0].name == "dense"
+    with exporting("onnx", **sparsity):  # a LiteRT converter option: ONNX ignores it
+        assert layer._select_kernel()[0].name == "ell"
+    model(np.zeros((1, 256), "float32"))
+    path = os.path.join(tmp_path, "sparse.tflite")
+    model.export(path, format="litert", verbose=False, **sparsity)
+    x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
+    assert sl.export.check_export(model, path, x) <= 1e-5
+    assert os.path.getsize(path) < 256 * 256 * 4 / 4  # the folded dense kernel would be 256 KiB

@@ -100,7 +100,10 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     kernel the user forced keeps its computation (dense or gather); the
     automatic choice for other patterns is ``"dense"`` from a density of
     :data:`EXPORT_DENSE_MIN_DENSITY`, else ``"ell"``, or ``"gather"`` when
-    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A forced
+    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A LiteRT
+    export with ``optimizations=[tf.lite.Optimize.EXPERIMENTAL_SPARSITY]``
+    gets ``"dense"`` at every density: the converter then stores the folded
+    kernel in a sparse format that LiteRT multiplies by sparse kernels. A forced
     kernel that the format cannot express raises ValueError before
     conversion.
 
@@ -110,7 +113,7 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.02, seed=0), "csr")
     'ell'
     """
-    from sparselayers.ops.context import export_format
+    from sparselayers.ops.context import export_format, export_options
 
     format = export_format()  # noqa: A001
     if format in (None, "tf_saved_model"):
@@ -125,8 +128,16 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
         return preferred
     if preferred in ("block", "banded") and pattern.nnz:
         return preferred
-    if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
+    if fits_dense(pattern) and (
+        pattern.density >= EXPORT_DENSE_MIN_DENSITY
+        or (format == "litert" and _sparsity_requested(export_options()))
+    ):
         return "dense"
     if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * (pattern.nnz + pattern.shape[1]):
         return "ell"
     return "gather"
+
+
+def _sparsity_requested(options: dict) -> bool:
+    """Whether converter options ask LiteRT to encode sparse weights."""
+    return any(getattr(o, "name", o) == "EXPERIMENTAL_SPARSITY" for o in options.get("optimizations") or ())
