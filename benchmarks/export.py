@@ -167,25 +167,25 @@ def plot(rows: list[dict], n: int, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, format in zip(axes, FORMATS):  # noqa: A001
         swept = [r for r in rows if r["format"] == format and r["density"] is not None]
         d = [100 * r["density"] for r in swept]
-        ax.plot(d, [r["sparse_us"] for r in swept], "o-", label="SparseDense (kernel='auto')")
+        ax.plot(d, [r["sparse_us"] for r in swept], "o-", color="C0", label="SparseDense (kernel='auto')")
         if format == "litert":
             fc = [r for r in rows if r["format"] == "litert sparse weights" and r["density"] is not None]
-            ax.plot(d, [r["sparse_us"] for r in fc], "v-", label="SparseDense, EXPERIMENTAL_SPARSITY")
-        ax.plot(d, [r["dense_us"] for r in swept], "s--", label="same model, dense kernel")
-        for r, marker in zip([r for r in rows if r["format"] == format and r["density"] is None], "D^"):
-            density = 100 * r["nnz"] / n**2
-            ax.plot([density], [r["sparse_us"]], marker, label=r["case"])
+            ax.plot(d, [r["sparse_us"] for r in fc], "v-", color="C1", label="SparseDense, EXPERIMENTAL_SPARSITY")
+        ax.plot(d, [r["dense_us"] for r in swept], "s--", color="C2", label="same model, dense kernel")
+        structured = [r for r in rows if r["format"] == format and r["density"] is None]
+        for r, marker, color in zip(structured, "D^", ("C3", "C4")):
+            ax.plot([100 * r["nnz"] / n**2], [r["sparse_us"]], marker, color=color, label=r["case"])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("density (%)")
         ax.set_title(f"{format}: {n} x {n}, batch 1")
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("latency per call (us)")
-    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

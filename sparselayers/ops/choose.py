@@ -78,11 +78,12 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
 #: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
 #: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
-#: Density from which an exported layer multiplies by its densified kernel.
-#: At batch 1 (``benchmarks/export.py``, 2048 x 2048, one thread) the ELL
-#: form beat the dense artifact 2.2x at 1%, tied at 3% (1.5x on LiteRT, 0.9x
-#: on onnxruntime) and lost at 10% (0.8x and 0.55x). The price: from this
-#: density the artifact stores the dense kernel (4 bytes per cell).
+#: Density from which an exported layer multiplies by its densified kernel,
+#: as in training. At batch 1 (``benchmarks/export.py``, 2048 x 2048, one
+#: thread) the ELL form beats the dense artifact by 2x or more up to 1%
+#: (LiteRT and onnxruntime), ties at 3% and is about 1.6x slower at 5%, but
+#: 8x smaller; from here on the artifact stores the dense kernel, 4 bytes per
+#: cell.
 EXPORT_DENSE_MIN_DENSITY = 0.06
 #: Largest ratio of ELL slots (``units * width``, ``width`` the fullest
 #: column) to ``nnz + units`` for which export uses the ELL kernel rather than
