@@ -1,6 +1,7 @@
 """Where does each structured kernel start to beat CSR? The thresholds of kernel="auto".
 
-    python benchmarks/crossovers.py
+    python benchmarks/crossovers.py            # every question
+    python benchmarks/crossovers.py bands      # only questions whose title contains "bands"
 
 Times one training step (as in run.py: forward, MSE loss, gradients, SGD) at
 4096 x 4096 (blocks: 4096 rows), batch 256, for the candidate kernels of
@@ -31,6 +32,11 @@ QUESTIONS = {
         (f"width {2 * h + 1}", sl.patterns.banded((4096, 4096), lower=h, upper=h), ["banded", "csr"])
         for h in [4, 8, 16, 32]
     ],
+    "wide bands (banded vs dense)": [
+        (f"width {2 * h + 1} ({100 * sl.patterns.banded((4096, 4096), lower=h, upper=h).density:.0f}%)",
+         sl.patterns.banded((4096, 4096), lower=h, upper=h), ["banded", "dense"])
+        for h in [64, 128, 256, 512, 2048]
+    ],
     "density (dense vs csr)": [
         (f"random {d:g}", sl.patterns.random((4096, 4096), density=d, seed=0), ["dense", "csr"])
         for d in [0.02, 0.03, 0.05, 0.08]
@@ -39,9 +45,12 @@ QUESTIONS = {
 
 
 def main() -> None:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
     print(f"Machine: {machine()}\nTraining step, batch 256, float32, median ms (lower is better).\n")
     rng = np.random.default_rng(0)
     for question, cases in QUESTIONS.items():
+        if only not in question:
+            continue
         print(f"## {question}\n\n| pattern | auto picks | " + " | ".join(cases[0][2]) + " |\n|---|---|---:|---:|")
         for label, pattern, kernels in cases:
             x = tf.constant(rng.normal(size=(256, pattern.shape[0])).astype("float32"))

@@ -18,9 +18,12 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
     with _hidden():  # the lines TF prints at import, before it reads the level
         import tensorflow  # noqa: F401
 
-from sparselayers import export, initializers, ops, patterns  # noqa: E402
+from sparselayers import callbacks, export, initializers, ops, patterns  # noqa: E402
+from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
+from sparselayers.pruning import sparsify  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
 
@@ -30,9 +33,13 @@ __all__ = [
     "SparseDense",
     "SparsityPattern",
     "Towers",
+    "autotune",
+    "callbacks",
     "export",
     "initializers",
+    "knowledge",
     "ops",
     "patterns",
     "reset_compiled_functions",
+    "sparsify",
 ]

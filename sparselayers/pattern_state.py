@@ -5,10 +5,10 @@ restored mid-training) must never pair its ``values`` with another pattern's
 connections. This module makes the current pattern travel with the values:
 
 * Keras files (``.keras``, ``.weights.h5``): :func:`save_pattern` writes the
-  pattern's linear positions next to the variables, :func:`load_pattern`
-  reads them back;
+  pattern (its compressed config, about 1 to 2 bytes per entry) next to the
+  variables, :func:`load_pattern` reads it back;
 * ``tf.train.Checkpoint`` (and SavedModel): :class:`PatternCheckpoint` is a
-  trackable child of the layer holding the same positions;
+  trackable child of the layer holding the same bytes;
 * traced functions: :class:`PatternState` counts pattern changes, and a
   graph traced under an older pattern fails loudly instead of running with
   stale index constants.
@@ -20,6 +20,7 @@ pattern; any other raises ``ValueError``. Nothing here adds Keras weights, so
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -29,40 +30,36 @@ from tensorflow.python.trackable import base as trackable
 
 from sparselayers.sparsity_pattern import SparsityPattern
 
-#: Keys of the Keras weights store that hold the pattern.
-LINEAR_KEY = "pattern_linear"
-SHAPE_KEY = "pattern_shape"
+#: Key of the Keras weights store, and of the checkpoint, holding the pattern.
+PATTERN_KEY = "pattern"
 
 
-def _linear_dtype(shape: tuple[int, int]) -> np.dtype:
-    return np.dtype(np.uint32) if shape[0] * shape[1] <= 2**32 else np.dtype(np.int64)
+def encode(pattern: SparsityPattern) -> bytes:
+    """The pattern's config as JSON bytes: compressed, about 1 to 2 bytes per entry."""
+    return json.dumps(pattern.get_config()).encode("utf-8")
+
+
+def decode(blob: bytes, where: str) -> SparsityPattern:
+    """Inverse of :func:`encode`, checked like any other input."""
+    try:
+        config = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Corrupt pattern in {where}: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"Corrupt pattern in {where}: expected a config dict, found {type(config).__name__}")
+    return SparsityPattern.from_config(config)
 
 
 def save_pattern(pattern: SparsityPattern, store: Any) -> None:
-    """Writes ``pattern`` into a Keras weights store (4 or 8 bytes per entry)."""
-    store[LINEAR_KEY] = pattern.linear.astype(_linear_dtype(pattern.shape))
-    store[SHAPE_KEY] = np.asarray(pattern.shape, np.int64)
-
-
-def pattern_from_arrays(linear: Any, shape: Any, where: str) -> SparsityPattern:
-    """A pattern from saved linear positions, checked like any other input."""
-    shape = tuple(int(s) for s in np.asarray(shape).ravel())
-    linear = np.asarray(linear)
-    if len(shape) != 2 or linear.ndim != 1 or not np.issubdtype(linear.dtype, np.integer):
-        raise ValueError(f"Corrupt pattern in {where}: shape {shape}, positions of shape {linear.shape}")
-    linear = linear.astype(np.int64)
-    if linear.size and (
-        linear[0] < 0 or linear[-1] >= shape[0] * shape[1] or np.any(np.diff(linear) <= 0)
-    ):
-        raise ValueError(f"Corrupt pattern in {where}: positions unsorted, repeated or outside shape {shape}")
-    return SparsityPattern._from_linear(linear, shape)
+    """Writes ``pattern`` into a Keras weights store, as a byte array."""
+    store[PATTERN_KEY] = np.frombuffer(encode(pattern), np.uint8)
 
 
 def load_pattern(store: Any, where: str) -> SparsityPattern | None:
     """The pattern saved in a Keras weights store, or None for files without one."""
-    if LINEAR_KEY not in store:
+    if PATTERN_KEY not in store:
         return None
-    return pattern_from_arrays(np.asarray(store[LINEAR_KEY]), np.asarray(store[SHAPE_KEY]), where)
+    return decode(np.asarray(store[PATTERN_KEY], np.uint8).tobytes(), where)
 
 
 def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None:
@@ -87,20 +84,14 @@ class PatternCheckpoint(trackable.Trackable):
         self._layer = layer
 
     def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
-        pattern = self._layer.pattern
-        return {
-            LINEAR_KEY: tf.constant(pattern.linear, tf.int64),
-            SHAPE_KEY: tf.constant(pattern.shape, tf.int64),
-        }
+        return {PATTERN_KEY: tf.constant(encode(self._layer.pattern))}
 
     def _restore_from_tensors(self, restored_tensors: dict[str, tf.Tensor]) -> Any:
         if not tf.executing_eagerly():
             # SavedModel traces restore functions; a loaded SavedModel's graph
             # already holds the pattern it was saved with.
             return tf.no_op()
-        pattern = pattern_from_arrays(
-            restored_tensors[LINEAR_KEY].numpy(), restored_tensors[SHAPE_KEY].numpy(), "the checkpoint"
-        )
+        pattern = decode(restored_tensors[PATTERN_KEY].numpy(), "the checkpoint")
         check_replacement(self._layer, pattern, "The checkpoint")
         self._layer.set_pattern(pattern)
         return tf.no_op()

@@ -55,3 +55,93 @@ def plot_pattern(
     ax.set_ylabel("input feature")
     ax.set_title(title or f"{n}x{m}, nnz={pattern.nnz} ({describe(pattern)})", fontsize=9)
     return ax
+
+
+def plot_manhattan(
+    relevance: Any,
+    groups: Any = None,
+    ax: Any = None,
+    *,
+    labels: int = 5,
+    title: str | None = None,
+) -> Any:
+    """Manhattan-style plot of a relevance table: unit position on x, ``|relevance|`` on y.
+
+    Each point is a unit of one level (e.g. a SNP) from
+    :func:`sparselayers.knowledge.path_weights` or
+    :func:`sparselayers.knowledge.gradient_x_input`. With ``groups``, the
+    pattern (or ``SparseDense`` layer) from that level to the next, each
+    point takes the colour of the first unit it feeds (e.g. its gene), in
+    alternating shades as chromosomes in a genome-wide association plot, and
+    the most relevant unit of each of the ``labels`` most relevant groups is
+    annotated with its name and its group's.
+
+    Args:
+        relevance: a DataFrame with columns ``unit``, ``position`` and
+            ``relevance``.
+        groups: a :class:`SparsityPattern` or ``SparseDense`` whose rows are
+            the plotted units, or None.
+        ax: matplotlib ``Axes`` to draw on; a new figure by default.
+        labels: how many points to annotate (one per group).
+        title: the title; by default, the level's size.
+
+    Returns:
+        The matplotlib ``Axes``.
+
+    Raises:
+        ValueError: ``relevance`` lacks a column, or ``groups`` does not have
+            one row per position.
+    """
+    plt = _pyplot()
+    missing = [c for c in ("unit", "position", "relevance") if c not in getattr(relevance, "columns", [])]
+    if missing:
+        raise ValueError(
+            "`relevance` must be a DataFrame from sparselayers.knowledge with columns unit, position, "
+            f"relevance. Received: missing {missing}"
+        )
+    pattern = getattr(groups, "pattern", groups)
+    position = relevance["position"].to_numpy()
+    height = np.abs(relevance["relevance"].to_numpy(dtype=np.float64))
+    group = None
+    if pattern is not None:
+        if not isinstance(pattern, SparsityPattern) or pattern.shape[0] <= position.max(initial=-1):
+            raise ValueError(
+                "`groups` must be a SparsityPattern or SparseDense with a row per plotted unit. "
+                f"Received: {type(groups).__name__} for positions up to {position.max(initial=-1)}"
+            )
+        first = np.full(pattern.shape[0], -1)
+        fed = pattern.fan_out > 0
+        first[fed] = pattern.cols[pattern.row_pointers[:-1][fed]]  # entries are row-major sorted
+        group = first[position]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.5))
+    order = np.argsort(position)
+    if group is None:
+        ax.scatter(position[order], height[order], s=6, color="tab:blue", rasterized=True)
+    else:
+        # Consecutive groups alternate between two shades; units feeding nothing are grey.
+        shade = np.where(group < 0, 2, _runs(group[order]) % 2)
+        colours = np.array(["tab:blue", "tab:orange", "lightgrey"])[shade]
+        ax.scatter(position[order], height[order], s=6, c=colours, rasterized=True)
+    names = pattern.output_names if pattern is not None else None
+    labelled: set[int] = set()
+    for k in np.argsort(-height, kind="stable"):
+        if len(labelled) == labels:
+            break
+        key = int(group[k]) if group is not None else int(k)
+        if key in labelled:  # one label per group: its most relevant unit
+            continue
+        labelled.add(key)
+        text = str(relevance["unit"].iloc[k])
+        if group is not None and group[k] >= 0:
+            text += f" ({names[group[k]] if names is not None else group[k]})"
+        ax.annotate(text, (position[k], height[k]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("input position" if pattern is not None else "unit position")
+    ax.set_ylabel("|relevance|")
+    ax.set_title(title or f"relevance of {len(relevance)} units", fontsize=9)
+    return ax
+
+
+def _runs(values: np.ndarray) -> np.ndarray:
+    """Index of the run of equal consecutive values each entry belongs to."""
+    return np.concatenate([[0], np.cumsum(values[1:] != values[:-1])])

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from sparselayers import initializers as sparse_initializers
 from sparselayers import pattern_state
+from sparselayers.autotune import kernel_for_call
 from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
 from sparselayers.ops.export_kernels import export_kernel
@@ -157,6 +158,9 @@ class SparseDense(keras.layers.Layer):
                 raise ValueError(
                     f"`values` must have shape ({pattern.nnz},). Received: values with shape {values.shape}"
                 )
+        if pattern.input_names is None and pattern.output_names is None:
+            # Same shape, so the layer's unit names still apply.
+            pattern = pattern.with_names(self.pattern.input_names, self.pattern.output_names)
         kernel = self._kernel_argument
         if kernel != "auto":
             try:
@@ -215,15 +219,20 @@ class SparseDense(keras.layers.Layer):
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
 
-    def _select_kernel(self):
-        """The kernel for this call's context: see :mod:`sparselayers.ops.context`."""
+    def _select_kernel(self, flat=None):
+        """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
+
+        In the default context a ``kernel="auto"`` layer takes a kernel
+        measured on this device for ``flat``'s batch, if one is cached
+        (:mod:`sparselayers.autotune`).
+        """
         context = kernel_context()
         if context == "export":
             return export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto"), context
         if context == "xla":
             name = self.jit_kernel_name
         else:
-            name = self.kernel_name
+            name = self.kernel_name if flat is None else kernel_for_call(self, flat)
         return get_kernel(name, self.pattern), context
 
     def call(self, inputs):
@@ -235,8 +244,8 @@ class SparseDense(keras.layers.Layer):
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
         values = tf.cast(self.values, x.dtype)
-        kernel, context = self._select_kernel()
         flat = tf.reshape(x, [-1, self.input_dim])
+        kernel, context = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
         y = kernel(flat, values)
@@ -260,6 +269,15 @@ class SparseDense(keras.layers.Layer):
     def to_dense(self) -> np.ndarray:
         """The current kernel as a dense ``(input_dim, units)`` NumPy array."""
         return self.pattern.to_dense(keras.ops.convert_to_numpy(self.values))
+
+    def to_frame(self) -> Any:
+        """Every entry as a pandas DataFrame ``input, output, weight``: names when the pattern has them.
+
+        See :func:`sparselayers.knowledge.layer_frame`; needs pandas.
+        """
+        from sparselayers.knowledge import layer_frame
+
+        return layer_frame(self)
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         return mask  # as Dense: a mask over the leading axes passes through

@@ -39,7 +39,12 @@ class Towers(keras.layers.Layer):
         activation: activation of the hidden layers.
         output_activation: activation of the outputs, default none.
         use_bias: biases in every layer.
-        values_initializer: default LeCun normal with each entry's own fan-in.
+        values_initializer: default LeCun normal with each entry's own fan-in,
+            not the :class:`SparseGlorotUniform` of ``SparseDense``: Glorot
+            also divides by fan-out, and an input feeds every tower, so its
+            fan-out grows with ``n_towers``; with fan-in alone each tower
+            starts at the scale of an independent MLP, whatever the number
+            of towers.
         kernel: kernel of every SparseDense (see ``SparseDense``).
         **kwargs: Keras ``Layer`` arguments.
 
@@ -81,6 +86,7 @@ class Towers(keras.layers.Layer):
         )
         self.kernel = kernel
         self.tower_layers: list[SparseDense] = []
+        self.supports_masking = True
 
     @property
     def widths(self) -> list[int]:
@@ -110,6 +116,14 @@ class Towers(keras.layers.Layer):
             layer.build((None, pattern.shape[0]))
             self.tower_layers.append(layer)
 
+    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any) -> dict[str, Any]:
+        # Keras keeps `tower_layers` in a list that tf.train.Checkpoint does
+        # not follow; name each layer so checkpoints hold their values and
+        # patterns.
+        children = super()._trackable_children(save_type, **kwargs)
+        children.update({layer.name: layer for layer in self.tower_layers})
+        return children
+
     def call(self, inputs):
         x = inputs
         for layer in self.tower_layers:
@@ -118,6 +132,9 @@ class Towers(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[:-1]) + (self.n_towers * self.output_units,)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return mask  # as Dense: a mask over the leading axes passes through
 
     # Per-tower views -------------------------------------------------------
 

@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs derandomized so a red build is reproducible; locally use
@@ -21,3 +22,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory):
+    """Tests never read or write the user's autotune cache (see sparselayers.autotune)."""
+    previous = os.environ.get("SPARSELAYERS_CACHE_DIR")
+    os.environ["SPARSELAYERS_CACHE_DIR"] = str(tmp_path_factory.mktemp("autotune-cache"))
+    yield
+    if previous is None:
+        del os.environ["SPARSELAYERS_CACHE_DIR"]
+    else:
+        os.environ["SPARSELAYERS_CACHE_DIR"] = previous

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import reference
 import sparselayers as sl
 
 INPUT_DIM = 24
@@ -101,6 +102,97 @@ def test_checkpoint_restores_optimizer_and_continues_identically(name, tmp_path)
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def sparse_layers(model):
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, sl.SparseDense):
+            found.append(layer)
+        found.extend(getattr(layer, "tower_layers", []))
+    return found
+
+
+def evolve(model, seed):
+    """Moves every SparseDense to another pattern of the same nnz, with new values."""
+    rng = np.random.default_rng(seed)
+    for layer in sparse_layers(model):
+        n, m = layer.pattern.shape
+        linear = np.sort(rng.choice(n * m, layer.pattern.nnz, replace=False))
+        pattern = sl.SparsityPattern.from_coo(linear // m, linear % m, shape=(n, m))
+        layer.set_pattern(pattern, values=rng.normal(size=pattern.nnz))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_pattern_travels_with_the_values_in_every_save_path(name, tmp_path):
+    x, _ = data(9)
+    model = make_model(name)
+    model.predict(x, verbose=0)
+    evolve(model, seed=1)
+    sl.reset_compiled_functions(model)
+    expected = model.predict(x, verbose=0)
+    for layer in sparse_layers(model):  # the evolved layer still equals its dense reference
+        inputs = np.random.default_rng(2).normal(size=(5, layer.input_dim))
+        bias = layer.bias.numpy() if layer.bias is not None else None
+        want = reference.forward(inputs, layer.pattern, layer.values.numpy(), bias)
+        if layer.activation is keras.activations.relu:
+            want = np.maximum(want, 0)
+        np.testing.assert_allclose(layer(inputs.astype("float32")).numpy(), want, rtol=1e-5, atol=1e-5)
+    patterns = [layer.pattern for layer in sparse_layers(model)]
+
+    model.save_weights(tmp_path / "m.weights.h5")
+    model.save(tmp_path / "m.keras")
+    checkpoint_path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+
+    from_weights = make_model(name)
+    from_weights.load_weights(tmp_path / "m.weights.h5")
+    from_keras = keras.models.load_model(tmp_path / "m.keras")
+    from_checkpoint = make_model(name)
+    tf.train.Checkpoint(model=from_checkpoint).restore(checkpoint_path).assert_existing_objects_matched()
+    for restored in (from_weights, from_keras, from_checkpoint):
+        assert [layer.pattern for layer in sparse_layers(restored)] == patterns
+        np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+        assert restored.count_params() == model.count_params()
+
+
+def test_a_saved_pattern_of_another_nnz_is_refused(tmp_path):
+    def model(density):
+        layer = sl.SparseDense(sl.patterns.random((32, 32), density=density, seed=1), name="sparse")
+        return keras.Sequential([keras.Input((32,)), layer])
+
+    small, large = model(0.1), model(0.2)
+    small.save_weights(tmp_path / "s.weights.h5")
+    with pytest.raises(ValueError, match="nnz="):
+        large.load_weights(tmp_path / "s.weights.h5")
+    path = tf.train.Checkpoint(model=small).save(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError):
+        tf.train.Checkpoint(model=large).restore(path)
+
+
+def test_the_issue_reproducer_now_restores_the_saved_connections(tmp_path):
+    a = keras.Sequential([keras.Input((32,)), sl.SparseDense(sl.patterns.random((32, 32), density=0.1, seed=1))])
+    b = keras.Sequential([keras.Input((32,)), sl.SparseDense(sl.patterns.random((32, 32), density=0.1, seed=2))])
+    a.save_weights(tmp_path / "a.weights.h5")
+    b.load_weights(tmp_path / "a.weights.h5")
+    x = np.random.default_rng(0).normal(size=(4, 32)).astype("float32")
+    layer = a.layers[-1]
+    want = reference.forward(x, layer.pattern, layer.values.numpy(), layer.bias.numpy())
+    np.testing.assert_allclose(b(x).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert b.layers[-1].pattern == layer.pattern
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_function_traced_before_a_pattern_change_raises_until_rebuilt(name):
+    x, _ = data(9)
+    model = make_model(name)
+    model.predict(x, verbose=0)
+    evolve(model, seed=3)
+    if all(layer.pattern.density == 1 for layer in sparse_layers(model)):
+        pytest.skip("no room to move a full pattern")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="changed after this function was traced"):
+        model.predict(x, verbose=0)
+    sl.reset_compiled_functions(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
 SERVE = textwrap.dedent(
     """
     import json, sys
@@ -163,6 +255,26 @@ def test_jit_compile_trains_like_uncompiled(name, jit):
         weights.append(model.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_xla_really_compiles_forward_and_gradients(name):
+    """jit_compile=True compiles every layer (forced XLA-less kernels swap in an XLA kernel)."""
+    model = make_model(name)
+    x = tf.constant(data(16)[0])
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(model(x) ** 2)
+        return loss, tape.gradient(loss, [x, *model.trainable_variables])
+
+    compiled = tf.function(step, jit_compile=True)
+    assert "HloModule" in compiled.experimental_get_compiler_ir(x)(stage="hlo")
+    for got, want in zip(tf.nest.flatten(compiled(x)), tf.nest.flatten(step(x))):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    assert model.jit_compile == all(layer.supports_jit for layer in sparse_layers(model))
 
 
 @pytest.mark.parametrize("name", NAMES)

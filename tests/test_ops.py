@@ -1,5 +1,9 @@
 """Every kernel against the float64 dense reference: forward and all gradients."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +16,7 @@ from tests import reference
 from tests.strategies import any_patterns, banded_patterns, block_sparse_patterns, inputs_for, values_for
 
 ALL_KERNELS = sorted(sl.ops.KERNELS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kernels_for(pattern):
@@ -126,13 +131,15 @@ def test_sparse_matmul_function_and_bad_kernel_name():
         (sl.patterns.dense((30, 20)), "block"),
         (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
         (sl.patterns.banded((500, 500), lower=8, upper=8), "csr"),
+        (sl.patterns.banded((4096, 4096), lower=2048, upper=2048), "dense"),
+        (sl.patterns.banded((300, 300), lower=20, upper=20), "banded"),
         (sl.patterns.banded((500, 500), lower=1, upper=1), "csr"),
         (sl.patterns.random((500, 500), density=0.2, seed=0), "dense"),
         (sl.patterns.random((500, 500), density=0.01, seed=0), "csr"),
         (sl.patterns.random((10000, 8000), density=0.06, seed=0), "csr"),
         (sl.SparsityPattern.from_coo([], [], (5, 5)), "block"),
     ],
-    ids=["big-blocks", "8x8-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-17", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
+    ids=["big-blocks", "8x8-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-17", "75%-band", "13%-band", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
 )
 def test_auto_follows_the_documented_rule(pattern, expected):
     from sparselayers.ops import choose
@@ -145,9 +152,67 @@ def test_auto_follows_the_documented_rule(pattern, expected):
                             and blocks.n_rows.mean() >= choose.BLOCK_MIN_ROWS):
         rule = "block"
     elif band is not None and band.width >= choose.BAND_MIN_WIDTH:
-        rule = "banded"
+        dense_fits = np.prod(pattern.shape) <= choose.DENSE_MAX_ENTRIES
+        rule = "dense" if pattern.density >= choose.BAND_MAX_DENSITY and dense_fits else "banded"
     elif pattern.density >= choose.DENSE_MIN_DENSITY and np.prod(pattern.shape) <= choose.DENSE_MAX_ENTRIES:
         rule = "dense"
     else:
         rule = "csr"
     assert rule == expected
+
+
+def test_empty_pattern_trains_and_predicts():
+    # Issue 12.1: the block kernel's empty product, a zero-inner-dim matmul,
+    # was fused with the bias add into a oneDNN op that aborts the process,
+    # so the reproducers run in a subprocess.
+    script = (
+        "import numpy as np, keras, tensorflow as tf, sparselayers as sl\n"
+        "p = sl.patterns.random((8, 4), density=0.0)\n"
+        "kernel, bias = sl.ops.get_kernel('auto', p), tf.ones([4])\n"
+        "@tf.function\n"
+        "def step(x, v):\n"
+        "    with tf.GradientTape() as tape:\n"
+        "        tape.watch([x, v])\n"
+        "        y = kernel(x, v) + bias\n"
+        "        loss = tf.reduce_sum(y)\n"
+        "    return (y, *tape.gradient(loss, [x, v]))\n"
+        "y, dx, dv = step(tf.ones((32, 8)), tf.zeros([0]))\n"
+        "assert np.all(y.numpy() == 1) and np.all(dx.numpy() == 0) and dv.shape == (0,)\n"
+        "m = keras.Sequential([keras.Input((8,)), sl.SparseDense(p)])\n"
+        "m.compile('adam', 'mse')\n"
+        "m.fit(np.ones((32, 8), 'float32'), np.ones((32, 4), 'float32'), verbose=0)\n"
+        "print(float(np.abs(m.predict(np.ones((3, 8), 'float32'), verbose=0)).max()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the output is the bias alone, moved off zero by the fit step
+    assert 0 < float(done.stdout.split()[-1]) < 1.0
+
+
+def relative_rms(y, reference_y):
+    return float(np.sqrt(np.mean((y - reference_y) ** 2) / np.mean(reference_y**2)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ALL_KERNELS)
+def test_low_precision_error_no_worse_than_dense_matmul(name, dtype):
+    # Issue 12.6: blocks sharing output columns (the block kernel's segment
+    # sum) and the gather kernel must accumulate in float32 like a matmul.
+    # 32 blocks of 2 x 32 per output column, in row bands that alternate
+    # between the two column halves: none merge, so their sums overlap
+    pattern = sl.patterns.block_sparse(np.tile(np.eye(2, dtype=int), (32, 1)), (2, 32))
+    if name == "banded":
+        pattern = sl.patterns.banded((128, 64), lower=100, upper=40)
+    x = inputs_for(pattern, batch=16, seed=3)
+    values = values_for(pattern, seed=4)
+    x_low = tf.cast(tf.constant(x), dtype)
+    v_low = tf.cast(tf.constant(values), dtype)
+    # the same rounded inputs for both, so only the accumulation differs
+    x64 = tf.cast(x_low, tf.float64).numpy()
+    v64 = tf.cast(v_low, tf.float64).numpy()
+    expected = reference.forward(x64, pattern, v64)
+    dense = tf.matmul(x_low, tf.cast(tf.constant(reference.dense_kernel(pattern, v64)), dtype))
+    kernel_error = relative_rms(tf.cast(sl.ops.get_kernel(name, pattern)(x_low, v_low), tf.float64).numpy(), expected)
+    dense_error = relative_rms(tf.cast(dense, tf.float64).numpy(), expected)
+    assert kernel_error <= 1.5 * dense_error + 1e-6, (kernel_error, dense_error)

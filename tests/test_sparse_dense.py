@@ -185,7 +185,8 @@ def test_loading_values_that_disagree_with_the_pattern_fails(tmp_path):
     small.save_weights(path)
     other = keras.Sequential([keras.Input((5,)), sl.SparseDense(sl.patterns.banded((5, 5), upper=1), name="s")])
     other_ok = keras.Sequential([keras.Input((5,)), sl.SparseDense(sl.patterns.banded((5, 5), lower=2), name="s")])
-    other.load_weights(path)  # same nnz: allowed, the pattern is the layer's
+    other.load_weights(path)  # same nnz: the saved pattern replaces the layer's
+    assert other.layers[0].pattern == small.layers[0].pattern
     with pytest.raises(ValueError, match="nnz"):
         other_ok.load_weights(path)
 
@@ -253,3 +254,32 @@ def test_pickle_and_clone_model_round_trip():
     assert clone.layers[-1].pattern == pattern
     clone.set_weights(model.get_weights())
     np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sl.SparseDense(sl.patterns.random((6, 5), density=0.5, seed=0), name="sparse"),
+    lambda: sl.Towers(5, hidden_units=[], output_units=1, name="sparse"),
+])
+def test_masks_pass_through_like_dense(make):
+    """Masking -> SparseDense -> LSTM skips padded steps exactly as Masking -> Dense -> LSTM."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 7, 6)).astype("float32")
+    x[0, 4:] = 0.0  # padded steps
+    x[2, 2:] = 0.0
+
+    def model(layer):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((7, 6))
+        hidden = layer(keras.layers.Masking(0.0)(inputs))
+        return keras.Model(inputs, keras.layers.LSTM(4, name="lstm")(hidden))
+
+    sparse = model(make())
+    layer = sparse.get_layer("sparse")
+    kernel = (layer.to_dense() if isinstance(layer, sl.SparseDense) else layer.tower_layers[0].to_dense())
+    bias = (layer.bias if isinstance(layer, sl.SparseDense) else layer.tower_layers[0].bias).numpy()
+    dense = model(keras.layers.Dense(5, name="sparse"))
+    dense.get_layer("sparse").set_weights([kernel, bias])
+    dense.get_layer("lstm").set_weights(sparse.get_layer("lstm").get_weights())
+    np.testing.assert_allclose(sparse.predict(x, verbose=0), dense.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    unmasked = keras.Model(sparse.inputs, sparse.get_layer("lstm")(layer(sparse.inputs[0])))
+    assert np.abs(unmasked.predict(x, verbose=0) - sparse.predict(x, verbose=0)).max() > 1e-3

@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import tensorflow as tf
 
@@ -77,7 +78,7 @@ def get_kernel(name: str, pattern: SparsityPattern) -> Kernel:
     return KERNELS[check_kernel_name(name, pattern)](pattern)
 
 
-def sparse_matmul(x, pattern: SparsityPattern, values, kernel: str = "auto") -> tf.Tensor:
+def sparse_matmul(x: Any, pattern: SparsityPattern, values: Any, kernel: str = "auto") -> tf.Tensor:
     """``x @ W`` with ``W`` given by ``pattern`` and ``values``, over the last axis of ``x``.
 
     Args:

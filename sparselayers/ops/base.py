@@ -20,6 +20,15 @@ def constant(array: np.ndarray, dtype: tf.DType | None = None) -> tf.Tensor:
         return tf.constant(array, dtype=dtype)
 
 
+def accumulation_cast(t: tf.Tensor) -> tf.Tensor:
+    """``t`` in float32 if its dtype is narrower: the dtype sums are formed in.
+
+    A matmul accumulates float16 and bfloat16 products in float32; kernels
+    that add partial sums themselves must do the same to match its error.
+    """
+    return tf.cast(t, tf.float32) if t.dtype in (tf.float16, tf.bfloat16) else t
+
+
 class Kernel:
     """Computes ``x @ W`` where ``W`` holds ``values`` at ``pattern.indices``.
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, constant
+from sparselayers.ops.base import Kernel, accumulation_cast, constant
 from sparselayers.structure import detect_blocks
 
 
@@ -111,14 +111,33 @@ class BlockKernel(Kernel):
         parts = [self._group_product(x, values, g) for g in self._groups]
         units = self.pattern.shape[1]
         if not parts:
-            # An empty pattern: zeros, still connected to x and values so
-            # that both get (zero) gradients rather than None.
-            return tf.matmul(x[:, :0], tf.reshape(values, [0, units]))
+            return empty_product(x, values, units)
         y = parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
         if self._out_gather is not None:
             y = tf.concat([y, tf.zeros_like(y[:, :1])], axis=1)
             return tf.gather(y, self._out_gather, axis=1)
         if self._out_segments is not None:
-            y = tf.math.unsorted_segment_sum(tf.transpose(y), self._out_segments, units)
-            return tf.transpose(y)
+            # Blocks sharing output columns: their partial sums are added in
+            # float32 at least, as a matmul accumulates, not in float16.
+            summed = tf.math.unsorted_segment_sum(tf.transpose(accumulation_cast(y)), self._out_segments, units)
+            return tf.cast(tf.transpose(summed), y.dtype)
         return y
+
+
+def empty_product(x: tf.Tensor, values: tf.Tensor, units: int) -> tf.Tensor:
+    """``x @ W`` for a ``W`` without entries: zeros ``(batch, units)``.
+
+    Still connected to ``x`` and ``values`` so that both get (zero) gradients
+    rather than None, but through no op on a zero-sized axis: oneDNN aborts
+    the process on a matmul with a zero inner dimension fused with a bias
+    add, and the gradients of broadcasts over an empty axis divide by zero.
+    """
+
+    @tf.custom_gradient
+    def product(x, values):
+        def grad(dy):
+            return tf.zeros_like(x), tf.zeros_like(values)
+
+        return tf.zeros(tf.stack([tf.shape(x)[0], units]), x.dtype), grad
+
+    return product(x, values)

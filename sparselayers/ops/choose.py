@@ -21,6 +21,10 @@ BLOCK_MIN_ROWS = 2
 #: beats CSR: width 17 12.1 vs 10.6, width 33 15.1 vs 15.8, width 65 21.5
 #: vs 27.5.
 BAND_MIN_WIDTH = 32
+#: Band density from which the dense kernel beats the tiled banded one
+#: (4096 x 4096, Intel Xeon): width 513 (12%) 538 vs 626, width 1025 (23%)
+#: 940 vs 546, width 4097 (75%) 3528 vs 816.
+BAND_MAX_DENSITY = 0.15
 #: Density from which multiplying by the densified kernel beats CSR: at 5%
 #: 87.2 vs 75.8, at 8% 86.3 vs 127.0.
 DENSE_MIN_DENSITY = 0.06
@@ -37,7 +41,8 @@ def choose_kernel(pattern: SparsityPattern) -> str:
        at least :data:`BLOCK_MIN_AREA` entries and :data:`BLOCK_MIN_ROWS`
        rows on average (block diagonal, block sparse, fully dense);
     2. ``"banded"`` for a full diagonal band of width at least
-       :data:`BAND_MIN_WIDTH`;
+       :data:`BAND_MIN_WIDTH`, unless it is :data:`BAND_MAX_DENSITY` dense
+       and the dense kernel fits;
     3. ``"dense"`` from a density of :data:`DENSE_MIN_DENSITY`, if the dense
        kernel fits in :data:`DENSE_MAX_ENTRIES`;
     4. ``"csr"`` otherwise.
@@ -55,7 +60,7 @@ def choose_kernel(pattern: SparsityPattern) -> str:
         return "block"
     band = detect_band(pattern)
     if band is not None and band.width >= BAND_MIN_WIDTH:
-        return "banded"
+        return "dense" if pattern.density >= BAND_MAX_DENSITY and fits_dense(pattern) else "banded"
     if pattern.density >= DENSE_MIN_DENSITY and fits_dense(pattern):
         return "dense"
     return "csr"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from sparselayers.ops.base import INT32_LIMIT, Kernel, constant
+from sparselayers.ops.base import INT32_LIMIT, Kernel, accumulation_cast, constant
 
 
 class GatherKernel(Kernel):
@@ -32,7 +32,7 @@ class GatherKernel(Kernel):
             )
 
     def __call__(self, x, values):
-        products = tf.gather(tf.transpose(x), self._rows) * values[:, None]
-        return tf.transpose(
-            tf.math.unsorted_segment_sum(products, self._cols, self.pattern.shape[1])
-        )
+        # Products and sums in float32 for float16 inputs, as a matmul accumulates.
+        products = tf.gather(tf.transpose(accumulation_cast(x)), self._rows) * accumulation_cast(values)[:, None]
+        y = tf.math.unsorted_segment_sum(products, self._cols, self.pattern.shape[1])
+        return tf.cast(tf.transpose(y), x.dtype)

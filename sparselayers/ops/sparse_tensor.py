@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from sparselayers.ops.base import INT32_LIMIT, Kernel, constant
+from sparselayers.ops.base import INT32_LIMIT, Kernel, accumulation_cast, constant
 
 
 class SparseTensorKernel(Kernel):
@@ -31,5 +31,7 @@ class SparseTensorKernel(Kernel):
             )
 
     def __call__(self, x, values):
-        weights = tf.SparseTensor(self._indices, values, self.pattern.shape)
-        return tf.sparse.sparse_dense_matmul(x, weights)
+        # float16 inputs are multiplied in float32: TF's kernel accumulates
+        # in its input dtype.
+        weights = tf.SparseTensor(self._indices, accumulation_cast(values), self.pattern.shape)
+        return tf.cast(tf.sparse.sparse_dense_matmul(accumulation_cast(x), weights), x.dtype)

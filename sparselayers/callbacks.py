@@ -1,0 +1,555 @@
+"""Dynamic sparse training: the pattern of every `SparseDense` evolves during `fit`.
+
+:class:`SET` (Mocanu et al., 2018) and :class:`RigL` (Evci et al., 2020) are
+Keras callbacks. Unlike mask-based implementations, the layers keep truly
+sparse storage the whole time: each update replaces a layer's pattern and
+``values`` in place (:meth:`SparseDense.set_pattern`), so the model never
+holds a dense kernel, and training between updates runs exactly as with a
+fixed pattern.
+
+Semantics, shared by both callbacks:
+
+* **Layers.** Every built :class:`SparseDense` of the model, at any depth
+  (nested models, the ``tower_layers`` of :class:`Towers`), or only those
+  whose ``name`` or ``path`` is listed in ``layers``. A layer with no room to
+  evolve (``nnz == 0``, or every position connected, as the first layer of
+  ``Towers``) is skipped with a warning; naming it in ``layers`` raises.
+* **Schedule.** Step ``t`` counts training steps; it continues from
+  ``model.optimizer.iterations``, so a resumed run keeps its schedule. At the
+  end of step ``t``, when ``t % update_freq == 0`` and ``t < end_step``, every
+  layer drops and grows ``n = round(f(t) * nnz)`` connections, with the
+  cosine decay ``f(t) = drop_fraction * (1 + cos(pi * t / end_step)) / 2``.
+  ``end_step`` defaults to 75% of the steps ``fit`` runs (``steps * epochs``).
+* **Drop.** The ``n`` entries of smallest ``|value|`` (equal magnitudes: the
+  earlier entry in canonical order first).
+* **Grow.** ``n`` positions outside the kept entries (a position just dropped
+  may be grown again). SET draws them uniformly at random from a NumPy
+  Generator seeded with ``(seed, t, layer number)``. RigL takes the largest
+  ``|dL/dW|``, the dense kernel gradient of the loss on the batch of step
+  ``t`` at the weights after that step (equal magnitudes: lower row-major
+  position first); positions with zero gradient are never preferred, and if
+  fewer than ``n`` positions have a nonzero gradient the rest are grown as
+  SET grows them.
+* **State.** ``nnz`` never changes. A new connection starts at 0 with zeroed
+  optimizer state (every optimizer variable that shadows ``values``: Adam's
+  moments, momentum, EMA averages, gradient accumulators). A kept
+  connection, including one dropped and grown again, keeps its value and its
+  optimizer state, both moved to its new place in the canonical order.
+* **Cost.** An update runs eagerly between two steps: RigL adds one forward
+  and backward pass on the batch and the tiled scoring below; then the
+  model's compiled functions are rebuilt (:func:`reset_compiled_functions`),
+  so the next step traces (and, with ``jit_compile=True``, compiles) once.
+  The functions traced afterwards are those of a fixed pattern.
+* **Memory (RigL).** The dense gradient ``x.T @ dy`` is never materialised:
+  it is scored in column tiles of at most ``max(tile_elements, input_dim)``
+  entries, keeping a running top-``n``. Beyond the batch's layer input
+  ``x`` and output gradient ``dy``, an update holds at most
+  ``2 * max(tile_elements, input_dim) + 4 * n`` numbers (two copies of a
+  tile, the candidates of the running top-``n``).
+* **Batch (RigL).** During ``fit`` the callback wraps ``model.train_function``:
+  at a step that ends in an update, it takes the batch from ``fit``'s
+  iterator itself, keeps it, and hands it to Keras' own one-step function
+  (the same traced, possibly XLA-compiled step); every other step passes
+  through untouched. This works eagerly, compiled, with ``jit_compile=True``
+  and under ``tf.distribute`` strategies, where the replicas' parts of the
+  batch are joined into the global batch.
+* **Distribution and saving.** Updates assign the (mirrored) variables in
+  cross-replica context, so every replica holds the same pattern. The
+  pattern is saved with the values (``.keras``, ``.weights.h5``,
+  ``tf.train.Checkpoint``), and the schedule and SET's draws depend only on
+  the restored step: restoring a checkpoint written mid-training and calling
+  ``fit(..., initial_epoch=...)`` continues the run identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import numbers
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sparselayers._validation import _short, check_int
+from sparselayers.pattern_state import reset_compiled_functions
+from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparsity_pattern import SparsityPattern
+
+__all__ = ["RigL", "SET"]
+
+
+def cosine_drop_fraction(step: int, drop_fraction: float, end_step: int) -> float:
+    """``drop_fraction * (1 + cos(pi * step / end_step)) / 2``, and 0 from ``end_step`` on.
+
+    >>> from sparselayers.callbacks import cosine_drop_fraction
+    >>> [round(cosine_drop_fraction(t, 0.3, 100), 4) for t in (0, 50, 100, 150)]
+    [0.3, 0.15, 0.0, 0.0]
+    """
+    if step >= end_step:
+        return 0.0
+    return drop_fraction * (1.0 + math.cos(math.pi * step / end_step)) / 2.0
+
+
+def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
+    """Every `SparseDense` inside ``model``, nested models and ``Towers`` included."""
+    found = model._flatten_layers(include_self=True, recursive=True)
+    return [layer for layer in found if isinstance(layer, SparseDense)]
+
+
+def random_positions(
+    shape: tuple[int, int], taken: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n`` sorted row-major positions drawn uniformly outside the sorted ``taken``.
+
+    Draws ranks among the free positions and maps each rank to its position,
+    so the dense mask is never built.
+    """
+    free = shape[0] * shape[1] - taken.size
+    ranks = np.sort(rng.choice(free, size=n, replace=False))
+    # Free rank r sits at r + (number of taken positions before it): taken[j] - j
+    # counts the free positions before taken[j].
+    return ranks + np.searchsorted(taken - np.arange(taken.size), ranks, side="right")
+
+
+def top_gradient_positions(
+    x: tf.Tensor, dy: tf.Tensor, kept: np.ndarray, n: int, tile_elements: int
+) -> np.ndarray:
+    """Up to ``n`` sorted positions outside ``kept`` where ``|x.T @ dy|`` is largest and nonzero.
+
+    Scores column tiles of ``x.T @ dy`` with a running top-``n``: at most
+    ``max(tile_elements, input_dim)`` gradient entries exist at once. Equal
+    scores: the lower row-major position wins.
+    """
+    input_dim, units = int(x.shape[1]), int(dy.shape[1])
+    width = max(1, tile_elements // input_dim)
+    kept_rows, kept_cols = np.divmod(kept, units)
+    by_col = np.argsort(kept_cols, kind="stable")
+    best_scores = np.zeros(0, np.float32)
+    best = np.zeros(0, np.int64)
+    for start in range(0, units, width):
+        stop = min(units, start + width)
+        tile = tf.abs(tf.matmul(x, dy[:, start:stop], transpose_a=True))
+        lo, hi = np.searchsorted(kept_cols[by_col], [start, stop])
+        inside = by_col[lo:hi]
+        if inside.size:
+            where = np.stack([kept_rows[inside], kept_cols[inside] - start], axis=1)
+            tile = tf.tensor_scatter_nd_update(tile, where, tf.zeros(inside.size, tile.dtype))
+        # top_k puts the lower index first among equal values, and the tile's
+        # flat order is the row-major order of its positions.
+        scores, flat = tf.math.top_k(tf.reshape(tile, [-1]), k=min(n, input_dim * (stop - start)))
+        scores, flat = scores.numpy(), flat.numpy().astype(np.int64)
+        positive = scores > 0
+        rows, cols = np.divmod(flat[positive], stop - start)
+        best_scores = np.concatenate([best_scores, scores[positive]])
+        best = np.concatenate([best, rows * units + start + cols])
+        order = np.lexsort((best, -best_scores))[:n]
+        best_scores, best = best_scores[order], best[order]
+    return np.sort(best)
+
+
+def optimizer_slots(optimizer: Any, variable: Any) -> list[Any]:
+    """The optimizer variables that shadow ``variable`` entry by entry (moments, momentum, ...).
+
+    Keras optimizers keep one list per kind of state, indexed like their
+    trainable variables (``_momentums[i]`` belongs to variable ``i``); any
+    such list of optimizer variables is found, whatever the optimizer.
+    """
+    while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+        optimizer = optimizer.inner_optimizer
+    if optimizer is None or not optimizer.built:
+        return []
+    try:
+        index = optimizer._get_variable_index(variable)
+    except KeyError:
+        return []
+    owned = {id(v) for v in optimizer.variables}
+    count = len(optimizer._trainable_variables)
+    slots = []
+    for name, value in vars(optimizer).items():
+        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
+            continue
+        if len(value) != count:
+            continue
+        slot = value[index]
+        if slot is not None and id(slot) in owned and tuple(slot.shape) == tuple(variable.shape):
+            if all(slot is not other for other in slots):
+                slots.append(slot)
+    return slots
+
+
+class _RecordingKernel:
+    """A layer's kernel that also keeps its input and (watched) output."""
+
+    def __init__(self, kernel: Any, calls: list, tape: tf.GradientTape):
+        self._kernel, self._calls, self._tape = kernel, calls, tape
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
+
+    def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        y = self._kernel(x, values)
+        self._tape.watch(y)
+        self._calls.append((x, y))
+        return y
+
+
+@contextlib.contextmanager
+def _recording(layers: list[SparseDense], tape: tf.GradientTape) -> Iterator[dict[int, list]]:
+    """Within this block, every call of ``layers`` records ``(x, x @ W)``.
+
+    Wraps the layer's kernel-choice seam, per instance, so the layer's own
+    ``call`` runs unchanged.
+    """
+    calls: dict[int, list] = {id(layer): [] for layer in layers}
+    for layer in layers:
+        choose = layer._select_kernel
+
+        def recording_choice(*args, choose=choose, record=calls[id(layer)]):
+            kernel, context = choose(*args)
+            return _RecordingKernel(kernel, record, tape), context
+
+        object.__setattr__(layer, "_select_kernel", recording_choice)
+    try:
+        yield calls
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "_select_kernel")
+
+
+def _check_fraction(drop_fraction: Any) -> float:
+    if isinstance(drop_fraction, (bool, np.bool_)) or not isinstance(drop_fraction, numbers.Real):
+        raise TypeError(
+            f"`drop_fraction` must be a number in [0, 1). Received: drop_fraction={_short(drop_fraction)}"
+        )
+    if not 0.0 <= float(drop_fraction) < 1.0:
+        raise ValueError(f"`drop_fraction` must be in [0, 1). Received: drop_fraction={drop_fraction}")
+    return float(drop_fraction)
+
+
+class _DynamicSparsity(keras.callbacks.Callback):
+    """Drop-and-grow updates of `SparseDense` patterns; subclasses choose where to grow."""
+
+    #: Whether updates need the batch of the step (RigL's gradient).
+    _needs_batch = False
+
+    def __init__(
+        self,
+        update_freq: int = 100,
+        drop_fraction: float = 0.3,
+        end_step: int | None = None,
+        layers: Sequence[str] | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        self.update_freq = check_int(update_freq, "update_freq", minimum=1)
+        self.drop_fraction = _check_fraction(drop_fraction)
+        self.end_step = None if end_step is None else check_int(end_step, "end_step", minimum=1)
+        if layers is not None and (
+            isinstance(layers, (str, bytes))
+            or not isinstance(layers, Sequence)
+            or not all(isinstance(name, str) for name in layers)
+        ):
+            raise TypeError(f"`layers` must be a list of layer names. Received: layers={_short(layers)}")
+        self.layer_names = None if layers is None else list(layers)
+        self.seed = None if seed is None else check_int(seed, "seed", minimum=0)
+        # Every draw is a function of (seed, step, layer), so a resumed run
+        # draws what the uninterrupted run would have.
+        self._seed = self.seed if seed is not None else np.random.SeedSequence().entropy
+        #: One record per layer update: step, layer name, drop fraction, entries dropped, new positions.
+        self.updates: list[dict[str, Any]] = []
+        self._layers: list[SparseDense] = []
+        self._batch = None
+
+    def drop_fraction_at(self, step: int) -> float:
+        """The fraction of each layer's entries moved by an update at ``step``."""
+        return cosine_drop_fraction(step, self.drop_fraction, self._end_step())
+
+    def _end_step(self) -> int:
+        if self.end_step is not None:
+            return self.end_step
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        if steps is None or epochs is None:
+            raise ValueError(
+                f"`end_step` is needed when fit cannot tell its number of steps. Received: end_step=None "
+                f"with steps per epoch={steps}; pass end_step or steps_per_epoch"
+            )
+        return max(1, int(0.75 * steps * epochs))
+
+    # Layers ----------------------------------------------------------------
+
+    def _select_layers(self) -> list[SparseDense]:
+        name = type(self).__name__
+        found = sparse_dense_layers(self.model)
+        if not found:
+            raise ValueError(f"{name} needs a model with a SparseDense layer; model '{self.model.name}' has none.")
+        if self.layer_names is not None:
+            chosen = [layer for layer in found if layer.name in self.layer_names or layer.path in self.layer_names]
+            known = {layer.name for layer in found} | {layer.path for layer in found}
+            missing = [n for n in self.layer_names if n not in known]
+            if missing:
+                raise ValueError(
+                    f"`layers` must name SparseDense layers of the model. Received: layers={self.layer_names} "
+                    f"({missing} not found; available: {sorted(layer.path for layer in found)})"
+                )
+        else:
+            chosen = found
+        evolving = []
+        for layer in chosen:
+            total = layer.pattern.shape[0] * layer.pattern.shape[1]
+            if 0 < layer.pattern.nnz < total:
+                evolving.append(layer)
+                continue
+            reason = f"layer '{layer.path}' has nnz={layer.pattern.nnz} of {total} positions, no room to evolve"
+            if self.layer_names is not None:
+                raise ValueError(f"`layers` must name layers that can evolve. Received: layers={self.layer_names} ({reason})")
+            warnings.warn(f"{name} leaves {reason}.", stacklevel=3)
+        if not evolving:
+            raise ValueError(f"{name} found no SparseDense layer that can evolve in model '{self.model.name}'.")
+        return evolving
+
+    # Keras hooks -------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._layers = self._select_layers()
+        self._end_step()  # fails now, not at the first update
+        optimizer = self.model.optimizer
+        self._step = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self._wrap_train_function()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._batch_begin = batch
+        self._recording_batch = self._needs_batch and self._update_step(self._step + self.model.steps_per_execution) > 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        previous = self._step
+        self._step += batch - self._batch_begin + 1
+        step = self._update_step(self._step, previous)
+        if step:
+            self._update(step)
+        self._batch = None
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.model.train_function = getattr(self.model.train_function, "__wrapped__", self.model.train_function)
+        self._batch = None
+
+    def _update_step(self, last: int, previous: int | None = None) -> int:
+        """The latest update step in ``(previous, last]`` (default ``(self._step, last]``), else 0."""
+        previous = self._step if previous is None else previous
+        step = last - last % self.update_freq
+        return step if step > previous and step < self._end_step() else 0
+
+    def _wrap_train_function(self) -> None:
+        if not self._needs_batch:
+            return
+        inner = self.model.train_function
+
+        def train_function(iterator):
+            if not self._recording_batch:
+                return inner(iterator)
+            batches = list(itertools.islice(iterator, self.model.steps_per_execution))
+            if not batches:
+                raise StopIteration
+            self._batch = batches[-1]
+            # A list takes Keras' path for Python iterators: the same one-step
+            # function, called once per batch.
+            return inner(batches)
+
+        train_function.__wrapped__ = inner
+        self.model.train_function = train_function
+
+    # The update ----------------------------------------------------------------
+
+    def _update(self, step: int) -> None:
+        fraction = self.drop_fraction_at(step)
+        prepared = self._prepare(self._layers)
+        changed = False
+        for number, layer in enumerate(self._layers):
+            changed |= self._update_layer(layer, number, step, fraction, prepared)
+        if changed:
+            reset_compiled_functions(self.model)
+            self._wrap_train_function()
+
+    def _prepare(self, layers: list[SparseDense]) -> Any:
+        """What ``_grow`` needs for this update (RigL: the layers' gradients)."""
+        return None
+
+    def _grow(
+        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+    ) -> np.ndarray:
+        """``n`` sorted row-major positions outside the sorted ``kept``."""
+        raise NotImplementedError
+
+    def _update_layer(self, layer: SparseDense, number: int, step: int, fraction: float, prepared: Any) -> bool:
+        pattern = layer.pattern
+        n = round(fraction * pattern.nnz)
+        if n == 0:
+            self.updates.append({"step": step, "layer": layer.path, "drop_fraction": fraction, "dropped": 0, "new": 0})
+            return False
+        values = keras.ops.convert_to_numpy(layer.values)
+        smallest_first = np.lexsort((np.arange(pattern.nnz), np.abs(values)))
+        kept = np.sort(pattern.linear[smallest_first[n:]])
+        rng = np.random.default_rng([self._seed, step, number])
+        grown = self._grow(layer, kept, n, rng, prepared)
+        linear = np.union1d(kept, grown)
+        # Where each new entry was in the old canonical order, if it was there.
+        old_index = np.minimum(np.searchsorted(pattern.linear, linear), pattern.nnz - 1)
+        was_there = pattern.linear[old_index] == linear
+        self.updates.append(
+            {"step": step, "layer": layer.path, "drop_fraction": fraction, "dropped": n,
+             "new": int((~was_there).sum())}
+        )
+        if was_there.all():
+            return False
+
+        def follow(array: np.ndarray) -> np.ndarray:
+            moved = np.zeros_like(array)
+            moved[was_there] = array[old_index[was_there]]
+            return moved
+
+        slots = optimizer_slots(self.model.optimizer, layer.values)
+        slot_values = [follow(keras.ops.convert_to_numpy(slot)) for slot in slots]
+        layer.set_pattern(SparsityPattern._from_linear(linear, pattern.shape), values=follow(values))
+        for slot, value in zip(slots, slot_values):
+            slot.assign(value)
+        return True
+
+
+class SET(_DynamicSparsity):
+    """Sparse Evolutionary Training: drop the smallest entries, grow at random.
+
+    See :mod:`sparselayers.callbacks` for the exact semantics (schedule,
+    which entries move, optimizer state, cost).
+
+    Args:
+        update_freq: training steps between two updates, >= 1.
+        drop_fraction: fraction of each layer's entries moved by the first
+            update, in [0, 1); it decays to 0 at ``end_step`` (cosine).
+        end_step: step from which the pattern stays fixed; default 75% of the
+            steps ``fit`` runs.
+        layers: names (or paths) of the SparseDense layers to evolve; default
+            every SparseDense that can.
+        seed: seed of the random draws; None draws a fresh one.
+
+    Raises:
+        TypeError, ValueError: bad arguments here; at the start of ``fit``, a
+            model with no SparseDense that can evolve, a name in ``layers``
+            that matches none, or an unknown number of steps without
+            ``end_step``.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> model = keras.Sequential([keras.Input((16,)), sl.SparseDense(sl.patterns.random((16, 4), density=0.25, seed=0))])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> before = model.layers[0].pattern
+    >>> x, y = np.ones((32, 16), "float32"), np.ones((32, 4), "float32")
+    >>> _ = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[sl.callbacks.SET(update_freq=2, drop_fraction=0.5, seed=0)])
+    >>> after = model.layers[0].pattern
+    >>> after.nnz == before.nnz, after != before
+    (True, True)
+    """
+
+    def _grow(
+        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+    ) -> np.ndarray:
+        return random_positions(layer.pattern.shape, kept, n, rng)
+
+
+class RigL(_DynamicSparsity):
+    """Rigged Lottery: drop the smallest entries, grow where the dense gradient is largest.
+
+    See :mod:`sparselayers.callbacks` for the exact semantics (schedule,
+    which entries move, optimizer state, memory bound, cost).
+
+    Args:
+        update_freq: training steps between two updates, >= 1.
+        drop_fraction: fraction of each layer's entries moved by the first
+            update, in [0, 1); it decays to 0 at ``end_step`` (cosine).
+        end_step: step from which the pattern stays fixed; default 75% of the
+            steps ``fit`` runs.
+        layers: names (or paths) of the SparseDense layers to evolve; default
+            every SparseDense that can.
+        seed: seed of the random draws that complete the growth when too few
+            positions have a nonzero gradient; None draws a fresh one.
+        tile_elements: dense gradient entries scored at once (at least one
+            column of ``input_dim``); bounds an update's extra memory.
+
+    Raises:
+        TypeError, ValueError: bad arguments here; at the start of ``fit``, a
+            model with no SparseDense that can evolve, a name in ``layers``
+            that matches none, or an unknown number of steps without
+            ``end_step``.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> model = keras.Sequential([keras.Input((16,)), sl.SparseDense(sl.patterns.random((16, 4), density=0.25, seed=0))])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, seed=0)
+    >>> x = np.random.default_rng(0).normal(size=(32, 16)).astype("float32")
+    >>> _ = model.fit(x, x[:, :4], batch_size=8, epochs=2, verbose=0, callbacks=[rigl])
+    >>> [(u["step"], u["dropped"]) for u in rigl.updates]  # end_step = 0.75 * 8 steps
+    [(2, 6), (4, 2)]
+    """
+
+    _needs_batch = True
+
+    def __init__(
+        self,
+        update_freq: int = 100,
+        drop_fraction: float = 0.3,
+        end_step: int | None = None,
+        layers: Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        tile_elements: int = 2**22,
+    ):
+        super().__init__(update_freq, drop_fraction, end_step, layers, seed)
+        self.tile_elements = check_int(tile_elements, "tile_elements", minimum=1)
+
+    def _prepare(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
+        return self._layer_gradients(layers) if self._batch is not None else {}
+
+    def _layer_gradients(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
+        """Per layer: its input ``x`` and the loss gradient ``dy`` of ``x @ W``, on the kept batch."""
+        data = self._batch
+        strategy = self.model.distribute_strategy
+        parts = strategy.experimental_local_results(data)
+        if len(parts) > 1:  # replicas' shares of the global batch
+            data = keras.tree.map_structure(lambda *p: tf.concat(p, axis=0), *parts)
+        else:
+            data = parts[0]
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # StatelessScope: the probe must not move metrics, batch-norm
+        # statistics or seed generators.
+        with tf.GradientTape() as tape, keras.StatelessScope():
+            with _recording(layers, tape) as calls:
+                y_pred = self.model(x, training=True)
+            loss = self.model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        outputs = [out for layer in layers for _, out in calls[id(layer)]]
+        grads = iter(tape.gradient(loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        gradients = {}
+        for layer in layers:
+            if not calls[id(layer)]:
+                continue
+            xs = [tf.cast(x_in, tf.float32) for x_in, _ in calls[id(layer)]]
+            dys = [tf.cast(next(grads), tf.float32) for _ in calls[id(layer)]]
+            gradients[id(layer)] = (tf.concat(xs, axis=0), tf.concat(dys, axis=0))
+        return gradients
+
+    def _grow(
+        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+    ) -> np.ndarray:
+        grown = np.zeros(0, np.int64)
+        if id(layer) in prepared:
+            x, dy = prepared[id(layer)]
+            grown = top_gradient_positions(x, dy, kept, n, self.tile_elements)
+        if grown.size < n:
+            taken = np.union1d(kept, grown)
+            grown = np.union1d(grown, random_positions(layer.pattern.shape, taken, n - grown.size, rng))
+        return grown

@@ -1,0 +1,294 @@
+"""Magnitude pruning of a trained model into truly sparse layers.
+
+:func:`sparsify` turns the ``Dense`` (and ``SparseDense``) layers of a
+Sequential or Functional model into :class:`~sparselayers.SparseDense` layers
+that store only the kept entries. Calling it again with a lower density
+shrinks each layer within its current pattern, so gradual pruning is a loop
+of ``fit`` and ``sparsify`` (see ``docs/finding-a-pattern.md``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras.src.models.functional import Functional
+
+from sparselayers.ops import check_kernel_name
+from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparsity_pattern import SparsityPattern
+
+# Regularizers and constraints that act entry by entry mean the same thing on
+# the kept values as on the dense kernel; others (MaxNorm, orthogonality, ...)
+# need the 2-D kernel and are dropped.
+_ELEMENTWISE_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
+_ELEMENTWISE_CONSTRAINTS = (keras.constraints.NonNeg,)
+
+
+def sparsify(
+    model: keras.Model,
+    density: float,
+    layers: Sequence[str] | str | None = None,
+    block: tuple[int, int] | None = None,
+) -> keras.Model:
+    """A copy of ``model`` whose dense layers keep only their largest entries.
+
+    Every selected layer becomes a :class:`~sparselayers.SparseDense` with the
+    same name, activation, bias and values, keeping the
+    ``k = round(density * input_dim * units)`` entries of largest magnitude
+    (Python's ``round``: halves go to the even integer). Ties are broken by
+    position: the entry earlier in row-major order (smaller
+    ``row * units + col``) is kept. Every other layer keeps its weights, so
+    the new model computes what ``model`` computes with the pruned entries
+    set to zero. ``model`` itself is not changed.
+
+    ``density`` is relative to the full ``input_dim x units``, whatever the
+    layer is now: a ``SparseDense`` keeps the ``k`` largest of its current
+    entries and never gains connections (if it holds ``k`` or fewer it keeps
+    them all). Calling ``sparsify`` again with a lower density therefore
+    shrinks a model within its current patterns.
+
+    With ``block=(r, c)`` the kernel is cut into ``r x c`` tiles (the last
+    tile row and column may be smaller when ``r`` or ``c`` does not divide
+    the shape), tiles are ranked by the L2 norm of their entries (ties: the
+    tile earlier in row-major tile order first) and the fewest top tiles that
+    hold at least ``k`` entries are kept whole. The density can thus exceed
+    the request by less than one tile. Tiles of at least 32 entries and 2
+    rows make ``kernel="auto"`` pick the block kernel, which is where a
+    pruned layer gets faster than a dense one at moderate densities.
+
+    The new layers use ``kernel="auto"``; a ``SparseDense`` keeps its
+    ``kernel`` argument when it still fits the new pattern. Regularizers and
+    constraints carry over when they act entry by entry (``L1``, ``L2``,
+    ``L1L2``, ``NonNeg``); other kernel regularizers and constraints need the
+    2-D kernel and are dropped. The copy is compiled like ``model`` if
+    ``model`` was compiled, with a fresh optimizer.
+
+    Args:
+        model: a built Sequential or Functional Keras model; nested models
+            are searched too.
+        density: fraction of each selected layer's ``input_dim * units``
+            entries to keep, in ``(0, 1]``.
+        layers: names of the layers to prune (every layer with that name,
+            in nested models too); each must be a ``Dense`` or
+            ``SparseDense``. Default: every ``Dense`` and ``SparseDense``.
+        block: ``(r, c)`` to keep whole tiles instead of single entries.
+
+    Returns:
+        A new model of the same kind, layer names and weights.
+
+    Raises:
+        ValueError: ``density`` outside ``(0, 1]``; a name in ``layers`` that
+            is not in the model or is not a ``Dense``/``SparseDense``; a
+            selected ``Dense`` whose kernel is not 2-D or is quantized;
+            ``block`` not two positive integers; ``model`` not built.
+        TypeError: ``model`` is not a Sequential or Functional model, or
+            ``layers`` is not a list of names.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
+    >>> sparse = sl.sparsify(model, density=0.25)
+    >>> sparse.get_layer("hidden").pattern.nnz  # round(0.25 * 8 * 4)
+    8
+    >>> kernel = model.get_layer("hidden").kernel.numpy()
+    >>> kept = sparse.get_layer("hidden").to_dense() != 0
+    >>> bool(np.abs(kernel[kept]).min() >= np.abs(kernel[~kept]).max())
+    True
+    """
+    density = _check_density(density)
+    block = _check_block(block)
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
+            f"graph of layers to rebuild). Received: model of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
+            f"Received: unbuilt model '{model.name}'"
+        )
+    selected = _select(model, layers)
+    clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
+    kept: dict[int, tuple[SparsityPattern, np.ndarray]] = {}
+
+    def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if id(layer) in selected:
+            pattern, values = _prune(layer, density, block)
+            kept[id(layer)] = (pattern, values)
+            clone = _sparse_layer(layer, pattern)
+        else:
+            clone = layer.__class__.from_config(layer.get_config())
+        clones.append((layer, clone))
+        return clone
+
+    new_model = _rebuild(model, clone_layer)
+    if not new_model.built:  # a Sequential built by a call, without an Input
+        new_model.build(model.input_shape)
+    for layer, clone in clones:
+        if id(layer) in kept:
+            clone.values.assign(kept[id(layer)][1].astype(clone.values.dtype))
+            if clone.bias is not None:
+                clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
+        else:
+            clone.set_weights(layer.get_weights())
+    return new_model
+
+
+def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
+    """``clone_model`` that recurses into nested models and keeps input names."""
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, (keras.Sequential, Functional)):
+            return _rebuild(layer, clone_layer)
+        return clone_layer(layer)
+
+    inputs = None
+    if isinstance(model, Functional) and not isinstance(model, keras.Sequential):
+        # clone_model would name new inputs after their tensors, and a model
+        # fed a dict finds its inputs by name.
+        inputs = keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name),
+            model.input,
+        )
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+
+
+def _check_density(density: Any) -> float:
+    if isinstance(density, (bool, np.bool_)) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+        raise ValueError(f"`density` must be a number in (0, 1]. Received: density={density!r}")
+    return float(density)
+
+
+def _check_block(block: Any) -> tuple[int, int] | None:
+    if block is None:
+        return None
+    if (
+        isinstance(block, (str, bytes))
+        or not hasattr(block, "__len__")
+        or len(block) != 2
+        or any(isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral) or b < 1 for b in block)
+    ):
+        raise ValueError(f"`block` must be a pair of positive integers (rows, cols). Received: block={block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model`` and of the Sequential/Functional models inside it."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, (keras.Sequential, Functional)):
+            found.extend(_all_layers(layer))
+    return found
+
+
+def _is_prunable(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, (keras.layers.Dense, SparseDense))
+
+
+def _select(model: keras.Model, layers: Any) -> set[int]:
+    """Ids of the layers to prune, each checked."""
+    everything = _all_layers(model)
+    if layers is None:
+        chosen = [layer for layer in everything if _is_prunable(layer)]
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple, set)) or not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"`layers` must be a list of layer names. Received: layers={layers!r}")
+        names = {layer.name for layer in everything}
+        unknown = [name for name in layers if name not in names]
+        if unknown:
+            raise ValueError(
+                f"`layers` names layers that are not in the model: {unknown}. "
+                f"Available: {sorted(layer.name for layer in everything if _is_prunable(layer))}. "
+                f"Received: layers={list(layers)!r}"
+            )
+        chosen = [layer for layer in everything if layer.name in layers]
+        wrong = [f"'{layer.name}' ({type(layer).__name__})" for layer in chosen if not _is_prunable(layer)]
+        if wrong:
+            raise ValueError(
+                f"`layers` must name Dense or SparseDense layers; {', '.join(wrong)} is not one. "
+                f"Received: layers={list(layers)!r}"
+            )
+    for layer in chosen:
+        if isinstance(layer, keras.layers.Dense):
+            if getattr(layer, "quantization_mode", None) is not None:
+                raise ValueError(
+                    f"`layers` selects the quantized Dense '{layer.name}'; sparsify before quantizing. "
+                    f"Received: layers={layers!r}"
+                )
+            rank = len(layer.kernel.shape)
+            if rank != 2:
+                raise ValueError(
+                    f"`layers` selects Dense '{layer.name}' whose kernel has rank {rank}; sparsify needs a "
+                    f"2-D (input_dim, units) kernel (exclude it with `layers=`). Received: layers={layers!r}"
+                )
+    return {id(layer) for layer in chosen}
+
+
+def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """``(shape, linear positions, values)`` of the entries the layer may keep."""
+    if isinstance(layer, SparseDense):
+        return layer.pattern.shape, layer.pattern.linear, keras.ops.convert_to_numpy(layer.values)
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    return kernel.shape, np.arange(kernel.size, dtype=np.int64), kernel.ravel()
+
+
+def _prune(layer: keras.layers.Layer, density: float, block: tuple[int, int] | None):
+    """The kept pattern and its values, in canonical order."""
+    shape, linear, values = _candidates(layer)
+    target = round(density * shape[0] * shape[1])
+    magnitude = np.abs(values.astype(np.float64))
+    if block is None:
+        # A stable sort over row-major candidates keeps the earlier of equals.
+        keep = np.sort(np.argsort(-magnitude, kind="stable")[:target])
+    else:
+        keep = _keep_tiles(shape, linear, magnitude, target, block)
+    return SparsityPattern._from_linear(linear[keep], shape), values[keep]
+
+
+def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:
+    """Candidates inside the fewest top-norm tiles that hold ``target`` entries."""
+    rows, cols = np.divmod(linear, shape[1])
+    tiles_per_row = -(-shape[1] // block[1])
+    tile = (rows // block[0]) * tiles_per_row + cols // block[1]
+    ids, tile_of, counts = np.unique(tile, return_inverse=True, return_counts=True)
+    norms = np.sqrt(np.bincount(tile_of, weights=magnitude**2, minlength=ids.size))
+    order = np.argsort(-norms, kind="stable")  # ids ascend: ties go to the earlier tile
+    n_tiles = int(np.searchsorted(np.cumsum(counts[order]), target)) + 1 if target else 0
+    chosen = np.zeros(ids.size, bool)
+    chosen[order[:n_tiles]] = True
+    return np.flatnonzero(chosen[tile_of])
+
+
+def _sparse_layer(layer: keras.layers.Layer, pattern: SparsityPattern) -> SparseDense:
+    """A SparseDense on ``pattern`` configured like ``layer``."""
+    if isinstance(layer, SparseDense):
+        config = layer.get_config()
+        try:
+            check_kernel_name(config["kernel"], pattern)
+        except ValueError:
+            config["kernel"] = "auto"  # a forced structured kernel no longer fits
+        config["pattern"] = pattern
+        return SparseDense.from_config(config)
+    regularizer = layer.kernel_regularizer
+    constraint = layer.kernel_constraint
+    return SparseDense(
+        pattern,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        bias_initializer=layer.bias_initializer,
+        values_regularizer=regularizer if isinstance(regularizer, _ELEMENTWISE_REGULARIZERS) else None,
+        bias_regularizer=layer.bias_regularizer,
+        activity_regularizer=layer.activity_regularizer,
+        values_constraint=constraint if isinstance(constraint, _ELEMENTWISE_CONSTRAINTS) else None,
+        bias_constraint=layer.bias_constraint,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+        trainable=layer.trainable,
+    )
