@@ -184,9 +184,9 @@ def plot(rows: list[dict], n: int, path: str) -> None:
         ax.set_xlabel("density (%)")
         ax.set_title(f"{format}: {n} x {n}, batch 1")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("latency per call (us)")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
 
 
