@@ -85,10 +85,10 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
 EXPORTABLE = ("block", "banded", "dense", "gather")
 #: Density from which an exported layer multiplies by its densified kernel,
 #: as in training. At batch 1 (``benchmarks/export.py``, 2048 x 2048, one
-#: thread, three runs) the ELL form beat the dense artifact 2x or more up to
-#: 1% (LiteRT and onnxruntime), went from 1.1x faster to 1.5x slower at 3%
-#: and was 1.6x to 5x slower at 5%, if 8x smaller. From here on the artifact
-#: stores the dense kernel, 4 bytes per cell.
+#: thread) the ELL form beat the dense artifact 2.3x or more up to 1% (LiteRT
+#: and onnxruntime), tied at 3%, and at 5% tied on LiteRT but was 2.3x
+#: slower on onnxruntime, if 10x smaller. From here on the artifact stores
+#: the dense kernel, 4 bytes per cell.
 EXPORT_DENSE_MIN_DENSITY = 0.06
 #: Largest ratio of ELL slots (``units * width``, ``width`` the fullest
 #: column) to ``nnz + units`` for which export uses the ELL kernel rather than
