@@ -227,3 +227,23 @@ def test_litert_sparse_weights_option_exports_the_dense_form_stored_sparse(tmp_p
     x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
     assert sl.export.check_export(model, path, x) <= 1e-5
     assert os.path.getsize(path) < 256 * 256 * 4 / 4  # the folded dense kernel would be 256 KiB
+
+
+def test_export_benchmark_quick_mode_writes_table_and_plot(tmp_path):
+    """benchmarks/export.py --quick runs end to end (timings are not asserted)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "export.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": root},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "export.md").read_text().splitlines() if line.startswith("| ")]
+    kernels = {(r[0].strip(), r[2].strip()): r[3].strip() for r in rows[2:]}
+    assert kernels[("random 1.0%", "onnx")] == "ell"
+    assert kernels[("random 1.0%", "litert sparse weights")] == "dense"
+    assert kernels[("random 30.0%", "litert")] == "dense"
+    assert {kernels[("banded +-16", "onnx")], kernels[("block diagonal 32 x (8x8)", "litert")]} == {"banded", "block"}
+    assert (tmp_path / "export.png").stat().st_size > 0
