@@ -49,9 +49,10 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers._validation import check_int
-from sparselayers.ops import KERNELS, check_kernel_name, choose_kernel, get_kernel
+from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import fits_dense
 from sparselayers.sparsity_pattern import SparsityPattern
+from sparselayers.structure import detect_blocks
 
 #: Environment variable: the folder holding ``autotune.json``.
 CACHE_DIR_ENV = "SPARSELAYERS_CACHE_DIR"
@@ -64,11 +65,13 @@ CACHE_VERSION = 1
 
 #: A candidate slower than this multiple of the fastest in the first round
 #: is not timed again: it cannot win, and slow kernels dominate the time.
-PRUNE_RATIO = 4.0
+PRUNE_RATIO = 3.0
+#: Kernels whose estimated temporaries exceed this share of the available
+#: host memory are skipped (see :func:`_transient_bytes`).
+MEMORY_FRACTION = 0.5
 #: The default timer repeats a step until a round lasts this long...
 MIN_ROUND_SECONDS = 0.02
-#: ...with at least this many and at most that many consecutive steps.
-MIN_STEPS = 2
+#: ...or this many consecutive steps.
 MAX_STEPS = 50
 
 #: Times one round of one kernel: called with the layer's path, the kernel
@@ -191,7 +194,7 @@ def autotune(
     :class:`~sparselayers.Towers` and nested models) with the batch and
     dtype it sees. For each layer built with ``kernel="auto"``, every kernel
     of :data:`sparselayers.ops.KERNELS` that accepts the pattern and the
-    batch (and, for ``"dense"``, fits in memory) is timed as a training step:
+    batch, and whose temporaries fit in memory, is timed as a training step:
     forward and gradients w.r.t. the values and the input, on the device
     holding the layer's variables. Timing is in steady state: several
     consecutive steps of one kernel, then the next, round after round; the
@@ -264,8 +267,8 @@ def autotune(
         source = "cache"
         if entry is None or not _accepts(entry["kernel"], layer.pattern, batch):
             entry = _measure(layer, batch, dtype, rounds, timer)
-            if entry is None:
-                rows.append(_row(layer, call, {}, _eligible(layer.pattern, batch)[1], layer.kernel_name, "no kernel ran"))
+            if entry["kernel"] is None:
+                rows.append(_row(layer, call, {}, entry["skipped"], layer.kernel_name, "no kernel ran"))
                 continue
             measured[key] = entry
             source = "measured"
@@ -278,14 +281,14 @@ def autotune(
 
 
 def wall_clock(layer: str, kernel: str, step: Callable[[], None]) -> float:
-    """The default :data:`Timer`: mean ms of consecutive steps over at least :data:`MIN_ROUND_SECONDS`."""
+    """The default :data:`Timer`: mean ms of consecutive steps lasting :data:`MIN_ROUND_SECONDS` (at most :data:`MAX_STEPS`)."""
     steps = 0
     start = time.perf_counter()
     while True:
         step()
         steps += 1
         elapsed = time.perf_counter() - start
-        if (steps >= MIN_STEPS and elapsed >= MIN_ROUND_SECONDS) or steps >= MAX_STEPS:
+        if elapsed >= MIN_ROUND_SECONDS or steps >= MAX_STEPS:
             return elapsed * 1000 / steps
 
 
@@ -342,9 +345,14 @@ def _candidate_names() -> list[str]:
     return names
 
 
-def _eligible(pattern: SparsityPattern, batch: int) -> tuple[dict[str, Any], dict[str, str]]:
+def _eligible(
+    pattern: SparsityPattern, batch: int, itemsize: int, device: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Kernels that accept ``pattern`` and ``batch``, and the reasons for the others."""
     kernels, skipped = {}, {}
+    # A GPU out of memory raises (and the kernel is skipped); the host kills.
+    on_cpu = tf.DeviceSpec.from_string(device).device_type != "GPU"
+    available = _available_memory() if on_cpu else None
     for name in _candidate_names():
         try:
             check_kernel_name(name, pattern)
@@ -352,11 +360,60 @@ def _eligible(pattern: SparsityPattern, batch: int) -> tuple[dict[str, Any], dic
                 raise ValueError("the dense kernel would not fit in memory")
             kernel = get_kernel(name, pattern)
             kernel.check_batch(batch)
+            needed = _transient_bytes(kernel, name, pattern, batch, itemsize)
+            if available is not None and needed > MEMORY_FRACTION * available:
+                raise ValueError(
+                    f"a training step needs about {needed / 2**30:.1f} GiB, more than "
+                    f"{MEMORY_FRACTION:.0%} of the {available / 2**30:.1f} GiB available"
+                )
         except ValueError as error:
             skipped[name] = str(error)
             continue
         kernels[name] = kernel
     return kernels, skipped
+
+
+def _transient_bytes(kernel: Any, name: str, pattern: SparsityPattern, batch: int, itemsize: int) -> int:
+    """Rough peak of a training step's temporaries, for kernels whose peak can outgrow memory.
+
+    Running out of host memory kills the process instead of raising, so a
+    kernel that would is never tried. A kernel may say itself, with a
+    ``transient_bytes(batch, itemsize)`` method; otherwise these figures,
+    measured on 4096 x 4096 at 20% density (bytes per batch row: gather 60
+    MB, block 67 MB, sparse_dense_matmul 26 MB), with margin: gather holds
+    ``(batch, nnz)`` products, as does TF's gradient of
+    ``sparse_dense_matmul``; block gathers ``(batch, rows)`` and returns
+    ``(batch, cols)`` per rectangle, which for a scattered pattern is about
+    ``nnz`` each; dense holds the kernel and its gradient. The others keep
+    their temporaries near ``batch * (input_dim + units)`` or bounded by
+    chunks.
+    """
+    own = getattr(kernel, "transient_bytes", None)
+    if callable(own):
+        return int(own(batch, itemsize))
+    if name == "gather":
+        return 5 * batch * pattern.nnz * itemsize
+    if name == "sparse_dense_matmul":
+        return 3 * batch * pattern.nnz * itemsize
+    if name == "block":
+        blocks = detect_blocks(pattern)
+        rectangle_sides = int(blocks.n_rows.sum() + blocks.n_cols.sum()) if blocks is not None else 0
+        return 4 * batch * rectangle_sides * itemsize
+    if name == "dense":
+        return 3 * pattern.shape[0] * pattern.shape[1] * itemsize
+    return 0
+
+
+def _available_memory() -> int | None:
+    """Bytes of host memory available now (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _accepts(name: str, pattern: SparsityPattern, batch: int) -> bool:
@@ -369,24 +426,23 @@ def _accepts(name: str, pattern: SparsityPattern, batch: int) -> bool:
     return True
 
 
-def _measure(layer, batch: int, dtype: str, rounds: int, timer: Timer) -> dict[str, Any] | None:
-    """Times the eligible kernels of ``layer``: the cache entry of the fastest, None if none ran."""
+def _measure(layer, batch: int, dtype: str, rounds: int, timer: Timer) -> dict[str, Any]:
+    """Times the eligible kernels of ``layer``: the cache entry of the fastest (kernel None if none ran)."""
     path = getattr(layer, "path", None) or layer.name
-    kernels, skipped = _eligible(layer.pattern, batch)
     device = _layer_device(layer)
+    kernels, skipped = _eligible(layer.pattern, batch, tf.as_dtype(dtype).size, device)
     steps = {}
     for name, kernel in kernels.items():
         try:
             step = _training_step(kernel, layer, batch, dtype, device)
             with _retracing_quiet():
-                step()  # traces and warms up
-            step()
+                step()  # traces; the median over rounds absorbs what warm-up remains
         except (tf.errors.OpError, ValueError, TypeError, NotImplementedError, MemoryError) as error:
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             continue
         steps[name] = step
     if not steps:
-        return None
+        return {"kernel": None, "ms": {}, "skipped": skipped, "batch": batch}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(rounds):
         for name in list(steps):
@@ -502,14 +558,17 @@ def cache_path() -> pathlib.Path:
     >>> cache_path().name
     'autotune.json'
     """
-    folder = os.environ.get(CACHE_DIR_ENV)
+    return _cache_path(os.environ.get(CACHE_DIR_ENV), os.environ.get("XDG_CACHE_HOME", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_path(folder: str | None, xdg: str) -> pathlib.Path:
     if folder:
         return pathlib.Path(folder).expanduser() / CACHE_FILE
     if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
         return pathlib.Path(os.environ["LOCALAPPDATA"]) / "sparselayers" / "Cache" / CACHE_FILE
     if sys.platform == "darwin":
         return pathlib.Path.home() / "Library" / "Caches" / "sparselayers" / CACHE_FILE
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
     return base / "sparselayers" / CACHE_FILE
 
@@ -525,22 +584,27 @@ def batch_bucket(batch: int) -> int:
 
 def cache_key(device: str, fingerprint: str, dtype: str, batch: int) -> str:
     """The key of one measurement: device, TF and sparselayers versions, pattern, dtype, batch bucket."""
+    return _cache_key(device, fingerprint, dtype, batch_bucket(batch))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cache_key(device: str, fingerprint: str, dtype: str, bucket: int) -> str:
     from sparselayers import __version__
 
-    return json.dumps([device, tf.__version__, __version__, fingerprint, dtype, batch_bucket(batch)])
+    return json.dumps([device, tf.__version__, __version__, fingerprint, dtype, bucket])
 
 
 #: Cache files read in this process, by path: ``{key: entry}``.
-_memory: dict[str, dict[str, dict[str, Any]]] = {}
+_memory: dict[pathlib.Path, dict[str, dict[str, Any]]] = {}
 _lock = threading.Lock()
 
 
 def _load(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     """The cached entries of ``path``, read from disk once per process."""
     with _lock:
-        if str(path) not in _memory:
-            _memory[str(path)] = _read(path, warn=True)
-        return _memory[str(path)]
+        if path not in _memory:
+            _memory[path] = _read(path, warn=True)
+        return _memory[path]
 
 
 def _read(path: pathlib.Path, *, warn: bool) -> dict[str, dict[str, Any]]:
@@ -557,7 +621,7 @@ def _read(path: pathlib.Path, *, warn: bool) -> dict[str, dict[str, Any]]:
 
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, UnicodeDecodeError) as error:
         return ignored(f"it cannot be read ({error})")
@@ -610,7 +674,7 @@ def _store(path: pathlib.Path, entries: dict[str, dict[str, Any]]) -> None:
                 raise
         except OSError as error:
             warnings.warn(f"Could not write the autotune cache {path}: {error}", stacklevel=3)
-        _memory[str(path)] = merged
+        _memory[path] = merged
         _resolved.clear()
 
 
@@ -618,12 +682,8 @@ def _store(path: pathlib.Path, entries: dict[str, dict[str, Any]]) -> None:
 
 _recording = threading.local()
 #: Whether a cached kernel applies, per (cache file, key, layer's current kernel).
-_resolved: dict[tuple[str, str, str], bool] = {}
+_resolved: dict[tuple[pathlib.Path, str, str], bool] = {}
 
-
-@functools.lru_cache(maxsize=64)
-def _static_choice(pattern: SparsityPattern) -> str:
-    return choose_kernel(pattern)
 
 
 def kernel_for_call(layer, flat: tf.Tensor) -> str:
@@ -647,7 +707,7 @@ def kernel_for_call(layer, flat: tf.Tensor) -> str:
     calls = getattr(_recording, "calls", None)
     if calls is not None and batch is not None:
         calls.setdefault(id(layer), (int(batch), flat.dtype.name))
-    if layer._kernel_argument != "auto" or not batch or not cache_enabled():
+    if layer._kernel_request != "auto" or not batch or not cache_enabled():
         return name
     path = cache_path()
     entries = _load(path)
@@ -657,11 +717,11 @@ def kernel_for_call(layer, flat: tf.Tensor) -> str:
     entry = entries.get(key)
     if entry is None:
         return name
-    resolved_key = (str(path), key, name)
+    resolved_key = (path, key, name)
     if resolved_key not in _resolved:
         # A layer set to another kernel (set_kernel, autotune) keeps it; a
         # cached name this sparselayers does not know is ignored.
-        _resolved[resolved_key] = name == _static_choice(layer.pattern) and _accepts(entry["kernel"], layer.pattern, 1)
+        _resolved[resolved_key] = _accepts(entry["kernel"], layer.pattern, 1)
     if not _resolved[resolved_key]:
         return name
     try:  # the bucket was measured at one batch; this one may pass a kernel's limit

@@ -113,12 +113,11 @@ def sparsify(
         )
     selected = _select(model, layers)
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
-    kept: dict[int, tuple[SparsityPattern, np.ndarray]] = {}
+    kept_values: dict[int, np.ndarray] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         if id(layer) in selected:
-            pattern, values = _prune(layer, density, block)
-            kept[id(layer)] = (pattern, values)
+            pattern, kept_values[id(layer)] = _prune(layer, density, block)
             clone = _sparse_layer(layer, pattern)
         else:
             clone = layer.__class__.from_config(layer.get_config())
@@ -129,13 +128,28 @@ def sparsify(
     if not new_model.built:  # a Sequential built by a call, without an Input
         new_model.build(model.input_shape)
     for layer, clone in clones:
-        if id(layer) in kept:
-            clone.values.assign(kept[id(layer)][1].astype(clone.values.dtype))
+        if id(layer) in kept_values:
+            clone.values.assign(kept_values[id(layer)].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
         else:
-            clone.set_weights(layer.get_weights())
+            _copy_state(layer, clone)
     return new_model
+
+
+def _copy_state(layer: keras.layers.Layer, clone: keras.layers.Layer) -> None:
+    """Weights, and the current pattern of every SparseDense inside ``layer``.
+
+    A container's config (``Towers``) holds the patterns it was built with;
+    RigL or SET may have moved them since, and values must follow.
+    """
+    def inner(root: keras.layers.Layer) -> list[SparseDense]:
+        return [sub for sub in root._flatten_layers(include_self=True, recursive=True) if isinstance(sub, SparseDense)]
+
+    for old, new in zip(inner(layer), inner(clone)):
+        if old.pattern != new.pattern:
+            new.set_pattern(old.pattern)
+    clone.set_weights(layer.get_weights())
 
 
 def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
@@ -147,7 +161,7 @@ def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
         return clone_layer(layer)
 
     inputs = None
-    if isinstance(model, Functional) and not isinstance(model, keras.Sequential):
+    if isinstance(model, Functional):
         # clone_model would name new inputs after their tensors, and a model
         # fed a dict finds its inputs by name.
         inputs = keras.tree.map_structure(

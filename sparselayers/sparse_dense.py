@@ -114,6 +114,8 @@ class SparseDense(keras.layers.Layer):
         of the model. Functions traced before keep the kernel they traced.
         """
         self.kernel_name = check_kernel_name(kernel, self.pattern)
+        # "auto" lets a cached autotune measurement override the static rule.
+        self._kernel_request = kernel
         # Inside an XLA compile, call() uses `jit_kernel_name`, which XLA can
         # compile. With kernel="auto" that swap is the layer's own choice, so
         # it supports jit; a kernel the user forced is honoured, so the layer
@@ -219,7 +221,7 @@ class SparseDense(keras.layers.Layer):
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
 
-    def _select_kernel(self, flat=None):
+    def _select_kernel(self, flat: tf.Tensor | None = None):
         """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
 
         In the default context a ``kernel="auto"`` layer takes a kernel

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -147,24 +148,24 @@ def test_full_layers_are_left_with_a_warning_and_named_ones_raise():
 
 def test_cosine_schedule_and_update_steps_match_numpy():
     callback = sl.callbacks.SET(update_freq=3, drop_fraction=0.4, seed=0)
-    fit(build(), callback, epochs=5)  # 20 steps: end_step = 15, updates at 3, 6, 9, 12
-    assert [u["step"] for u in callback.updates] == [3, 3, 6, 6, 9, 9, 12, 12]
+    fit(build(), callback, epochs=4)  # 16 steps: end_step = 12, updates at 3, 6, 9
+    assert [u["step"] for u in callback.updates] == [3, 3, 6, 6, 9, 9]
     for update in callback.updates:
         t = update["step"]
-        expected = 0.4 * (1 + np.cos(np.pi * t / 15)) / 2
+        expected = 0.4 * (1 + np.cos(np.pi * t / 12)) / 2
         assert update["drop_fraction"] == pytest.approx(expected, abs=1e-12)
         nnz = {"hidden": 36, "out": 12}[update["layer"]]
         assert update["dropped"] == round(expected * nnz)
-    assert [callback.drop_fraction_at(t) for t in (0, 15, 16)] == [pytest.approx(0.4), 0.0, 0.0]
+    assert [callback.drop_fraction_at(t) for t in (0, 12, 13)] == [pytest.approx(0.4), 0.0, 0.0]
 
 
 # The update ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tile_elements", [7, 2**22])
-def test_rigl_update_matches_a_float64_reference(tile_elements):
+def test_rigl_update_matches_a_float64_reference():
     before, after = Snapshot(), Snapshot()
-    rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, end_step=8, seed=0, tile_elements=tile_elements)
+    # Tiles of 7 gradient entries: the running top-n crosses many tiles.
+    rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, end_step=8, seed=0, tile_elements=7)
     build().fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[before, rigl, after])
     assert {u["step"] for u in rigl.updates} == {2, 4, 6}
     for step in (2, 4, 6):
@@ -229,7 +230,8 @@ def test_random_positions_are_distinct_and_outside_taken(shape, seed, data):
 def test_random_positions_are_uniform_over_free_positions():
     taken = np.array([0, 3, 4, 9])
     rng = np.random.default_rng(0)
-    counts = np.bincount(np.concatenate([random_positions((3, 4), taken, 2, rng) for _ in range(4000)]), minlength=12)
+    draws = np.concatenate([random_positions((3, 4), taken, 2, rng) for _ in range(4000)])
+    counts = np.bincount(draws, minlength=12)
     free = np.setdiff1d(np.arange(12), taken)
     assert counts[taken].sum() == 0
     expected = 4000 * 2 / free.size
@@ -239,33 +241,34 @@ def test_random_positions_are_uniform_over_free_positions():
 
 def test_set_update_and_seed():
     before, after = Snapshot(), Snapshot()
-    callback = sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=8, seed=3)
+    callback = sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=6, seed=3)
     model = build()
     model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[before, callback, after])
-    for step in (2, 4, 6):
+    for step in (2, 4):
         old, new = before.records[step - 1], after.records[step - 1]
         for name in ("hidden", "out"):
             pattern, values = old[name]["pattern"], old[name]["values"]
-            n = round(0.5 * (1 + math.cos(math.pi * step / 8)) / 2 * pattern.nnz)
+            n = round(0.5 * (1 + math.cos(math.pi * step / 6)) / 2 * pattern.nnz)
             kept = np.sort(pattern.linear[np.lexsort((np.arange(pattern.nnz), np.abs(values)))[n:]])
             assert np.isin(kept, new[name]["pattern"].linear).all()
             assert new[name]["pattern"].nnz == pattern.nnz
             check_entries_follow(old[name], new[name], name)
-    same = fit(build(), sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=8, seed=3))
-    other = fit(build(), sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=8, seed=4))
+    same = fit(build(), sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=6, seed=3))
+    other = fit(build(), sl.callbacks.SET(update_freq=2, drop_fraction=0.5, end_step=6, seed=4))
     assert patterns_of(same) == patterns_of(model)
     assert patterns_of(other) != patterns_of(model)
 
 
 def test_towers_and_nested_models_evolve():
-    inner = keras.Sequential([keras.Input((8,)), sl.SparseDense(sl.patterns.random((8, 8), density=0.3, seed=0))], name="inner")
+    nested = sl.SparseDense(sl.patterns.random((8, 8), density=0.3, seed=0))
+    inner = keras.Sequential([keras.Input((8,)), nested], name="inner")
     inputs = keras.Input((12,))
-    towers = sl.Towers(3, hidden_units=[4], output_units=1)
-    model = keras.Model(inputs, towers(inner(sl.SparseDense(sl.patterns.random((12, 8), density=0.3, seed=0))(inputs))))
+    first = sl.SparseDense(sl.patterns.random((12, 8), density=0.3, seed=0))
+    model = keras.Model(inputs, sl.Towers(3, hidden_units=[4], output_units=1)(inner(first(inputs))))
     model.compile(optimizer="adam", loss="mse")
     start = patterns_of(model)
     with pytest.warns(UserWarning, match="tower_layer_0"):  # Towers' first layer is dense
-        fit(model, sl.callbacks.RigL(update_freq=1, drop_fraction=0.5, seed=0), epochs=1)
+        fit(model, sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, seed=0), epochs=1)  # one update
     changed = {layer.path: layer.pattern != p for layer, p in zip(sl.callbacks.sparse_dense_layers(model), start)}
     assert len(changed) == 4
     assert [path for path, moved in changed.items() if not moved] == ["towers/tower_layer_0"]
@@ -274,10 +277,17 @@ def test_towers_and_nested_models_evolve():
 # Run modes, distribution, saving ---------------------------------------------
 
 
-@pytest.mark.parametrize("callback", [sl.callbacks.RigL, sl.callbacks.SET])
-def test_eager_compiled_jit_and_steps_per_execution_evolve_alike(callback):
+@pytest.mark.parametrize(
+    "callback, modes",
+    [
+        (sl.callbacks.RigL, [{"run_eagerly": True}, {}, {"jit_compile": True}, {"steps_per_execution": 2}]),
+        # SET never touches the train function: eager against XLA suffices.
+        (sl.callbacks.SET, [{"run_eagerly": True}, {"jit_compile": True}]),
+    ],
+)
+def test_eager_compiled_jit_and_steps_per_execution_evolve_alike(callback, modes):
     results = []
-    for compile_kwargs in ({"run_eagerly": True}, {}, {"jit_compile": True}, {"steps_per_execution": 2}):
+    for compile_kwargs in modes:
         model = fit(build(**compile_kwargs), callback(update_freq=2, drop_fraction=0.5, end_step=8, seed=0))
         results.append((patterns_of(model), model.get_weights()))
     for patterns, weights in results[1:]:
@@ -290,9 +300,9 @@ def test_eager_compiled_jit_and_steps_per_execution_evolve_alike(callback):
 @pytest.mark.parametrize("callback", [sl.callbacks.RigL, sl.callbacks.SET])
 def test_checkpoint_written_mid_training_continues_identically(callback, tmp_path):
     def make_callback():
-        return callback(update_freq=2, drop_fraction=0.5, end_step=14, seed=0)
+        return callback(update_freq=2, drop_fraction=0.5, end_step=20, seed=0)
 
-    whole = fit(build(), make_callback(), epochs=4)
+    whole = fit(build(), make_callback(), epochs=3)  # updates at steps 2, 4, 6, 8 | 10, 12
     first_half = fit(build(), make_callback(), epochs=2)
     path = tf.train.Checkpoint(model=first_half, optimizer=first_half.optimizer).write(str(tmp_path / "ckpt"))
     resumed = build()
@@ -300,7 +310,9 @@ def test_checkpoint_written_mid_training_continues_identically(callback, tmp_pat
     resumed.optimizer.build(resumed.trainable_variables)
     tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).read(path).assert_consumed()
     assert patterns_of(resumed) == patterns_of(first_half)
-    fit(resumed, make_callback(), epochs=4, initial_epoch=2)
+    resumed_callback = make_callback()
+    fit(resumed, resumed_callback, epochs=3, initial_epoch=2)
+    assert {u["step"] for u in resumed_callback.updates if u["new"]} == {10, 12}
     assert patterns_of(resumed) == patterns_of(whole)
     for a, b in zip(resumed.get_weights(), whole.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -341,7 +353,7 @@ MIRRORED = textwrap.dedent(
         return model
 
     def run(model, callback):
-        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[callback])
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
         return [l.pattern.fingerprint for l in sl.callbacks.sparse_dense_layers(model)]
 
     out = {}
@@ -361,9 +373,10 @@ MIRRORED = textwrap.dedent(
                 assert len(copies) == 2
                 spread = max(spread, float(np.abs(copies[0] - copies[1]).max()))
         diff = max(float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), mirrored.get_weights()))
+        start = [l.pattern.fingerprint for l in sl.callbacks.sparse_dense_layers(build())]
         out[name] = {
             "same_patterns": single_patterns == mirrored_patterns,
-            "moved": single_patterns != run(build(), getattr(sl.callbacks, name)(1, 0.0)),
+            "moved": single_patterns != start,
             "spread": spread, "diff": diff,
         }
     print(json.dumps(out))
@@ -381,3 +394,57 @@ def test_mirrored_strategy_evolves_every_replica_alike():
         assert result[name]["same_patterns"], name  # as on one device
         assert result[name]["spread"] == 0.0, name  # replicas hold identical values and optimizer slots
         assert result[name]["diff"] < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "optimizer, kinds",
+    [
+        (keras.optimizers.SGD(0.1), []),
+        (keras.optimizers.SGD(0.1, momentum=0.9), ["momentum"]),
+        (keras.optimizers.Adam(amsgrad=True), ["momentum", "velocity", "velocity_hat"]),
+        (keras.optimizers.Adam(use_ema=True), ["average", "momentum", "velocity"]),
+        (keras.optimizers.LossScaleOptimizer(keras.optimizers.RMSprop(momentum=0.5)), ["momentum", "velocity"]),
+    ],
+    ids=["sgd", "momentum", "amsgrad", "ema", "loss-scale"],
+)
+def test_optimizer_slots_are_every_per_entry_state(optimizer, kinds):
+    model = build(optimizer)
+    model.train_on_batch(X[:16], Y[:16])
+    values = model.get_layer("hidden").values
+    slots = sl.callbacks.optimizer_slots(optimizer, values)
+    prefix = values.path.replace("/", "_") + "_"  # Keras' name for a variable's slots
+    assert sorted(slot.path.split("/")[-1].removeprefix(prefix) for slot in slots) == kinds
+    assert all(tuple(slot.shape) == (36,) for slot in slots)
+
+
+def test_two_rigl_callbacks_each_see_the_batch():
+    model = build()
+    start = patterns_of(model)
+    callbacks = [sl.callbacks.RigL(2, 0.5, end_step=4, layers=[name], seed=0) for name in ("hidden", "out")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RigL did not see")
+        model.fit(X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    assert [u["layer"] for c in callbacks for u in c.updates] == ["hidden", "out"]
+    assert all(a != b for a, b in zip(patterns_of(model), start))
+    assert getattr(model.train_function, "__wrapped__", None) is None  # fit leaves Keras' own function
+
+
+def test_rigl_completes_growth_at_random_when_few_gradients_are_nonzero():
+    x = np.zeros_like(X)
+    x[:, 0] = X[:, 0]  # only input 0 carries signal: dL/dW of the first layer is zero outside row 0
+    before, after = Snapshot(), Snapshot()
+    runs = []
+    for seed in (0, 0, 1):
+        rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.5, end_step=4, layers=["hidden"], seed=seed)
+        model = build()
+        model.fit(x, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[before, rigl, after])
+        runs.append(model.get_layer("hidden").pattern)
+    old, new = before.records[1]["hidden"], after.records[1]["hidden"]
+    n = round(0.5 * 36 * (1 + math.cos(math.pi * 2 / 4)) / 2)
+    kept = np.sort(old["pattern"].linear[np.argsort(np.abs(old["values"]), kind="stable")[n:]])
+    grown = np.setdiff1d(new["pattern"].linear, kept)
+    scores = np.abs(reference_dense_gradients(before.records[1], x[BATCH : 2 * BATCH], Y[BATCH : 2 * BATCH])["hidden"])
+    nonzero = np.setdiff1d(np.flatnonzero(scores.ravel() > 0), kept)
+    assert 0 < nonzero.size < n == grown.size
+    assert np.isin(nonzero, grown).all()
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # the random rest follows the seed
