@@ -18,7 +18,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
     with _hidden():  # the lines TF prints at import, before it reads the level
         import tensorflow  # noqa: F401
 
-from sparselayers import callbacks, initializers, ops, patterns  # noqa: E402
+from sparselayers import callbacks, export, initializers, ops, patterns  # noqa: E402
 from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.pruning import sparsify  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "Towers",
     "autotune",
     "callbacks",
+    "export",
     "initializers",
     "knowledge",
     "ops",

@@ -83,15 +83,19 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
 #: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
 #: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
-#: Density from which an exported layer multiplies by its densified kernel:
-#: at batch 1 the dense matmul of the artifact beats the sparse gather-sum
-#: from about this density on (``benchmarks/export.py``), and below it the
-#: dense weights would also make the artifact far larger than the entries.
-EXPORT_DENSE_MIN_DENSITY = 0.1
-#: Largest ``units * width / nnz`` (padding of the ELL layout, ``width`` the
-#: fullest column) for which export uses the ELL kernel rather than gather
-#: and segment sum: beyond it the padded artifact grows past the entries.
-ELL_MAX_PADDING = 2.0
+#: Density from which an exported layer multiplies by its densified kernel,
+#: as in training. At batch 1 (``benchmarks/export.py``, 2048 x 2048, one
+#: thread) the ELL form beat the dense artifact 2.3x or more up to 1% (LiteRT
+#: and onnxruntime), tied at 3%, and at 5% tied on LiteRT but was 2.3x
+#: slower on onnxruntime, if 10x smaller. From here on the artifact stores
+#: the dense kernel, 4 bytes per cell.
+EXPORT_DENSE_MIN_DENSITY = 0.06
+#: Largest ratio of ELL slots (``units * width``, ``width`` the fullest
+#: column) to ``nnz + units`` for which export uses the ELL kernel rather than
+#: gather and segment sum (which onnxruntime runs slowly): the artifact stays
+#: within a few times the entries, and columns may be uneven, as at low
+#: densities, where a column holds a few entries more than the mean.
+ELL_MAX_PADDING = 3.0
 
 
 def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> str:
@@ -102,17 +106,20 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     kernel the user forced keeps its computation (dense or gather); the
     automatic choice for other patterns is ``"dense"`` from a density of
     :data:`EXPORT_DENSE_MIN_DENSITY`, else ``"ell"``, or ``"gather"`` when
-    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A forced
+    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A LiteRT
+    export with ``optimizations=[tf.lite.Optimize.EXPERIMENTAL_SPARSITY]``
+    gets ``"dense"`` at every density: the converter then stores the folded
+    kernel in a sparse format that LiteRT multiplies by sparse kernels. A forced
     kernel that the format cannot express raises ValueError before
     conversion.
 
     >>> import sparselayers as sl
     >>> from sparselayers.ops.context import exporting
     >>> with exporting("onnx"):
-    ...     sl.ops.choose_export_kernel(sl.patterns.random((512, 512), density=0.01, seed=0), "csr")
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.02, seed=0), "csr")
     'ell'
     """
-    from sparselayers.ops.context import export_format
+    from sparselayers.ops.context import export_format, export_options
 
     format = export_format()  # noqa: A001
     if format in (None, "tf_saved_model"):
@@ -125,10 +132,18 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
                 f"Received: kernel='{preferred}'"
             )
         return preferred
-    if preferred in ("block", "banded"):
+    if preferred in ("block", "banded") and pattern.nnz:
         return preferred
-    if pattern.density >= EXPORT_DENSE_MIN_DENSITY and fits_dense(pattern):
+    if fits_dense(pattern) and (
+        pattern.density >= EXPORT_DENSE_MIN_DENSITY
+        or (format == "litert" and _sparsity_requested(export_options()))
+    ):
         return "dense"
-    if pattern.nnz and pattern.shape[1] * pattern.fan_in.max() <= ELL_MAX_PADDING * pattern.nnz:
+    if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * (pattern.nnz + pattern.shape[1]):
         return "ell"
     return "gather"
+
+
+def _sparsity_requested(options: dict) -> bool:
+    """Whether converter options ask LiteRT to encode sparse weights."""
+    return any(getattr(o, "name", o) == "EXPERIMENTAL_SPARSITY" for o in options.get("optimizations") or ())

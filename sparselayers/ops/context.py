@@ -13,6 +13,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
@@ -28,14 +29,18 @@ def _in_xla_context() -> bool:
 
 
 @contextlib.contextmanager
-def exporting(format: str = "export") -> Iterator[None]:  # noqa: A002 - the Keras argument name
-    """Within this block, layer calls trace for export (LiteRT, ONNX, ...)."""
-    previous = getattr(_state, "export_format", None)
-    _state.export_format = format
+def exporting(format: str = "export", **options: Any) -> Iterator[None]:  # noqa: A002 - the Keras argument name
+    """Within this block, layer calls trace for export (LiteRT, ONNX, ...).
+
+    ``options`` stand for the keyword arguments of ``model.export`` (converter
+    options such as ``optimizations``), which :func:`export_options` returns.
+    """
+    previous = getattr(_state, "export_format", None), getattr(_state, "export_options", None)
+    _state.export_format, _state.export_options = format, options
     try:
         yield
     finally:
-        _state.export_format = previous
+        _state.export_format, _state.export_options = previous
 
 
 def export_format() -> str | None:
@@ -49,7 +54,20 @@ def export_format() -> str | None:
     explicit = getattr(_state, "export_format", None)
     if explicit is not None or tf.executing_eagerly():
         return explicit
-    return _keras_export_format()
+    return _keras_export()[0]
+
+
+def export_options() -> dict[str, Any]:
+    """The keyword arguments of the export under way (converter options), or ``{}``.
+
+    Those of :func:`exporting`, or those given to Keras' ``model.export``,
+    read from its exporter's frame (``kwargs``) on the call stack.
+    """
+    if getattr(_state, "export_format", None) is not None:
+        return dict(_state.export_options or {})
+    if tf.executing_eagerly():
+        return {}
+    return _keras_export()[1]
 
 
 #: Keras exporter modules, most specific first: LiteRT and ONNX export go
@@ -62,18 +80,27 @@ _KERAS_EXPORTERS = {
 }
 
 
-def _keras_export_format() -> str | None:
-    found = set()
+def _frame_options(frame: Any) -> dict[str, Any]:
+    """``model.export``'s extra keyword arguments, as Keras' exporter frame holds them."""
+    local = frame.f_locals
+    kwargs = local.get("kwargs")
+    if not isinstance(kwargs, dict):
+        kwargs = getattr(local.get("self"), "kwargs", None)
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def _keras_export() -> tuple[str | None, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module in _KERAS_EXPORTERS:
-            found.add(_KERAS_EXPORTERS[module])
+            found.setdefault(_KERAS_EXPORTERS[module], {}).update(_frame_options(frame))
         frame = frame.f_back
     for format in _KERAS_EXPORTERS.values():  # noqa: A001
         if format in found:
-            return format
-    return None
+            return format, found[format]
+    return None, {}
 
 
 def kernel_context() -> str:

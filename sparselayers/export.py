@@ -1,0 +1,137 @@
+"""Run and check what Keras' ``model.export`` wrote: LiteRT and ONNX artifacts.
+
+Export itself is Keras' own call: ``model.export("m.tflite", format="litert")``
+or ``model.export("m.onnx", format="onnx")``. While Keras traces the model,
+every :class:`~sparselayers.SparseDense` swaps its kernel for one the format
+can express (:mod:`sparselayers.ops.export_kernels`), reading the same
+values. The functions here run an artifact with the runtime a deployment
+uses (the LiteRT interpreter, onnxruntime) and compare it with the Keras
+model, which is what a test or a release script should do after exporting.
+They need the ``export`` extra: ``pip install "sparselayers[export]"``.
+
+>>> import os, tempfile, numpy as np, keras, sparselayers as sl
+>>> inputs = keras.Input((16,))
+>>> model = keras.Model(inputs, sl.SparseDense(sl.patterns.random((16, 4), density=0.3, seed=0))(inputs))
+>>> x = np.random.default_rng(0).normal(size=(3, 16)).astype("float32")
+>>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+>>> _ = model(x)  # Keras exports only models that have been called
+>>> model.export(path, format="onnx", verbose=False)
+>>> sl.export.check_export(model, path, x) <= 1e-5
+True
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+#: Largest max absolute difference :func:`check_export` accepts by default
+#: between the artifact's float32 outputs and the Keras model's.
+TOLERANCE = 1e-5
+
+_FORMATS = {".tflite": "litert", ".onnx": "onnx"}
+
+
+def artifact_format(path: str | os.PathLike) -> str:
+    """``"litert"`` for a ``.tflite`` file, ``"onnx"`` for a ``.onnx`` file.
+
+    Raises:
+        ValueError: any other extension.
+    """
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension not in _FORMATS:
+        raise ValueError(
+            f"`path` must name a .tflite (LiteRT) or .onnx file. Received: path={os.fspath(path)!r}"
+        )
+    return _FORMATS[extension]
+
+
+def _litert_interpreter(path: str, num_threads: int | None) -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # TF's own copy: deprecated, but it runs the same files
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806 - a class
+    return Interpreter(model_path=path, num_threads=num_threads)
+
+
+class ExportedModel:
+    """A LiteRT or ONNX artifact loaded in its runtime, called like a model.
+
+    Args:
+        path: a ``.tflite`` or ``.onnx`` file written by ``model.export``.
+        num_threads: threads of the runtime; None for its default.
+
+    Calling it with one float32 array (any batch size: exports keep the
+    batch dimension dynamic) returns the first output as a NumPy array.
+
+    Raises:
+        ValueError: ``path`` is neither ``.tflite`` nor ``.onnx``, or for
+            ONNX, ``onnx.checker`` rejects the file.
+        ImportError: the runtime is not installed (the ``export`` extra).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None):
+        self.path = os.fspath(path)
+        self.format = artifact_format(self.path)
+        if self.format == "onnx":
+            import onnx
+            import onnxruntime
+
+            onnx.checker.check_model(self.path, full_check=True)
+            options = onnxruntime.SessionOptions()
+            if num_threads is not None:
+                options.intra_op_num_threads = options.inter_op_num_threads = num_threads
+            self._session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            self._input_name = self._session.get_inputs()[0].name
+        else:
+            self._interpreter = _litert_interpreter(self.path, num_threads)
+            self._input = self._interpreter.get_input_details()[0]["index"]
+            self._output = self._interpreter.get_output_details()[0]["index"]
+            self._shape: tuple[int, ...] | None = None
+
+    def __call__(self, x: Any) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.format == "onnx":
+            return self._session.run(None, {self._input_name: x})[0]
+        if x.shape != self._shape:
+            self._interpreter.resize_tensor_input(self._input, x.shape)
+            self._interpreter.allocate_tensors()
+            self._shape = x.shape
+        self._interpreter.set_tensor(self._input, x)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output)
+
+
+def check_export(model: Any, path: str | os.PathLike, x: Any, *, atol: float = TOLERANCE) -> float:
+    """Runs the artifact at ``path`` on ``x`` and compares it with ``model(x)``.
+
+    Args:
+        model: the Keras model that was exported.
+        path: its ``.tflite`` or ``.onnx`` artifact.
+        x: a float32 input batch.
+        atol: largest accepted max absolute difference.
+
+    Returns:
+        The max absolute difference between the two outputs.
+
+    Raises:
+        ValueError: the outputs differ by more than ``atol`` or in shape, or
+            the file is not a valid artifact (see :class:`ExportedModel`).
+    """
+    expected = np.asarray(model(np.asarray(x, dtype=np.float32)))
+    got = ExportedModel(path)(x)
+    if got.shape != expected.shape:
+        raise ValueError(
+            f"The artifact's output shape {got.shape} differs from the model's {expected.shape}. Received: path={os.fspath(path)!r}"
+        )
+    difference = float(np.max(np.abs(got - expected), initial=0.0))
+    if not difference <= atol:
+        raise ValueError(
+            f"The artifact's outputs differ from the model's by up to {difference:.3g} (allowed: atol={atol}). "
+            f"Received: path={os.fspath(path)!r}"
+        )
+    return difference

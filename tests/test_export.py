@@ -1,0 +1,249 @@
+"""Keras' own model.export to LiteRT and ONNX, run in the LiteRT interpreter and onnxruntime."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparselayers as sl
+from sparselayers.ops import export_kernels
+from sparselayers.ops.context import exporting
+from tests import reference
+from tests.strategies import block_diagonal_patterns, block_sparse_patterns, random_patterns
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tf2onnx")
+
+FORMATS = {"litert": ".tflite", "onnx": ".onnx"}
+
+
+def _uneven(n=64, m=32):
+    """A pattern whose first column is full and the rest nearly empty: too uneven for ELL."""
+    mask = np.zeros((n, m), bool)
+    mask[:, 0] = True
+    mask[np.arange(m - 1), np.arange(1, m)] = True
+    return sl.SparsityPattern.from_dense(mask)
+
+
+#: (pattern, forced kernel or "auto", the export kernel it must trace with)
+CASES = {
+    "block": (sl.patterns.block_diagonal([(8, 8)] * 3), "auto", "block"),
+    "banded": (sl.patterns.banded((16, 16), lower=2, upper=3), "banded", "banded"),
+    "dense-forced": (sl.patterns.random((16, 8), density=0.3, seed=1), "dense", "dense"),
+    "gather-forced": (sl.patterns.random((16, 8), density=0.2, seed=2), "gather", "gather"),
+    "auto-sparse": (sl.patterns.random((64, 32), density=0.05, seed=3), "auto", "ell"),
+    "auto-uneven": (_uneven(), "auto", "gather"),
+    "auto-dense": (sl.patterns.random((16, 8), density=0.3, seed=4), "auto", "dense"),
+    "empty": (sl.SparsityPattern.from_dense(np.zeros((6, 3))), "auto", "ell"),
+}
+
+
+def _model(layer, input_shape):
+    inputs = keras.Input(input_shape)
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(0)
+    for variable in model.weights:  # nonzero biases, so that a dropped bias shows
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+def _export(model, tmp_path, format):  # noqa: A002
+    path = os.path.join(tmp_path, "model" + FORMATS[format])
+    model(np.zeros((1, *model.inputs[0].shape[1:]), "float32"))  # Keras exports only called models
+    model.export(path, format=format, verbose=False)
+    return path
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("case", CASES)
+def test_exported_artifact_computes_the_layer(case, format, tmp_path):  # noqa: A002
+    pattern, kernel, expected_kernel = CASES[case]
+    layer = sl.SparseDense(pattern, kernel=kernel)
+    model = _model(layer, (pattern.shape[0],))
+    with exporting(format):
+        assert layer._select_kernel()[0].name == expected_kernel
+    artifact = sl.export.ExportedModel(_export(model, tmp_path, format))
+    values, bias = (keras.ops.convert_to_numpy(w) for w in (layer.values, layer.bias))
+    for batch in (1, 7):  # one artifact, two batch sizes: the batch dimension is dynamic
+        x = np.random.default_rng(batch).normal(size=(batch, pattern.shape[0])).astype("float32")
+        got = artifact(x)
+        np.testing.assert_allclose(got, keras.ops.convert_to_numpy(model(x)), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, reference.forward(x, pattern, values, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_towers_and_3d_inputs_export(format, tmp_path):  # noqa: A002
+    inputs = keras.Input((3, 10))
+    towers = sl.Towers(6, hidden_units=[4, 4], output_units=2)
+    hidden = sl.SparseDense(sl.patterns.random((10, 10), density=0.2, seed=0), activation="relu")(inputs)
+    model = keras.Model(inputs, towers(hidden))
+    path = _export(model, tmp_path, format)
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 10)).astype("float32")
+        assert sl.export.check_export(model, path, x) <= 1e-5
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("kernel", ["csr", "sparse_dense_matmul"])
+def test_forced_kernel_without_export_form_fails_before_writing(kernel, format, tmp_path):  # noqa: A002
+    model = _model(sl.SparseDense(sl.patterns.random((8, 4), density=0.5, seed=0), kernel=kernel), (8,))
+    with pytest.raises(ValueError, match=f"`kernel='{kernel}'` cannot be exported to {format}.*kernel='auto'"):
+        _export(model, tmp_path, format)
+    assert not os.listdir(tmp_path)
+
+
+def test_size_grows_with_nnz_not_with_the_dense_kernel(tmp_path):
+    """2048 x 2048 at 1%: the dense kernel is 16 MiB, the artifacts hold ~42k entries."""
+    pattern = sl.patterns.random((2048, 2048), density=0.01, seed=0)
+    model = _model(sl.SparseDense(pattern), (2048,))
+    x = np.random.default_rng(0).normal(size=(2, 2048)).astype("float32")
+    for format in FORMATS:  # noqa: A001
+        path = _export(model, tmp_path, format)
+        assert os.path.getsize(path) < 2**20, (format, os.path.getsize(path))
+        assert sl.export.check_export(model, path, x) <= 1e-5
+
+
+def test_check_export_rejects_an_artifact_of_another_model(tmp_path):
+    pattern = sl.patterns.random((8, 4), density=0.5, seed=0)
+    exported = _model(sl.SparseDense(pattern), (8,))
+    path = _export(exported, tmp_path, "onnx")
+    other = _model(sl.SparseDense(pattern, bias_initializer="ones"), (8,))
+    other.layers[-1].values.assign(np.ones(pattern.nnz, "float32"))
+    with pytest.raises(ValueError, match="differ from the model's by up to"):
+        sl.export.check_export(other, path, np.ones((2, 8), "float32"))
+
+
+def test_artifact_format_names_the_path():
+    assert sl.export.artifact_format("a/model.TFLITE") == "litert"
+    with pytest.raises(ValueError, match=r"\.tflite \(LiteRT\) or \.onnx file. Received: path='model.keras'"):
+        sl.export.artifact_format("model.keras")
+
+
+# The export kernels on their own, inside a trace as in an export --------------------------
+
+
+def _traced(kernel, x, values, format="onnx"):  # noqa: A002
+    with exporting(format):
+        return tf.function(lambda x, v: kernel(x, v))(x, values).numpy()
+
+
+@settings(max_examples=12)  # each example traces a tf.function
+@given(
+    pattern=random_patterns(),
+    name=st.sampled_from(["ell", "gather", "dense"]),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 100),
+)
+def test_export_kernels_match_the_dense_reference(pattern, name, batch, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, pattern.shape[0])).astype("float32")
+    values = rng.normal(size=pattern.nnz).astype("float32")
+    got = _traced(export_kernels._EXPORT_KERNELS[name](pattern), x, values)
+    np.testing.assert_allclose(got, reference.forward(x, pattern, values), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12)
+@given(pattern=st.one_of(block_diagonal_patterns(), block_sparse_patterns()), seed=st.integers(0, 100))
+def test_embedded_block_kernel_matches_the_dense_reference(pattern, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, pattern.shape[0])).astype("float32")
+    values = rng.normal(size=pattern.nnz).astype("float32")
+    kernel = export_kernels._export_kernel("block", pattern)
+    np.testing.assert_allclose(_traced(kernel, x, values), reference.forward(x, pattern, values), rtol=1e-5, atol=1e-5)
+
+
+class _Capturing(export_kernels.ExportKernel):
+    name = "capturing"
+
+    def __init__(self, pattern):
+        super().__init__(pattern)
+        with tf.init_scope():
+            self._rows = tf.constant(pattern.rows)
+
+    def compute(self, x, values):
+        return tf.gather(x, self._rows, axis=1) @ tf.zeros([self.pattern.nnz, self.pattern.shape[1]])
+
+
+class _CSRInside(export_kernels.ExportKernel):
+    name = "csr-inside"
+
+    def compute(self, x, values):
+        return sl.ops.get_kernel("csr", self.pattern)(x, values)
+
+
+def test_export_kernel_refuses_captured_tensors_and_unconvertible_ops():
+    pattern = sl.patterns.random((6, 4), density=0.5, seed=0)
+    x, values = np.ones((2, 6), "float32"), np.ones(pattern.nnz, "float32")
+    with pytest.raises(ValueError, match="captured a tensor created outside the traced function"):
+        _traced(_Capturing(pattern), x, values, "litert")
+    with pytest.raises(ValueError, match=r"tf2onnx cannot convert: \[.*'SparseMatrixMatMul'"):
+        _traced(_CSRInside(pattern), x, values, "onnx")
+
+
+def test_dynamic_range_quantization_stays_within_the_documented_relative_tolerance(tmp_path):
+    """docs/deploying.md: int8 weights move outputs by under 2% of their range, not within 1e-5."""
+    model = _model(sl.SparseDense(sl.patterns.block_diagonal([(64, 64)] * 4)), (256,))
+    model(np.zeros((1, 256), "float32"))
+    path = os.path.join(tmp_path, "quantized.tflite")
+    model.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT])
+    x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    difference = np.abs(sl.export.ExportedModel(path)(x) - expected).max()
+    assert 1e-5 < difference <= 0.02 * np.abs(expected).max()
+
+
+def test_deploying_page_examples_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying.md"
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def test_litert_sparse_weights_option_exports_the_dense_form_stored_sparse(tmp_path):
+    """optimizations=[EXPERIMENTAL_SPARSITY]: the layer traces its densified kernel, stored sparse."""
+    sparsity = {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}
+    pattern = sl.patterns.random((256, 256), density=0.02, seed=0)
+    layer = sl.SparseDense(pattern)
+    model = _model(layer, (256,))
+    with exporting("litert", **sparsity):
+        assert layer._select_kernel()[0].name == "dense"
+    with exporting("onnx", **sparsity):  # a LiteRT converter option: ONNX ignores it
+        assert layer._select_kernel()[0].name == "ell"
+    model(np.zeros((1, 256), "float32"))
+    path = os.path.join(tmp_path, "sparse.tflite")
+    model.export(path, format="litert", verbose=False, **sparsity)
+    x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
+    assert sl.export.check_export(model, path, x) <= 1e-5
+    assert os.path.getsize(path) < 256 * 256 * 4 / 4  # the folded dense kernel would be 256 KiB
+
+
+def test_export_benchmark_quick_mode_writes_table_and_plot(tmp_path):
+    """benchmarks/export.py --quick runs end to end (timings are not asserted)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "export.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": root},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "export.md").read_text().splitlines() if line.startswith("| ")]
+    kernels = {(r[0].strip(), r[2].strip()): r[3].strip() for r in rows[2:]}
+    assert kernels[("random 1.0%", "onnx")] == "ell"
+    assert kernels[("random 1.0%", "litert sparse weights")] == "dense"
+    assert kernels[("random 30.0%", "litert")] == "dense"
+    assert {kernels[("banded +-16", "onnx")], kernels[("block diagonal 32 x (8x8)", "litert")]} == {"banded", "block"}
+    assert (tmp_path / "export.png").stat().st_size > 0
