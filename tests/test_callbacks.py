@@ -264,7 +264,7 @@ def test_towers_and_nested_models_evolve():
     inner = keras.Sequential([keras.Input((8,)), nested], name="inner")
     inputs = keras.Input((12,))
     first = sl.SparseDense(sl.patterns.random((12, 8), density=0.3, seed=0))
-    model = keras.Model(inputs, sl.Towers(3, hidden_units=[4], output_units=1)(inner(first(inputs))))
+    model = keras.Model(inputs, sl.Towers(3, hidden_units=[4], output_units=1, name="towers")(inner(first(inputs))))
     model.compile(optimizer="adam", loss="mse")
     start = patterns_of(model)
     with pytest.warns(UserWarning, match="tower_layer_0"):  # Towers' first layer is dense
