@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops.linalg.sparse import sparse_csr_matrix_ops as csr_ops
 
-from sparselayers.ops.base import Kernel, constant
+from sparselayers.ops.base import Kernel, constant, index_dtype
 
 #: Entries per step of the values gradient. Small chunks keep the two
 #: ``(chunk, batch)`` gathers in cache: on the 2-core benchmark machine
@@ -24,14 +24,18 @@ _CSR_DTYPES = (tf.float32, tf.float64)
 
 
 class CSRKernel(Kernel):
-    """``SparseMatrixMatMul`` on CSR forms of ``W`` and ``W.T``.
+    """``SparseMatrixMatMul`` on the CSR form of ``W.T``.
 
-    The forward pass multiplies by ``W.T`` in CSR (so the product is
-    row-parallel over output units); the input gradient multiplies by ``W``;
-    the values gradient is a sampled dense-dense product
-    ``sum_b x[b, i] * dy[b, j]`` evaluated in chunks of
-    :data:`GRADIENT_CHUNK` entries. TF's own CSR gradient is far slower.
-    Float16 and bfloat16 inputs are computed in float32. No XLA kernel.
+    The pattern is held once, as its coordinates in canonical order and the
+    permutation to ``W.T``'s row-major order, in int32 where they fit: 12
+    bytes per entry. Each call builds the CSR form of ``W.T`` (TF's
+    constructor takes int64 coordinates, cast for the call only) and
+    multiplies by it, row-parallel over output units; the input gradient
+    multiplies by its transpose; the values gradient is a sampled
+    dense-dense product ``sum_b x[b, i] * dy[b, j]`` evaluated in chunks of
+    :data:`GRADIENT_CHUNK` entries, each slicing its coordinates from the one
+    index array. TF's own CSR gradient is far slower. Float16 and bfloat16
+    inputs are computed in float32. No XLA kernel.
     """
 
     name = "csr"
@@ -39,26 +43,12 @@ class CSRKernel(Kernel):
 
     def __init__(self, pattern, *, chunk: int | None = None):
         super().__init__(pattern)
-        chunk = chunk or max(GRADIENT_CHUNK, -(-pattern.nnz // MAX_CHUNKS))
+        self._chunk = chunk or max(GRADIENT_CHUNK, -(-pattern.nnz // MAX_CHUNKS))
         n, m = pattern.shape
-        transposed = np.lexsort((pattern.rows, pattern.cols))
-        self._transposed_order = constant(transposed, tf.int64)
-        self._indices = constant(pattern.indices, tf.int64)
-        self._indices_t = constant(pattern.indices[transposed][:, ::-1], tf.int64)
-        # Flat (rows, cols, rows, cols, ...) per chunk: the custom gradient
-        # takes them as positional inputs.
-        self._chunks = [
-            constant(array[s : s + chunk], tf.int64)
-            for s in range(0, pattern.nnz, chunk)
-            for array in (pattern.rows, pattern.cols)
-        ]
-        self._shape = np.array([n, m], np.int64)
+        dtype = index_dtype(max(n, m, pattern.nnz))
+        self._indices = constant(pattern.indices, dtype)
+        self._order = constant(np.lexsort((pattern.rows, pattern.cols)), dtype)
         self._shape_t = np.array([m, n], np.int64)
-
-    def _product(self, indices, values, shape, dense):
-        """``(A @ dense.T).T`` for the sparse ``A`` given in canonical COO."""
-        matrix = csr_ops.sparse_tensor_to_csr_sparse_matrix(indices, values, shape)
-        return csr_ops.sparse_matrix_mat_mul(matrix, dense, transpose_b=True, transpose_output=True)
 
     def __call__(self, x, values):
         dtype = x.dtype
@@ -68,26 +58,36 @@ class CSRKernel(Kernel):
         return tf.cast(y, dtype)
 
     def _matmul(self, x, values):
+        nnz, chunk, shape_t = self.pattern.nnz, self._chunk, self._shape_t
+
         # The index tensors are explicit inputs, not closures, so that a
         # SavedModel captures them with the forward function and can save
         # this custom gradient.
         @tf.custom_gradient
-        def matmul(x, values, indices, indices_t, order, *chunks):
-            y = self._product(indices_t, tf.gather(values, order), self._shape_t, x)
+        def matmul(x, values, indices, order):
+            indices_t = tf.cast(tf.reverse(tf.gather(indices, order), axis=[1]), tf.int64)
+            matrix_t = csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
+            # (W.T @ x.T).T = x @ W
+            y = csr_ops.sparse_matrix_mat_mul(matrix_t, x, transpose_b=True, transpose_output=True)
 
             def grad(dy):
-                dx = self._product(indices, values, self._shape, dy)
+                # (W @ dy.T).T = dy @ W.T; an explicit transpose measured
+                # faster than the product's transpose_a.
+                matrix = csr_ops.sparse_matrix_transpose(matrix_t, type=x.dtype)
+                dx = csr_ops.sparse_matrix_mat_mul(matrix, dy, transpose_b=True, transpose_output=True)
                 x_t, dy_t = tf.transpose(x), tf.transpose(dy)
-                dvalues = []
-                for rows, cols in zip(chunks[::2], chunks[1::2]):
+                # The chunks start once dx is done, so that the CSR matrices
+                # are freed before their transients pile up.
+                parts = [dx]
+                for start in range(0, nnz, chunk):
                     # At most IN_FLIGHT chunks at a time: enough to keep the
                     # cores busy, few enough to keep the memory bound.
-                    waits_for = [dvalues[-IN_FLIGHT]] if len(dvalues) >= IN_FLIGHT else []
-                    with tf.control_dependencies(waits_for):
-                        dvalues.append(tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
-                dvalues = tf.concat(dvalues, 0) if dvalues else tf.zeros_like(values)
-                return (dx, dvalues, None, None, None, *[None] * len(chunks))
+                    with tf.control_dependencies([parts[-IN_FLIGHT]] if len(parts) >= IN_FLIGHT else [dx]):
+                        rows, cols = tf.unstack(indices[start : start + chunk], axis=1)
+                        parts.append(tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
+                dvalues = tf.concat(parts[1:], 0) if nnz else tf.zeros_like(values)
+                return dx, dvalues, None, None
 
             return y, grad
 
-        return matmul(x, values, self._indices, self._indices_t, self._transposed_order, *self._chunks)
+        return matmul(x, values, self._indices, self._order)
