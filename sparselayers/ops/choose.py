@@ -8,7 +8,7 @@ quoted below are its medians in milliseconds, structured kernel vs CSR.
 from __future__ import annotations
 
 from sparselayers.sparsity_pattern import SparsityPattern
-from sparselayers.structure import detect_band, detect_blocks
+from sparselayers.structure import block_shape, detect_band
 
 #: Mean entries per dense rectangle from which one batched matmul per block
 #: shape beats CSR: 4x4 blocks 6.7 vs 6.6 (a tie), 8x8 blocks 6.2 vs 7.7,
@@ -55,8 +55,8 @@ def choose_kernel(pattern: SparsityPattern) -> str:
     """
     if pattern.nnz == 0:
         return "block"
-    blocks = detect_blocks(pattern)
-    if blocks.mean_area >= BLOCK_MIN_AREA and blocks.n_rows.mean() >= BLOCK_MIN_ROWS:
+    blocks = block_shape(pattern)
+    if blocks.mean_area >= BLOCK_MIN_AREA and blocks.mean_rows >= BLOCK_MIN_ROWS:
         return "block"
     band = detect_band(pattern)
     if band is not None and band.width >= BAND_MIN_WIDTH:

@@ -26,13 +26,14 @@ _CSR_DTYPES = (tf.float32, tf.float64)
 class CSRKernel(Kernel):
     """``SparseMatrixMatMul`` on the CSR form of ``W.T``.
 
-    The pattern is held once, as its coordinates in canonical order and the
-    permutation to ``W.T``'s row-major order, in int32 where they fit: 12
-    bytes per entry. Each call builds the CSR form of ``W.T`` (TF's
-    constructor takes int64 coordinates, cast for the call only) and
-    multiplies by it, row-parallel over output units; the input gradient
-    multiplies by its transpose; the values gradient is a sampled
-    dense-dense product ``sum_b x[b, i] * dy[b, j]`` evaluated in chunks of
+    The pattern is held once, as the coordinates of ``W.T`` in its row-major
+    order (int64: the only type TF's CSR constructor takes) and the
+    permutations between that order and the canonical one (int32 where it
+    fits): 24 bytes per entry, and no larger transient than the CSR matrix.
+    Each call builds the CSR form of ``W.T`` and multiplies by it,
+    row-parallel over output units; the input gradient multiplies by its
+    transpose; the values gradient is a sampled dense-dense product
+    ``sum_b x[b, i] * dy[b, j]`` evaluated in chunks of
     :data:`GRADIENT_CHUNK` entries, each slicing its coordinates from the one
     index array. TF's own CSR gradient is far slower. Float16 and bfloat16
     inputs are computed in float32. No XLA kernel.
@@ -45,9 +46,11 @@ class CSRKernel(Kernel):
         super().__init__(pattern)
         self._chunk = chunk or max(GRADIENT_CHUNK, -(-pattern.nnz // MAX_CHUNKS))
         n, m = pattern.shape
-        dtype = index_dtype(max(n, m, pattern.nnz))
-        self._indices = constant(pattern.indices, dtype)
-        self._order = constant(np.lexsort((pattern.rows, pattern.cols)), dtype)
+        self._index_dtype = index_dtype(max(n, m, pattern.nnz))
+        order = np.lexsort((pattern.rows, pattern.cols))
+        self._indices_t = constant(pattern.indices[order][:, ::-1], tf.int64)
+        self._order = constant(order, self._index_dtype)
+        self._inverse = constant(np.argsort(order), self._index_dtype)
         self._shape_t = np.array([m, n], np.int64)
 
     def __call__(self, x, values):
@@ -64,8 +67,7 @@ class CSRKernel(Kernel):
         # SavedModel captures them with the forward function and can save
         # this custom gradient.
         @tf.custom_gradient
-        def matmul(x, values, indices, order):
-            indices_t = tf.cast(tf.reverse(tf.gather(indices, order), axis=[1]), tf.int64)
+        def matmul(x, values, indices_t, order, inverse):
             matrix_t = csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
             # (W.T @ x.T).T = x @ W
             y = csr_ops.sparse_matrix_mat_mul(matrix_t, x, transpose_b=True, transpose_output=True)
@@ -83,11 +85,12 @@ class CSRKernel(Kernel):
                     # At most IN_FLIGHT chunks at a time: enough to keep the
                     # cores busy, few enough to keep the memory bound.
                     with tf.control_dependencies([parts[-IN_FLIGHT]] if len(parts) >= IN_FLIGHT else [dx]):
-                        rows, cols = tf.unstack(indices[start : start + chunk], axis=1)
+                        cols, rows = tf.unstack(tf.cast(indices_t[start : start + chunk], self._index_dtype), axis=1)
                         parts.append(tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
-                dvalues = tf.concat(parts[1:], 0) if nnz else tf.zeros_like(values)
-                return dx, dvalues, None, None
+                # From W.T's order back to the canonical order of `values`.
+                dvalues = tf.gather(tf.concat(parts[1:], 0), inverse) if nnz else tf.zeros_like(values)
+                return dx, dvalues, None, None, None
 
             return y, grad
 
-        return matmul(x, values, self._indices, self._order)
+        return matmul(x, values, self._indices_t, self._order, self._inverse)
