@@ -82,6 +82,22 @@ def test_kernels_in_both_dtypes(pattern, dtype):
         check_kernel(name, pattern, dtype=dtype, tol=tol)
 
 
+@given(pattern=any_patterns, parts=st.integers(1, 5))
+def test_dense_kernel_in_row_slices(pattern, parts):
+    x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))
+    upstream = np.random.default_rng(2).normal(size=(x.shape[0], pattern.shape[1]))
+    kernel = sl.ops.DenseKernel(pattern, parts=parts)
+    with tf.GradientTape() as tape:
+        tape.watch([x, values])
+        y = kernel(x, values)
+        loss = tf.reduce_sum(y * upstream)
+    d_x, d_values = tape.gradient(loss, [x, values])
+    ref_dx, ref_dv, _ = reference.gradients(x.numpy(), pattern, values.numpy(), upstream)
+    np.testing.assert_allclose(y.numpy(), reference.forward(x.numpy(), pattern, values.numpy()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_x.numpy(), ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_values.numpy(), ref_dv, rtol=1e-4, atol=1e-4)
+
+
 def test_csr_gradient_in_several_chunks():
     pattern = sl.patterns.random((50, 40), density=0.3, seed=0)
     kernel = sl.ops.CSRKernel(pattern, chunk=7)
