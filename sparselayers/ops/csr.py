@@ -68,14 +68,18 @@ class CSRKernel(Kernel):
         # this custom gradient.
         @tf.custom_gradient
         def matmul(x, values, indices_t, order, inverse):
-            matrix_t = csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
+            def w_t():
+                return csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
+
             # (W.T @ x.T).T = x @ W
-            y = csr_ops.sparse_matrix_mat_mul(matrix_t, x, transpose_b=True, transpose_output=True)
+            y = csr_ops.sparse_matrix_mat_mul(w_t(), x, transpose_b=True, transpose_output=True)
 
             def grad(dy):
                 # (W @ dy.T).T = dy @ W.T; an explicit transpose measured
-                # faster than the product's transpose_a.
-                matrix = csr_ops.sparse_matrix_transpose(matrix_t, type=x.dtype)
+                # faster than the product's transpose_a. The matrix is built
+                # again: a SavedModel cannot save a gradient that captures
+                # the forward's intermediate tensors.
+                matrix = csr_ops.sparse_matrix_transpose(w_t(), type=x.dtype)
                 dx = csr_ops.sparse_matrix_mat_mul(matrix, dy, transpose_b=True, transpose_output=True)
                 x_t, dy_t = tf.transpose(x), tf.transpose(dy)
                 # The chunks start once dx is done, so that the CSR matrices
