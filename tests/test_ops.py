@@ -142,7 +142,7 @@ def test_sparse_matmul_function_and_bad_kernel_name():
     [
         (sl.patterns.block_diagonal([(64, 64)] * 8), "block"),
         (sl.patterns.block_diagonal([(8, 8)] * 200), "block"),
-        (sl.patterns.block_diagonal([(4, 4)] * 200), "csr"),
+        (sl.patterns.block_diagonal([(4, 4)] * 200), "block"),
         (sl.patterns.block_diagonal([(2, 2)] * 200), "csr"),
         (sl.patterns.dense((30, 20)), "block"),
         (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
