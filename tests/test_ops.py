@@ -232,3 +232,10 @@ def test_low_precision_error_no_worse_than_dense_matmul(name, dtype):
     kernel_error = relative_rms(tf.cast(sl.ops.get_kernel(name, pattern)(x_low, v_low), tf.float64).numpy(), expected)
     dense_error = relative_rms(tf.cast(dense, tf.float64).numpy(), expected)
     assert kernel_error <= 1.5 * dense_error + 1e-6, (kernel_error, dense_error)
+
+
+def test_index_dtype_is_int32_where_every_index_fits():
+    from sparselayers.ops.base import index_dtype
+
+    assert index_dtype(2**31 - 1) == tf.int32
+    assert index_dtype(2**31) == tf.int64
