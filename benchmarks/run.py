@@ -33,11 +33,10 @@ from sparselayers import baselines  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_METHODS = ["auto", "block", "banded", "csr", "dense", "gather", "sparse_dense_matmul"]
-# Keras needs minutes to trace thousands of tiny Dense layers: build this
-# many per-output towers and scale their time and parameters.
-DENSE_TOWERS_BUILT = 64
 # The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
 GATHER_MAX_PRODUCTS = 2**27
+# Forward-only latency is also timed at these batch sizes.
+LATENCY_BATCHES = (1, 32)
 
 
 def cases(quick: bool) -> list[dict]:
@@ -51,6 +50,8 @@ def cases(quick: bool) -> list[dict]:
     out.append(dict(name="banded +-16", kind="pattern", group="structure", make=("banded", n, 16)))
     out.append(dict(name="many outputs", kind="towers", group="towers",
                     outputs=16 if quick else 1024, trunk=32 if quick else 256, hidden=[4, 4] if quick else [16, 16]))
+    for case in out:
+        case["quick"] = quick
     return out
 
 
@@ -100,12 +101,49 @@ def build_model(case: dict, method: str) -> tuple[keras.Model, int]:
         elif method == "masked dense":
             body = baselines.masked_towers(towers)
         else:
-            body = baselines.dense_towers(towers, case["trunk"], range(min(case["outputs"], DENSE_TOWERS_BUILT)))
+            return separate_mlps(towers, case["trunk"]), case["trunk"]
         inputs = keras.Input((case["trunk"],))
         return keras.Model(inputs, body(inputs)), case["trunk"]
     pattern = make_pattern(case["make"])
     inputs = keras.Input((pattern.shape[0],))
     return keras.Model(inputs, pattern_layer(method, pattern)(inputs)), pattern.shape[0]
+
+
+def separate_mlps(towers: sl.Towers, trunk: int) -> keras.Model:
+    """One Keras Dense MLP per tower, every one built (no scaling from a subset).
+
+    Only the cost is compared, so the weights are Keras' own initial ones
+    (``baselines.dense_towers`` copies a Towers' weights, one slow
+    ``to_scipy`` per tower).
+    """
+    inputs = keras.Input((trunk,))
+    outputs = []
+    for _ in range(towers.n_towers):
+        x = inputs
+        for k, width in enumerate(towers.widths):
+            last = k == len(towers.widths) - 1
+            x = keras.layers.Dense(width, activation=towers.output_activation if last else towers.activation)(x)
+        outputs.append(x)
+    return keras.Model(inputs, keras.layers.Concatenate()(outputs) if len(outputs) > 1 else outputs[0])
+
+
+def useful_flops(case: dict, pattern) -> int:
+    """FLOPs of one product by the sparse kernel at batch 1: 2 x nnz (summed over a Towers' layers)."""
+    if pattern is not None:
+        return 2 * pattern.nnz
+    widths = [case["trunk"], *case["hidden"], 1]
+    return 2 * case["outputs"] * (widths[0] * widths[1] + sum(a * b for a, b in zip(widths[1:-1], widths[2:])))
+
+
+def machine_rates(n: int, batch: int) -> dict:
+    """Calls measuring this machine's dense GEMM and streaming rates, timed with the methods."""
+    rng = np.random.default_rng(1)
+    a = tf.constant(rng.normal(size=(batch, n)).astype("float32"))
+    b = tf.constant(rng.normal(size=(n, n)).astype("float32"))
+    # Reading a (batch, n) array like x.T, which the sparse kernels' rows
+    # come from: the rate of the cache level that holds it.
+    return {("dense GEMM", "rate"): (tf.function(lambda a, b: tf.matmul(a, b)), (a, b)),
+            ("stream", "rate"): (tf.function(lambda t: tf.reduce_sum(t, axis=0)), (a,))}
 
 
 def steps(model: keras.Model):
@@ -170,20 +208,36 @@ def time_case(case: dict, batch: int, budget: float) -> list[dict]:
         forward, train = steps(model)
         calls[(method, "forward")] = (forward, (x,))
         calls[(method, "step")] = (train, (x, y))
-        scale = case["outputs"] / min(case["outputs"], DENSE_TOWERS_BUILT) if method.startswith("one Dense") else 1
-        row = dict(case=case["name"], group=case["group"], method=method,
-                   params=int(scale * trainable_params(model)), scaled=scale)
+        for small in LATENCY_BATCHES:
+            calls[(method, f"forward{small}")] = (forward, (x[:small],))
+        row = dict(case=case["name"], group=case["group"], method=method, params=trainable_params(model))
         if method in KERNEL_METHODS:
             row["kernel"] = model.layers[-1].kernel_name
         if pattern is not None:
             row["density"] = pattern.density
         rows.append(row)
+    gemm_n = 256 if case.get("quick") else 4096
+    calls.update(machine_rates(gemm_n, batch))
     medians = interleaved_medians(calls, budget)
+    gemm_rate = 2 * batch * gemm_n * gemm_n / medians[("dense GEMM", "rate")] / 1e9
+    stream_rate = 4 * batch * gemm_n / medians[("stream", "rate")] / 1e9  # GB/s read
+    flops = useful_flops(case, pattern)
     for row in rows:
-        row["forward_ms"] = row["scaled"] * 1000 * medians[(row["method"], "forward")]
-        row["step_ms"] = row["scaled"] * 1000 * medians[(row["method"], "step")]
+        row["forward_ms"] = 1000 * medians[(row["method"], "forward")]
+        row["step_ms"] = 1000 * medians[(row["method"], "step")]
+        for small in LATENCY_BATCHES:
+            row[f"forward{small}_ms"] = 1000 * medians[(row["method"], f"forward{small}")]
+        row["gflops"] = 3 * batch * flops / (row["step_ms"] / 1000) / 1e9
+        row["gemm_gflops"] = gemm_rate
+        row["gemm_fraction"] = row["gflops"] / gemm_rate
+        if case["group"] == "density":
+            # Every entry reads one row of x.T and one of dy.T (batch floats
+            # each) in each of the three products, at the streaming rate.
+            row["floor_ms"] = 1000 * 3 * pattern.nnz * 2 * batch * 4 / (stream_rate * 1e9)
+            row["read_gbs"] = stream_rate
         print(f"  {case['name']:<26} {row['method']:<26} step {row['step_ms']:9.2f} ms  "
-              f"forward {row['forward_ms']:8.2f} ms", flush=True)
+              f"forward {row['forward_ms']:8.2f} ms  {row['gflops']:7.1f} GFLOP/s "
+              f"({100 * row['gemm_fraction']:.1f}% of GEMM {gemm_rate:.0f})", flush=True)
     return rows
 
 
@@ -206,8 +260,7 @@ def memory_probe(case: dict, method: str, batch: int) -> None:
     _, train = steps(model)
     for _ in range(3):
         train(x, y)
-    scale = case.get("outputs", 1) / min(case.get("outputs", 1), DENSE_TOWERS_BUILT) if method.startswith("one Dense") else 1
-    print(json.dumps({"peak_mib": scale * (_rss_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
 
 
 def _rss_kib(field: str) -> int:
@@ -234,22 +287,35 @@ def machine() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | method | kernel | params | forward ms | step ms | masked / method (step) | peak MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | method | kernel | params | forward ms (batch 1 / 32 / 256) | step ms | masked / method (step) "
+             "| GFLOP/s | % of GEMM | peak MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_case: dict[str, list[dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
+    notes = []
     for case, group in by_case.items():
         masked = next(r for r in group if r["method"] == "masked dense")
         for r in group:
             memory = f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""
+            forward = " / ".join(f"{r[f'forward{b}_ms']:.2f}" for b in LATENCY_BATCHES) + f" / {r['forward_ms']:.2f}"
             lines.append(
-                f"| {case} | {r['method']} | {r.get('kernel', '')} | {r['params']:,} | {r['forward_ms']:.2f} | "
-                f"{r['step_ms']:.2f} | {masked['step_ms'] / r['step_ms']:.2f}x | {memory} |"
+                f"| {case} | {r['method']} | {r.get('kernel', '')} | {r['params']:,} | {forward} | "
+                f"{r['step_ms']:.2f} | {masked['step_ms'] / r['step_ms']:.2f}x | {r['gflops']:.1f} | "
+                f"{100 * r['gemm_fraction']:.1f}% | {memory} |"
             )
-    if any(r.get("scaled", 1) != 1 for r in rows):
-        lines.append(f"\nOne Dense MLP per output: {DENSE_TOWERS_BUILT} towers built and timed, figures scaled "
-                     "to all towers (Keras takes minutes to trace thousands of tiny layers).")
+        note = f"- {case}: dense GEMM {group[0]['gemm_gflops']:.0f} GFLOP/s"
+        if "floor_ms" in group[0]:
+            note += (f"; memory-bound floor of a training step {group[0]['floor_ms']:.2f} ms "
+                     f"(reads at {group[0]['read_gbs']:.0f} GB/s)")
+        notes.append(note)
+    lines.append("\nGFLOP/s count useful FLOPs only: 2 x batch x nnz per product, 3 products per training step "
+                 "(the same for every method, so masked dense and Keras Dense score low). % of GEMM: of this "
+                 "machine's dense float32 GEMM rate (batch x n times n x n, n = 4096, 256 with --quick), timed in the same rounds. "
+                 "The memory-bound floor of scattered patterns: every entry reads one row of x.T and one of dy.T "
+                 "(batch floats each) in each of the three products, at the rate of reading a (batch, n) "
+                 "array like x (a column sum), timed in the same rounds.\n")
+    lines.extend(notes)
     return "\n".join(lines)
 
 

@@ -74,14 +74,15 @@ def _runs(pattern: SparsityPattern) -> tuple[np.ndarray, ...]:
     return run_row, cols[first], length, offset
 
 
-@functools.lru_cache(maxsize=16)
 def detect_blocks(pattern: SparsityPattern) -> Blocks | None:
     """Splits ``pattern`` into dense rectangles, or None if it has no entries.
 
     Consecutive rows whose runs of columns are identical form one row band;
     each run of a band is one rectangle. Every pattern has such a split (at
     worst one rectangle per run); ``Blocks.mean_area`` says whether it is
-    worth a batched matmul.
+    worth a batched matmul. Not cached: a scattered pattern splits into about
+    one rectangle per entry, 40 bytes each (:func:`block_shape` caches the
+    summary that kernel choice needs).
     """
     if pattern.nnz == 0:
         return None
@@ -115,6 +116,23 @@ def detect_blocks(pattern: SparsityPattern) -> Blocks | None:
         n_cols=length[keep],
         row_offset=offset[keep],
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """The mean rectangle of :func:`detect_blocks`: all ``kernel="auto"`` needs."""
+
+    mean_area: float
+    mean_rows: float
+
+
+@functools.lru_cache(maxsize=16)
+def block_shape(pattern: SparsityPattern) -> BlockShape:
+    """Mean area and rows of ``pattern``'s dense rectangles (zeros if empty); cached."""
+    blocks = detect_blocks(pattern)
+    if blocks is None:
+        return BlockShape(0.0, 0.0)
+    return BlockShape(blocks.mean_area, float(blocks.n_rows.mean()))
 
 
 def _diagonal_length(n: int, m: int, offsets: np.ndarray) -> np.ndarray:

@@ -7,10 +7,12 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from sparselayers import initializers as sparse_initializers
 from sparselayers import patterns
 from sparselayers._validation import _short, check_int
+from sparselayers.ops.context import kernel_context
 from sparselayers.sparse_dense import SparseDense
 
 
@@ -114,7 +116,12 @@ class Towers(keras.layers.Layer):
                 name=f"tower_layer_{k}",
             )
             layer.build((None, pattern.shape[0]))
+            if k > 0 and self.kernel == "auto":
+                # In the (tower, batch, unit) layout of call(), the block
+                # product needs no transposes, whatever the block size.
+                layer.set_kernel("block")
             self.tower_layers.append(layer)
+        self._built_patterns = layer_patterns
 
     def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any) -> dict[str, Any]:
         # Keras keeps `tower_layers` in a list that tf.train.Checkpoint does
@@ -125,10 +132,38 @@ class Towers(keras.layers.Layer):
         return children
 
     def call(self, inputs):
-        x = inputs
-        for layer in self.tower_layers:
-            x = layer(x)
-        return x
+        if not self._in_tower_layout():
+            x = inputs
+            for layer in self.tower_layers:
+                x = layer(x)
+            return x
+        # Activations kept as (tower, batch, unit) from the first block layer
+        # to the last: each layer is one batched matmul, with no transposes
+        # in between (and none in the gradients).
+        first, *rest = self.tower_layers
+        h = first(inputs)
+        h = tf.transpose(tf.reshape(h, [-1, self.n_towers, self.widths[0]]), [1, 0, 2])
+        for layer, (a, b) in zip(rest, zip(self.widths[:-1], self.widths[1:])):
+            weights = tf.reshape(tf.cast(layer.values, h.dtype), [self.n_towers, a, b])
+            h = tf.matmul(h, weights)
+            if kernel_context() == "default":
+                h = layer._state.guard(h, layer.name)
+            if layer.bias is not None:
+                h = h + tf.reshape(tf.cast(layer.bias, h.dtype), [self.n_towers, 1, b])
+            if layer.activation is not None:
+                h = layer.activation(h)
+        y = tf.reshape(tf.transpose(h, [1, 0, 2]), [-1, self.n_towers * self.output_units])
+        if len(inputs.shape) == 2:
+            return y
+        return tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.n_towers * self.output_units]], axis=0))
+
+    def _in_tower_layout(self) -> bool:
+        """True while every layer after the first still has its block-diagonal
+        pattern (``set_pattern`` may replace it) and the block kernel."""
+        return len(self.tower_layers) > 1 and all(
+            layer.pattern is pattern and layer.kernel_name == "block"
+            for layer, pattern in zip(self.tower_layers[1:], self._built_patterns[1:])
+        )
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[:-1]) + (self.n_towers * self.output_units,)

@@ -82,6 +82,22 @@ def test_kernels_in_both_dtypes(pattern, dtype):
         check_kernel(name, pattern, dtype=dtype, tol=tol)
 
 
+@given(pattern=any_patterns, parts=st.integers(1, 5))
+def test_dense_kernel_in_row_slices(pattern, parts):
+    x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))
+    upstream = np.random.default_rng(2).normal(size=(x.shape[0], pattern.shape[1]))
+    kernel = sl.ops.DenseKernel(pattern, parts=parts)
+    with tf.GradientTape() as tape:
+        tape.watch([x, values])
+        y = kernel(x, values)
+        loss = tf.reduce_sum(y * upstream)
+    d_x, d_values = tape.gradient(loss, [x, values])
+    ref_dx, ref_dv, _ = reference.gradients(x.numpy(), pattern, values.numpy(), upstream)
+    np.testing.assert_allclose(y.numpy(), reference.forward(x.numpy(), pattern, values.numpy()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_x.numpy(), ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_values.numpy(), ref_dv, rtol=1e-4, atol=1e-4)
+
+
 def test_csr_gradient_in_several_chunks():
     pattern = sl.patterns.random((50, 40), density=0.3, seed=0)
     kernel = sl.ops.CSRKernel(pattern, chunk=7)
@@ -126,7 +142,7 @@ def test_sparse_matmul_function_and_bad_kernel_name():
     [
         (sl.patterns.block_diagonal([(64, 64)] * 8), "block"),
         (sl.patterns.block_diagonal([(8, 8)] * 200), "block"),
-        (sl.patterns.block_diagonal([(4, 4)] * 200), "csr"),
+        (sl.patterns.block_diagonal([(4, 4)] * 200), "block"),
         (sl.patterns.block_diagonal([(2, 2)] * 200), "csr"),
         (sl.patterns.dense((30, 20)), "block"),
         (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
@@ -216,3 +232,10 @@ def test_low_precision_error_no_worse_than_dense_matmul(name, dtype):
     kernel_error = relative_rms(tf.cast(sl.ops.get_kernel(name, pattern)(x_low, v_low), tf.float64).numpy(), expected)
     dense_error = relative_rms(tf.cast(dense, tf.float64).numpy(), expected)
     assert kernel_error <= 1.5 * dense_error + 1e-6, (kernel_error, dense_error)
+
+
+def test_index_dtype_is_int32_where_every_index_fits():
+    from sparselayers.ops.base import index_dtype
+
+    assert index_dtype(2**31 - 1) == tf.int32
+    assert index_dtype(2**31) == tf.int64

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 from hypothesis import given
 
 import sparselayers as sl
-from sparselayers.structure import detect_band, detect_blocks
+from sparselayers.structure import block_shape, detect_band, detect_blocks
 from tests.strategies import any_patterns, banded_patterns, block_diagonal_patterns
 
 
@@ -53,3 +54,16 @@ def test_band_detection_agrees_with_dense_check(p):
     d = (p.cols - p.rows)
     full = ((j - i) >= d.min()) & ((j - i) <= d.max())
     assert (band is not None) == bool(np.array_equal(full, p.to_dense() != 0))
+
+
+@given(pattern=any_patterns)
+def test_block_shape_summarises_detect_blocks(pattern):
+    shape = block_shape(pattern)
+    blocks = detect_blocks(pattern)
+    if blocks is None:
+        assert (shape.mean_area, shape.mean_rows) == (0.0, 0.0)
+    else:
+        # independent: the rectangles' own sizes, averaged in NumPy
+        assert shape.mean_area == pytest.approx(np.mean(blocks.n_rows * blocks.n_cols))
+        assert shape.mean_rows == pytest.approx(np.mean(blocks.n_rows))
+        assert np.sum(blocks.n_rows * blocks.n_cols) == pattern.nnz

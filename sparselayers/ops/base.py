@@ -20,6 +20,11 @@ def constant(array: np.ndarray, dtype: tf.DType | None = None) -> tf.Tensor:
         return tf.constant(array, dtype=dtype)
 
 
+def index_dtype(largest: int) -> tf.DType:
+    """int32 if every index (and count) up to ``largest`` fits, else int64: half the memory."""
+    return tf.int32 if largest <= INT32_LIMIT else tf.int64
+
+
 def accumulation_cast(t: tf.Tensor) -> tf.Tensor:
     """``t`` in float32 if its dtype is narrower: the dtype sums are formed in.
 

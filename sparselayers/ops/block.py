@@ -33,7 +33,7 @@ class _Group:
 
 
 class BlockKernel(Kernel):
-    """Multiplies each group of equally shaped blocks with one ``einsum``.
+    """Multiplies each group of equally shaped blocks with one batched matmul.
 
     The pattern is split into dense rectangles (:func:`detect_blocks`);
     rectangles of equal shape share one batched matmul
@@ -95,17 +95,25 @@ class BlockKernel(Kernel):
 
     def _group_product(self, x: tf.Tensor, values: tf.Tensor, g: _Group) -> tf.Tensor:
         k, r, c = g.count, g.n_rows, g.n_cols
+        # Whole-range slices are skipped: their gradient (zeros, then a
+        # strided copy) took as long as the products for 64 blocks of 64x64.
         if g.row_start is not None:
-            xg = tf.reshape(x[:, g.row_start : g.row_start + k * r], [-1, k, r])
+            whole = g.row_start == 0 and k * r == self.pattern.shape[0]
+            xg = tf.reshape(x if whole else x[:, g.row_start : g.row_start + k * r], [-1, k, r])
         else:
             xg = tf.gather(x, g.rows, axis=1)
         if g.value_start is not None:
-            wg = tf.reshape(values[g.value_start : g.value_start + k * r * c], [k, r, c])
+            whole = g.value_start == 0 and k * r * c == self.pattern.nnz
+            wg = tf.reshape(values if whole else values[g.value_start : g.value_start + k * r * c], [k, r, c])
         else:
             wg = tf.gather(values, g.values)
         if k == 1:  # one rectangle (a dense pattern, say): a plain matmul, no transposes
             return tf.matmul(tf.reshape(xg, [-1, r]), tf.reshape(wg, [r, c]))
-        return tf.reshape(tf.einsum("bkr,krc->bkc", xg, wg), [-1, k * c])
+        # An explicit (k, batch, r) layout and a plain batched matmul: 1.5x
+        # to 1.7x faster than the same einsum (64 blocks of 64x64 and 1024
+        # of 16x16, batch 256, training step).
+        y = tf.matmul(tf.transpose(xg, [1, 0, 2]), wg)
+        return tf.reshape(tf.transpose(y, [1, 0, 2]), [-1, k * c])
 
     def __call__(self, x, values):
         parts = [self._group_product(x, values, g) for g in self._groups]

@@ -1,19 +1,21 @@
 """The ``kernel="auto"`` rule: pick by structure, density and size.
 
 The thresholds are the crossovers measured by ``benchmarks/crossovers.py``
-(training step, 4096 x 4096, batch 256, float32, 2-core CPU); the figures
-quoted below are its medians in milliseconds, structured kernel vs CSR.
+(training step, 4096 x 4096, batch 256, float32, 2-core CPU: AMD EPYC, and
+Intel Xeon where said); the figures quoted below are its medians in
+milliseconds, structured kernel vs CSR.
 """
 
 from __future__ import annotations
 
 from sparselayers.sparsity_pattern import SparsityPattern
-from sparselayers.structure import detect_band, detect_blocks
+from sparselayers.structure import block_shape, detect_band
 
 #: Mean entries per dense rectangle from which one batched matmul per block
-#: shape beats CSR: 4x4 blocks 6.7 vs 6.6 (a tie), 8x8 blocks 6.2 vs 7.7,
-#: 16x16 blocks 5.3 vs 9.7; 16x1 blocks 3.7 vs 2.7.
-BLOCK_MIN_AREA = 32
+#: shape beats CSR (2-core Intel Xeon, block kernel in (blocks, batch, rows)
+#: layout): 2x2 blocks 13.8 vs 12.2, 4x4 blocks 9.9 vs 14.3, 8x8 blocks 8.4
+#: vs 19.9, 16x1 blocks 3.5 vs 5.7.
+BLOCK_MIN_AREA = 16
 #: Mean rows per rectangle below which the split is really rows of a band
 #: or of a random pattern, not blocks.
 BLOCK_MIN_ROWS = 2
@@ -55,8 +57,8 @@ def choose_kernel(pattern: SparsityPattern) -> str:
     """
     if pattern.nnz == 0:
         return "block"
-    blocks = detect_blocks(pattern)
-    if blocks.mean_area >= BLOCK_MIN_AREA and blocks.n_rows.mean() >= BLOCK_MIN_ROWS:
+    blocks = block_shape(pattern)
+    if blocks.mean_area >= BLOCK_MIN_AREA and blocks.mean_rows >= BLOCK_MIN_ROWS:
         return "block"
     band = detect_band(pattern)
     if band is not None and band.width >= BAND_MIN_WIDTH:

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops.linalg.sparse import sparse_csr_matrix_ops as csr_ops
 
-from sparselayers.ops.base import Kernel, constant
+from sparselayers.ops.base import Kernel, constant, index_dtype
 
 #: Entries per step of the values gradient. Small chunks keep the two
 #: ``(chunk, batch)`` gathers in cache: on the 2-core benchmark machine
@@ -24,14 +24,19 @@ _CSR_DTYPES = (tf.float32, tf.float64)
 
 
 class CSRKernel(Kernel):
-    """``SparseMatrixMatMul`` on CSR forms of ``W`` and ``W.T``.
+    """``SparseMatrixMatMul`` on the CSR form of ``W.T``.
 
-    The forward pass multiplies by ``W.T`` in CSR (so the product is
-    row-parallel over output units); the input gradient multiplies by ``W``;
-    the values gradient is a sampled dense-dense product
+    The pattern is held once, as the coordinates of ``W.T`` in its row-major
+    order (int64: the only type TF's CSR constructor takes) and the
+    permutations between that order and the canonical one (int32 where it
+    fits): 24 bytes per entry, and no larger transient than the CSR matrix.
+    Each call builds the CSR form of ``W.T`` and multiplies by it,
+    row-parallel over output units; the input gradient multiplies by its
+    transpose; the values gradient is a sampled dense-dense product
     ``sum_b x[b, i] * dy[b, j]`` evaluated in chunks of
-    :data:`GRADIENT_CHUNK` entries. TF's own CSR gradient is far slower.
-    Float16 and bfloat16 inputs are computed in float32. No XLA kernel.
+    :data:`GRADIENT_CHUNK` entries, each slicing its coordinates from the one
+    index array. TF's own CSR gradient is far slower. Float16 and bfloat16
+    inputs are computed in float32. No XLA kernel.
     """
 
     name = "csr"
@@ -39,26 +44,14 @@ class CSRKernel(Kernel):
 
     def __init__(self, pattern, *, chunk: int | None = None):
         super().__init__(pattern)
-        chunk = chunk or max(GRADIENT_CHUNK, -(-pattern.nnz // MAX_CHUNKS))
+        self._chunk = chunk or max(GRADIENT_CHUNK, -(-pattern.nnz // MAX_CHUNKS))
         n, m = pattern.shape
-        transposed = np.lexsort((pattern.rows, pattern.cols))
-        self._transposed_order = constant(transposed, tf.int64)
-        self._indices = constant(pattern.indices, tf.int64)
-        self._indices_t = constant(pattern.indices[transposed][:, ::-1], tf.int64)
-        # Flat (rows, cols, rows, cols, ...) per chunk: the custom gradient
-        # takes them as positional inputs.
-        self._chunks = [
-            constant(array[s : s + chunk], tf.int64)
-            for s in range(0, pattern.nnz, chunk)
-            for array in (pattern.rows, pattern.cols)
-        ]
-        self._shape = np.array([n, m], np.int64)
+        self._index_dtype = index_dtype(max(n, m, pattern.nnz))
+        order = np.lexsort((pattern.rows, pattern.cols))
+        self._indices_t = constant(pattern.indices[order][:, ::-1], tf.int64)
+        self._order = constant(order, self._index_dtype)
+        self._inverse = constant(np.argsort(order), self._index_dtype)
         self._shape_t = np.array([m, n], np.int64)
-
-    def _product(self, indices, values, shape, dense):
-        """``(A @ dense.T).T`` for the sparse ``A`` given in canonical COO."""
-        matrix = csr_ops.sparse_tensor_to_csr_sparse_matrix(indices, values, shape)
-        return csr_ops.sparse_matrix_mat_mul(matrix, dense, transpose_b=True, transpose_output=True)
 
     def __call__(self, x, values):
         dtype = x.dtype
@@ -68,26 +61,40 @@ class CSRKernel(Kernel):
         return tf.cast(y, dtype)
 
     def _matmul(self, x, values):
+        nnz, chunk, shape_t = self.pattern.nnz, self._chunk, self._shape_t
+
         # The index tensors are explicit inputs, not closures, so that a
         # SavedModel captures them with the forward function and can save
         # this custom gradient.
         @tf.custom_gradient
-        def matmul(x, values, indices, indices_t, order, *chunks):
-            y = self._product(indices_t, tf.gather(values, order), self._shape_t, x)
+        def matmul(x, values, indices_t, order, inverse):
+            def w_t():
+                return csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
+
+            # (W.T @ x.T).T = x @ W
+            y = csr_ops.sparse_matrix_mat_mul(w_t(), x, transpose_b=True, transpose_output=True)
 
             def grad(dy):
-                dx = self._product(indices, values, self._shape, dy)
+                # (W @ dy.T).T = dy @ W.T; an explicit transpose measured
+                # faster than the product's transpose_a. The matrix is built
+                # again: a SavedModel cannot save a gradient that captures
+                # the forward's intermediate tensors.
+                matrix = csr_ops.sparse_matrix_transpose(w_t(), type=x.dtype)
+                dx = csr_ops.sparse_matrix_mat_mul(matrix, dy, transpose_b=True, transpose_output=True)
                 x_t, dy_t = tf.transpose(x), tf.transpose(dy)
-                dvalues = []
-                for rows, cols in zip(chunks[::2], chunks[1::2]):
+                # The chunks start once dx is done, so that the CSR matrices
+                # are freed before their transients pile up.
+                parts = [dx]
+                for start in range(0, nnz, chunk):
                     # At most IN_FLIGHT chunks at a time: enough to keep the
                     # cores busy, few enough to keep the memory bound.
-                    waits_for = [dvalues[-IN_FLIGHT]] if len(dvalues) >= IN_FLIGHT else []
-                    with tf.control_dependencies(waits_for):
-                        dvalues.append(tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
-                dvalues = tf.concat(dvalues, 0) if dvalues else tf.zeros_like(values)
-                return (dx, dvalues, None, None, None, *[None] * len(chunks))
+                    with tf.control_dependencies([parts[-IN_FLIGHT]] if len(parts) >= IN_FLIGHT else [dx]):
+                        cols, rows = tf.unstack(tf.cast(indices_t[start : start + chunk], self._index_dtype), axis=1)
+                        parts.append(tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
+                # From W.T's order back to the canonical order of `values`.
+                dvalues = tf.gather(tf.concat(parts[1:], 0), inverse) if nnz else tf.zeros_like(values)
+                return dx, dvalues, None, None, None
 
             return y, grad
 
-        return matmul(x, values, self._indices, self._indices_t, self._transposed_order, *self._chunks)
+        return matmul(x, values, self._indices_t, self._order, self._inverse)

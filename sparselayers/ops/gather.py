@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from sparselayers.ops.base import INT32_LIMIT, Kernel, accumulation_cast, constant
+from sparselayers.ops.base import INT32_LIMIT, Kernel, accumulation_cast, constant, index_dtype
 
 
 class GatherKernel(Kernel):
@@ -20,8 +20,9 @@ class GatherKernel(Kernel):
 
     def __init__(self, pattern):
         super().__init__(pattern)
-        self._rows = constant(pattern.rows, tf.int64)
-        self._cols = constant(pattern.cols, tf.int64)
+        dtype = index_dtype(max(pattern.shape))
+        self._rows = constant(pattern.rows, dtype)
+        self._cols = constant(pattern.cols, dtype)
 
     def check_batch(self, batch):
         if batch * self.pattern.nnz > INT32_LIMIT:
