@@ -51,6 +51,7 @@ import tensorflow as tf
 from sparselayers._validation import check_int
 from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import fits_dense
+from sparselayers.ops.context import observing_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import detect_blocks
 
@@ -300,7 +301,8 @@ def _calls_on(model: keras.layers.Layer, x: Any) -> dict[int, tuple[int, str]]:
         raise ValueError(f"`x` must be a batch of at least one example. Received: x with shape {_shapes(shapes)}")
     _recording.calls = {}
     try:
-        model(x)
+        with observing_layers():
+            model(x)
     except (ValueError, TypeError) as error:
         raise ValueError(f"`x` must be a batch that `model` accepts. Received: x with shape {_shapes(shapes)}") from error
     finally:

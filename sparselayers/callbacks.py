@@ -95,6 +95,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers._validation import _short, check_int
+from sparselayers.ops.context import observing_layers
 from sparselayers.pattern_state import reset_compiled_functions
 from sparselayers.sparse_dense import SparseDense
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -662,7 +663,7 @@ class RigL(_DynamicSparsity):
         # StatelessScope: the probe must not move metrics, batch-norm
         # statistics or seed generators.
         with tf.GradientTape() as tape, keras.StatelessScope():
-            with _recording(layers, tape) as calls:
+            with _recording(layers, tape) as calls, observing_layers():
                 y_pred = self.model(x, training=True)
             loss = self.model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
         outputs = [out for layer in layers for _, out in calls[id(layer)]]

@@ -12,7 +12,7 @@ import tensorflow as tf
 from sparselayers import initializers as sparse_initializers
 from sparselayers import patterns
 from sparselayers._validation import _short, check_int
-from sparselayers.ops.context import kernel_context
+from sparselayers.ops.context import kernel_context, layers_observed
 from sparselayers.sparse_dense import SparseDense
 
 
@@ -146,8 +146,8 @@ class Towers(keras.layers.Layer):
         for layer, (a, b) in zip(rest, zip(self.widths[:-1], self.widths[1:])):
             weights = tf.reshape(tf.cast(layer.values, h.dtype), [self.n_towers, a, b])
             h = tf.matmul(h, weights)
-            if kernel_context() == "default":
-                h = layer._state.guard(h, layer.name)
+            if kernel_context() != "export":
+                h = layer._state.guard(h, layer.name, xla=kernel_context() == "xla")
             if layer.bias is not None:
                 h = h + tf.reshape(tf.cast(layer.bias, h.dtype), [self.n_towers, 1, b])
             if layer.activation is not None:
@@ -160,7 +160,7 @@ class Towers(keras.layers.Layer):
     def _in_tower_layout(self) -> bool:
         """True while every layer after the first still has its block-diagonal
         pattern (``set_pattern`` may replace it) and the block kernel."""
-        return len(self.tower_layers) > 1 and all(
+        return len(self.tower_layers) > 1 and not layers_observed() and all(
             layer.pattern is pattern and layer.kernel_name == "block"
             for layer, pattern in zip(self.tower_layers[1:], self._built_patterns[1:])
         )

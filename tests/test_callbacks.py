@@ -448,3 +448,20 @@ def test_rigl_completes_growth_at_random_when_few_gradients_are_nonzero():
     assert 0 < nonzero.size < n == grown.size
     assert np.isin(nonzero, grown).all()
     assert runs[0] == runs[1] and runs[0] != runs[2]  # the random rest follows the seed
+
+
+def test_rigl_sees_every_tower_layer_before_any_update():
+    """Towers fuses its block layers; while RigL records, each layer is called on its own."""
+    import tensorflow as tf
+
+    from sparselayers.callbacks import _recording
+    from sparselayers.ops.context import observing_layers
+
+    towers = sl.Towers(3, hidden_units=[4, 2], output_units=1)
+    model = keras.Sequential([keras.Input((5,)), towers])
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype("float32")
+    fused = model(x).numpy()
+    with tf.GradientTape() as tape, _recording(towers.tower_layers, tape) as calls, observing_layers():
+        observed = model(x).numpy()
+    assert all(len(calls[id(layer)]) == 1 for layer in towers.tower_layers)
+    np.testing.assert_allclose(observed, fused, rtol=1e-5, atol=1e-6)

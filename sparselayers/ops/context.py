@@ -110,3 +110,25 @@ def kernel_context() -> str:
     if _in_xla_context():
         return "xla"
     return "default"
+
+
+@contextlib.contextmanager
+def observing_layers() -> Iterator[None]:
+    """Within this block every layer call goes through its kernel seam.
+
+    Tools that watch :meth:`SparseDense._select_kernel` (``sl.autotune``
+    recording batches, RigL recording inputs and gradients) enter it, so that
+    containers with fused fast paths (``Towers``' tower layout) call their
+    layers one by one instead.
+    """
+    depth = getattr(_state, "observing", 0)
+    _state.observing = depth + 1
+    try:
+        yield
+    finally:
+        _state.observing = depth
+
+
+def layers_observed() -> bool:
+    """True inside :func:`observing_layers`."""
+    return getattr(_state, "observing", 0) > 0
