@@ -124,6 +124,9 @@ class BlockShape:
 
     mean_area: float
     mean_rows: float
+    #: Rectangles share input rows or output columns (scattered tiles, not a
+    #: block diagonal): the block kernel then gathers inputs and sums outputs.
+    shares_lines: bool = False
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,7 +135,8 @@ def block_shape(pattern: SparsityPattern) -> BlockShape:
     blocks = detect_blocks(pattern)
     if blocks is None:
         return BlockShape(0.0, 0.0)
-    return BlockShape(blocks.mean_area, float(blocks.n_rows.mean()))
+    shares = bool(blocks.n_rows.sum() > pattern.shape[0] or blocks.n_cols.sum() > pattern.shape[1])
+    return BlockShape(blocks.mean_area, float(blocks.n_rows.mean()), shares)
 
 
 def _diagonal_length(n: int, m: int, offsets: np.ndarray) -> np.ndarray:

@@ -239,3 +239,17 @@ def test_index_dtype_is_int32_where_every_index_fits():
 
     assert index_dtype(2**31 - 1) == tf.int32
     assert index_dtype(2**31) == tf.int64
+
+
+def test_auto_prefers_dense_for_scattered_tiles_past_the_dense_threshold():
+    rng = np.random.default_rng(0)
+    outer = np.zeros((32, 32), int)
+    outer.flat[rng.choice(32 * 32, 300, replace=False)] = 1  # 29% of the tiles
+    tiles = sl.patterns.block_sparse(outer, (16, 16))
+    assert tiles.density > sl.ops.choose.DENSE_MIN_DENSITY
+    assert sl.ops.choose_kernel(tiles) == "dense"
+    sparse_tiles = sl.patterns.block_sparse(np.eye(32, dtype=int) | np.eye(32, k=5, dtype=int), (16, 16))
+    assert sparse_tiles.density < sl.ops.choose.DENSE_MIN_DENSITY
+    assert sl.ops.choose_kernel(sparse_tiles) == "block"
+    wide_blocks = sl.patterns.block_diagonal([(128, 128)] * 4)  # 25% dense, rectangles share nothing
+    assert sl.ops.choose_kernel(wide_blocks) == "block"

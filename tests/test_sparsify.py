@@ -182,12 +182,19 @@ def test_a_higher_density_never_adds_connections():
     assert again.get_layer("d").pattern == once.get_layer("d").pattern
 
 
-def test_block_result_uses_the_block_kernel_with_partial_edge_tiles():
+def test_block_result_keeps_tiles_and_the_kernel_follows_density():
     model = one_dense((72, 40))  # 16 divides neither side
     for block in [(16, 16), (8, 8)]:
         layer = sl.sparsify(model, density=0.25, block=block).get_layer("d")
-        assert layer.kernel_name == "block", block
         assert layer.pattern.structure.startswith("block")
+    big = one_dense((512, 256))
+    for block in [(16, 16), (32, 32)]:
+        layer = sl.sparsify(big, density=0.04, block=block).get_layer("d")
+        assert layer.kernel_name == "block", block
+        # Past the dense threshold, tiles scattered over shared rows train
+        # faster densified (measured in docs/finding-a-pattern.md).
+        layer = sl.sparsify(big, density=0.25, block=block).get_layer("d")
+        assert layer.kernel_name == "dense", block
 
 
 # Models of every shape ------------------------------------------------------
