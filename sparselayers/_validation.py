@@ -6,6 +6,7 @@ expected, then ``Received: name=value``.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Any
 
@@ -96,3 +97,14 @@ def check_probability(value: Any, name: str) -> float:
     if not 0.0 <= value <= 1.0:  # also False for NaN
         raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
     return value
+
+
+def optional_module(name: str, needed_for: str, extra: str) -> Any:
+    """Imports the optional dependency ``name``, or raises ImportError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - depends on the environment
+        package = name.split(".")[0]
+        raise ImportError(
+            f"{needed_for}: pip install 'sparselayers[{extra}]' (or pip install {package})"
+        ) from None

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 import tensorflow as tf
 
-from sparselayers._validation import _short, check_int
+from sparselayers._validation import _short, check_int, optional_module
 from sparselayers.sparse_dense import SparseDense
 from sparselayers.sparsity_pattern import SparsityPattern, _quote
 
@@ -32,13 +32,7 @@ __all__ = ["ChainReport", "chain", "check_chain", "gradient_x_input", "layer_fra
 
 
 def _pandas() -> Any:
-    try:
-        import pandas
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "This function returns a pandas DataFrame: pip install 'sparselayers[pandas]' (or pip install pandas)"
-        ) from None
-    return pandas
+    return optional_module("pandas", "This function returns a pandas DataFrame", "pandas")
 
 
 # Building a chain -------------------------------------------------------------

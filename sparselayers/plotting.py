@@ -6,18 +6,13 @@ from typing import Any
 
 import numpy as np
 
+from sparselayers._validation import optional_module
 from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import describe, detect_blocks
 
 
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Plotting needs matplotlib: pip install 'sparselayers[plot]' (or pip install matplotlib)"
-        ) from None
-    return plt
+def _pyplot() -> Any:
+    return optional_module("matplotlib.pyplot", "Plotting needs matplotlib", "plot")
 
 
 def plot_pattern(
