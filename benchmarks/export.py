@@ -111,7 +111,7 @@ def run(n: int, densities: list[float], budget: float, rounds: int, directory: s
         calls, sizes, kernels = {}, {}, {}
         for variant, format, options in VARIANTS:  # noqa: A001
             with exporting(format, **options):
-                kernels[variant] = sparse.layers[-1]._select_kernel()[0].name
+                kernels[variant] = sparse.layers[-1]._select_kernel().name
             for name, model in (("sparse", sparse), ("dense", dense)):
                 if name == "dense" and options:
                     continue  # the dense baseline is the plain export

@@ -238,12 +238,12 @@ def autotune(
     True
     """
     from sparselayers.pattern_state import reset_compiled_functions
-    from sparselayers.sparse_dense import SparseDense
+    from sparselayers.sparse_dense import sparse_dense_layers
 
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model or layer. Received: model of type {type(model).__name__}")
     rounds = check_int(rounds, "rounds", minimum=1)
-    found = [layer for layer in model._flatten_layers(include_self=True, recursive=True) if isinstance(layer, SparseDense)]
+    found = sparse_dense_layers(model)
     if not found:
         raise ValueError(
             f"`model` must contain at least one SparseDense layer to tune. Received: model '{model.name}' without one"

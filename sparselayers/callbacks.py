@@ -97,7 +97,7 @@ import tensorflow as tf
 from sparselayers._validation import _short, check_int
 from sparselayers.ops.context import observing_layers
 from sparselayers.pattern_state import reset_compiled_functions
-from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 
 __all__ = ["RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers"]
@@ -124,27 +124,6 @@ def cosine_drop_fraction(step: int, drop_fraction: float, end_step: int) -> floa
     if step >= end_step:
         return 0.0
     return drop_fraction * (1.0 + math.cos(math.pi * step / end_step)) / 2.0
-
-
-def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
-    """Every `SparseDense` inside ``model``, nested models and ``Towers`` included.
-
-    Args:
-        model: a Keras model or layer (itself included if a SparseDense).
-
-    Returns:
-        The layers in a fixed traversal order (equal for equal architectures).
-
-    Example:
-
-    >>> import sparselayers as sl
-    >>> towers = sl.Towers(2, hidden_units=[3])
-    >>> towers.build((None, 4))
-    >>> sorted(layer.name for layer in sl.callbacks.sparse_dense_layers(towers))
-    ['tower_layer_0', 'tower_layer_1']
-    """
-    found = model._flatten_layers(include_self=True, recursive=True)
-    return [layer for layer in found if isinstance(layer, SparseDense)]
 
 
 def random_positions(
@@ -284,8 +263,7 @@ def _recording(layers: list[SparseDense], tape: tf.GradientTape) -> Iterator[dic
         choose = layer._select_kernel
 
         def recording_choice(*args, choose=choose, record=calls[id(layer)]):
-            kernel, context = choose(*args)
-            return _RecordingKernel(kernel, record, tape), context
+            return _RecordingKernel(choose(*args), record, tape)
 
         object.__setattr__(layer, "_select_kernel", recording_choice)
     try:

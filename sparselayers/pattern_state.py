@@ -28,6 +28,7 @@ import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 from tensorflow.python.trackable import base as trackable
 
+from sparselayers.ops.context import kernel_context
 from sparselayers.sparsity_pattern import SparsityPattern
 
 #: Key of the Keras weights store, and of the checkpoint, holding the pattern.
@@ -115,15 +116,19 @@ class PatternState:
         self._python_version += 1
         self.version.assign(self._python_version)
 
-    def guard(self, y: tf.Tensor, layer_name: str, *, xla: bool = False) -> tf.Tensor:
+    def guard(self, y: tf.Tensor, layer_name: str) -> tf.Tensor:
         """``y``, after checking in graphs that the pattern did not change since tracing.
 
         A stale graph raises ``InvalidArgumentError``; a stale XLA-compiled
-        graph, where asserts compile to nothing, returns NaN.
+        graph, where asserts compile to nothing, returns NaN. Exported and
+        saved graphs are traced anew and hold no version variable.
         """
         if tf.executing_eagerly() or save_context.in_save_context():
             return y
-        if xla:
+        context = kernel_context()
+        if context == "export":
+            return y
+        if context == "xla":
             # XLA compiles Assert as a no-op: a stale compiled graph returns
             # NaN instead, which no loss or metric can mistake for a result.
             stale = tf.not_equal(self.version.read_value(), tf.constant(self._python_version, tf.int64))

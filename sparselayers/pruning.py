@@ -17,7 +17,7 @@ import numpy as np
 from keras.src.models.functional import Functional
 
 from sparselayers.ops import check_kernel_name
-from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 
 # Regularizers and constraints that act entry by entry mean the same thing on
@@ -143,10 +143,7 @@ def _copy_state(layer: keras.layers.Layer, clone: keras.layers.Layer) -> None:
     A container's config (``Towers``) holds the patterns it was built with;
     RigL or SET may have moved them since, and values must follow.
     """
-    def inner(root: keras.layers.Layer) -> list[SparseDense]:
-        return [sub for sub in root._flatten_layers(include_self=True, recursive=True) if isinstance(sub, SparseDense)]
-
-    for old, new in zip(inner(layer), inner(clone)):
+    for old, new in zip(sparse_dense_layers(layer), sparse_dense_layers(clone)):
         if old.pattern != new.pattern:
             new.set_pattern(old.pattern)
     clone.set_weights(layer.get_weights())

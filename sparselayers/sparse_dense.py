@@ -40,6 +40,27 @@ def _identical(a: SparsityPattern, b: SparsityPattern) -> bool:
     return a == b and (a.input_names, a.output_names) == (b.input_names, b.output_names)
 
 
+def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
+    """Every `SparseDense` inside ``model``, nested models and ``Towers`` included.
+
+    Args:
+        model: a Keras model or layer (itself included if a SparseDense).
+
+    Returns:
+        The layers in a fixed traversal order (equal for equal architectures).
+
+    Example:
+
+    >>> import sparselayers as sl
+    >>> towers = sl.Towers(2, hidden_units=[3])
+    >>> towers.build((None, 4))
+    >>> sorted(layer.name for layer in sl.callbacks.sparse_dense_layers(towers))
+    ['tower_layer_0', 'tower_layer_1']
+    """
+    found = model._flatten_layers(include_self=True, recursive=True)
+    return [layer for layer in found if isinstance(layer, SparseDense)]
+
+
 @keras.saving.register_keras_serializable(package="sparselayers")
 class SparseDense(keras.layers.Layer):
     """Densely-connected layer restricted to a fixed sparsity pattern.
@@ -228,7 +249,7 @@ class SparseDense(keras.layers.Layer):
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
 
-    def _select_kernel(self, flat: tf.Tensor | None = None):
+    def _select_kernel(self, flat: tf.Tensor | None = None) -> Any:
         """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
 
         In the default context a ``kernel="auto"`` layer takes a kernel
@@ -237,12 +258,12 @@ class SparseDense(keras.layers.Layer):
         """
         context = kernel_context()
         if context == "export":
-            return export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto"), context
+            return export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto")
         if context == "xla":
             name = self.jit_kernel_name
         else:
             name = self.kernel_name if flat is None else kernel_for_call(self, flat)
-        return get_kernel(name, self.pattern), context
+        return get_kernel(name, self.pattern)
 
     def call(self, inputs):
         x = inputs
@@ -254,12 +275,10 @@ class SparseDense(keras.layers.Layer):
             x = tf.cast(x, self.compute_dtype)
         values = tf.cast(self.values, x.dtype)
         flat = tf.reshape(x, [-1, self.input_dim])
-        kernel, context = self._select_kernel(flat)
+        kernel = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
-        y = kernel(flat, values)
-        if context != "export":
-            y = self._state.guard(y, self.name, xla=context == "xla")
+        y = self._state.guard(kernel(flat, values), self.name)
         if len(x.shape) != 2:
             y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         if self.bias is not None:

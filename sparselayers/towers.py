@@ -12,7 +12,7 @@ import tensorflow as tf
 from sparselayers import initializers as sparse_initializers
 from sparselayers import patterns
 from sparselayers._validation import _short, check_int
-from sparselayers.ops.context import kernel_context, layers_observed
+from sparselayers.ops.context import layers_observed
 from sparselayers.sparse_dense import SparseDense
 
 
@@ -145,9 +145,7 @@ class Towers(keras.layers.Layer):
         h = tf.transpose(tf.reshape(h, [-1, self.n_towers, self.widths[0]]), [1, 0, 2])
         for layer, (a, b) in zip(rest, zip(self.widths[:-1], self.widths[1:])):
             weights = tf.reshape(tf.cast(layer.values, h.dtype), [self.n_towers, a, b])
-            h = tf.matmul(h, weights)
-            if kernel_context() != "export":
-                h = layer._state.guard(h, layer.name, xla=kernel_context() == "xla")
+            h = layer._state.guard(tf.matmul(h, weights), layer.name)
             if layer.bias is not None:
                 h = h + tf.reshape(tf.cast(layer.bias, h.dtype), [self.n_towers, 1, b])
             if layer.activation is not None:

@@ -128,7 +128,7 @@ def test_the_cache_can_be_disabled(cache_dir, monkeypatch):
     assert not (cache_dir / "autotune.json").exists()
     fresh = sl.SparseDense(RANDOM)
     fresh(x_for(RANDOM))
-    assert fresh._select_kernel(tf.zeros((8, 24)))[0].name == sl.ops.choose_kernel(RANDOM)
+    assert fresh._select_kernel(tf.zeros((8, 24))).name == sl.ops.choose_kernel(RANDOM)
 
 
 def test_a_fresh_auto_layer_uses_the_cached_choice_for_its_batch_bucket():
@@ -140,20 +140,20 @@ def test_a_fresh_auto_layer_uses_the_cached_choice_for_its_batch_bucket():
     layer.build((None, 24))
 
     def used(batch):
-        return layer._select_kernel(tf.zeros((batch, 24)))[0].name
+        return layer._select_kernel(tf.zeros((batch, 24))).name
 
     assert used(5) == used(8) == "gather"  # 5..8 share the bucket of 6
     assert used(4) == used(9) == static
-    assert layer._select_kernel()[0].name == static  # batch unknown: the static rule
+    assert layer._select_kernel().name == static  # batch unknown: the static rule
 
     # In a trace, from the static batch; an unknown batch keeps the static rule.
     traced = []
     original = layer._select_kernel
 
     def spy(flat=None):
-        kernel, context = original(flat)
+        kernel = original(flat)
         traced.append(kernel.name)
-        return kernel, context
+        return kernel
 
     layer._select_kernel = spy
     tf.function(layer)(tf.zeros((7, 24)))
@@ -161,7 +161,7 @@ def test_a_fresh_auto_layer_uses_the_cached_choice_for_its_batch_bucket():
     assert traced == ["gather", static]
 
     assert layer.get_config()["kernel"] == "auto"
-    assert sl.SparseDense(RANDOM, kernel="csr")._select_kernel(tf.zeros((8, 24)))[0].name == "csr"
+    assert sl.SparseDense(RANDOM, kernel="csr")._select_kernel(tf.zeros((8, 24))).name == "csr"
     layer.set_kernel("csr")  # an explicit choice other than the static rule's beats the cache
     assert used(8) == "csr"
 
@@ -174,7 +174,7 @@ def test_tuned_models_save_kernel_auto(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.layers[0].get_config()["kernel"] == "auto"
-    assert loaded.layers[0]._select_kernel(tf.zeros((8, 24)))[0].name == "gather"  # from this device's cache
+    assert loaded.layers[0]._select_kernel(tf.zeros((8, 24))).name == "gather"  # from this device's cache
 
 
 @pytest.mark.parametrize(
@@ -206,7 +206,7 @@ def test_cached_entries_naming_unknown_kernels_are_ignored(cache_dir):
     autotune_module._memory.clear()  # as a new process would
     layer = sl.SparseDense(RANDOM)
     layer.build((None, 24))
-    assert layer._select_kernel(tf.zeros((8, 24)))[0].name == sl.ops.choose_kernel(RANDOM)
+    assert layer._select_kernel(tf.zeros((8, 24))).name == sl.ops.choose_kernel(RANDOM)
     report = sl.autotune(one_layer_model(RANDOM), x_for(RANDOM), rounds=1, timer=timer_from({"csr": 1.0}))
     assert report[0].source == "measured" and report[0].chosen == "csr"
 
@@ -315,8 +315,8 @@ def test_batch_counts_the_rows_of_the_flattened_input_and_dtype_is_part_of_the_k
     assert report[0].dtype == "float16" and report[0].chosen == "csr" and report[0].source == "measured"
     fresh = sl.SparseDense(RANDOM)
     fresh.build((None, 24))
-    assert fresh._select_kernel(tf.zeros((16, 24)))[0].name == "gather"  # the float32 measurement
-    assert fresh._select_kernel(tf.zeros((16, 24), tf.float16))[0].name == "csr"
+    assert fresh._select_kernel(tf.zeros((16, 24))).name == "gather"  # the float32 measurement
+    assert fresh._select_kernel(tf.zeros((16, 24), tf.float16)).name == "csr"
 
 
 def test_a_kernel_variant_is_timed_like_any_kernel(monkeypatch):

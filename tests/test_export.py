@@ -67,7 +67,7 @@ def test_exported_artifact_computes_the_layer(case, format, tmp_path):  # noqa: 
     layer = sl.SparseDense(pattern, kernel=kernel)
     model = _model(layer, (pattern.shape[0],))
     with exporting(format):
-        assert layer._select_kernel()[0].name == expected_kernel
+        assert layer._select_kernel().name == expected_kernel
     artifact = sl.export.ExportedModel(_export(model, tmp_path, format))
     values, bias = (keras.ops.convert_to_numpy(w) for w in (layer.values, layer.bias))
     for batch in (1, 7):  # one artifact, two batch sizes: the batch dimension is dynamic
@@ -218,9 +218,9 @@ def test_litert_sparse_weights_option_exports_the_dense_form_stored_sparse(tmp_p
     layer = sl.SparseDense(pattern)
     model = _model(layer, (256,))
     with exporting("litert", **sparsity):
-        assert layer._select_kernel()[0].name == "dense"
+        assert layer._select_kernel().name == "dense"
     with exporting("onnx", **sparsity):  # a LiteRT converter option: ONNX ignores it
-        assert layer._select_kernel()[0].name == "ell"
+        assert layer._select_kernel().name == "ell"
     model(np.zeros((1, 256), "float32"))
     path = os.path.join(tmp_path, "sparse.tflite")
     model.export(path, format="litert", verbose=False, **sparsity)
