@@ -90,6 +90,29 @@ def test_towers_and_3d_inputs_export(format, tmp_path):  # noqa: A002
 
 
 @pytest.mark.parametrize("format", FORMATS)
+def test_an_evolved_pattern_exports_with_its_current_connections(format, tmp_path):  # noqa: A002
+    """After set_pattern (RigL, SET, sparsify), the artifact pairs each value with its new connection."""
+    inputs = keras.Input((12,))
+    first = sl.SparseDense(sl.patterns.banded((12, 12), lower=2, upper=2), activation="relu")
+    towers = sl.Towers(3, hidden_units=[4], output_units=1)
+    model = keras.Model(inputs, towers(first(inputs)))
+    rng = np.random.default_rng(0)
+    for layer in [first, *towers.tower_layers[1:]]:
+        n, m = layer.pattern.shape
+        linear = np.sort(rng.choice(n * m, layer.pattern.nnz, replace=False))
+        layer.set_pattern(sl.SparsityPattern.from_coo(linear // m, linear % m, shape=(n, m)),
+                          values=rng.normal(size=layer.pattern.nnz))
+    x = rng.normal(size=(7, 12)).astype("float32")
+    want = np.maximum(reference.forward(x, first.pattern, first.values.numpy(), first.bias.numpy()), 0)
+    for k, layer in enumerate(towers.tower_layers):
+        want = reference.forward(want, layer.pattern, layer.values.numpy(), layer.bias.numpy())
+        if k < len(towers.tower_layers) - 1:
+            want = np.maximum(want, 0)
+    artifact = sl.export.ExportedModel(_export(model, tmp_path, format))
+    np.testing.assert_allclose(artifact(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("kernel", ["csr", "sparse_dense_matmul"])
 def test_forced_kernel_without_export_form_fails_before_writing(kernel, format, tmp_path):  # noqa: A002
     model = _model(sl.SparseDense(sl.patterns.random((8, 4), density=0.5, seed=0), kernel=kernel), (8,))
