@@ -98,16 +98,30 @@ def test_dense_kernel_in_row_slices(pattern, parts):
     np.testing.assert_allclose(d_values.numpy(), ref_dv, rtol=1e-4, atol=1e-4)
 
 
-def test_csr_gradient_in_several_chunks():
+@given(any_patterns, st.integers(1, 9), st.integers(1, 40), st.integers(1, 5))
+def test_grouped_sampled_product_matches_float64(pattern, group, chunk_entries, batch):
+    """Every group size and chunking, padded groups and columns included."""
+    from sparselayers.ops.sampled import GroupedSampledProduct
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, pattern.shape[0]))
+    dy = rng.normal(size=(batch, pattern.shape[1]))
+    product = GroupedSampledProduct(pattern, group=group, chunk_entries=chunk_entries)
+    got = product(tf.constant(x, tf.float32), tf.constant(dy, tf.float32)).numpy()
+    np.testing.assert_allclose(got, np.einsum("bk,bk->k", x[:, pattern.rows], dy[:, pattern.cols]), atol=1e-5)
+
+
+def test_csr_gradient_with_other_group_sizes():
     pattern = sl.patterns.random((50, 40), density=0.3, seed=0)
-    kernel = sl.ops.CSRKernel(pattern, chunk=7)
     x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))
-    with tf.GradientTape() as tape:
-        tape.watch(values)
-        loss = tf.reduce_sum(kernel(x, values))
     upstream = np.ones((x.shape[0], pattern.shape[1]))
-    np.testing.assert_allclose(tape.gradient(loss, values).numpy(),
-                               reference.gradients(x.numpy(), pattern, values.numpy(), upstream)[1], rtol=1e-4, atol=1e-4)
+    expected = reference.gradients(x.numpy(), pattern, values.numpy(), upstream)[1]
+    for group in (1, 3, 64):
+        kernel = sl.ops.CSRKernel(pattern, group=group)
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss = tf.reduce_sum(kernel(x, values))
+        np.testing.assert_allclose(tape.gradient(loss, values).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [k for k in ALL_KERNELS if sl.ops.KERNELS[k].supports_jit])
