@@ -5,8 +5,10 @@
 
 Each case times, in one process and side by side, the forward pass and one
 training step (forward, MSE loss, gradients w.r.t. weights and inputs, SGD
-update) of every method, as the median of repeated runs of a compiled
-``tf.function``, the methods taking turns round by round. Peak memory of a training step is measured per method in a
+update) of every method, as a compiled ``tf.function`` in steady state:
+round after round, each method runs one untimed step and then
+``CONSECUTIVE`` timed steps in a row, and the median over rounds is
+reported. Peak memory of a training step is measured per method in a
 fresh subprocess (peak RSS growth), since allocations cannot be attributed
 inside one process. Results: ``results/results.md`` (tables),
 ``results/results.json`` and ``results/density.png``.
@@ -35,6 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_METHODS = ["auto", "block", "banded", "csr", "dense", "gather", "sparse_dense_matmul"]
 # The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
 GATHER_MAX_PRODUCTS = 2**27
+# Timed steps in a row per method and round (after one untimed step).
+CONSECUTIVE = 3
 # Forward-only latency is also timed at these batch sizes.
 LATENCY_BATCHES = (1, 32)
 
@@ -175,11 +179,18 @@ def _run(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(calls: dict, budget: float, min_rounds: int = 5, max_rounds: int = 15) -> dict:
-    """Median seconds of each call, timed in rounds so that drift on a shared
-    machine hits every method alike; each call is warmed up first. The order
-    is shuffled every round: a call right after a memory-hungry one pays for
-    re-faulting freed memory, and that must not always be the same call."""
+def interleaved_medians(
+    calls: dict, budget: float, min_rounds: int = 5, max_rounds: int = 15, consecutive: int = CONSECUTIVE
+) -> dict:
+    """Median seconds per call of each call, in steady state.
+
+    Calls take turns round by round, so that drift on a shared machine hits
+    every method alike, and the order is shuffled every round. Within a
+    round each call runs ``consecutive`` times in a row after one untimed
+    run: the first step after another model pays for refilling the caches
+    (and re-faulting memory) that model evicted, which a training loop,
+    calling one model step after step, never does. Each call is warmed up
+    (traced) first."""
     for fn, args in calls.values():
         _run(fn, *args)
     times = {name: [] for name in calls}
@@ -188,9 +199,10 @@ def interleaved_medians(calls: dict, budget: float, min_rounds: int = 5, max_rou
     while True:
         for k in order.permutation(len(names)):
             fn, args = calls[names[k]]
-            times[names[k]].append(_run(fn, *args))
+            _run(fn, *args)  # the step that refills the caches, untimed
+            times[names[k]].append(sum(_run(fn, *args) for _ in range(consecutive)) / consecutive)
         rounds = len(next(iter(times.values())))
-        slowest = max(sum(t) for t in times.values())
+        slowest = max(sum(t) for t in times.values()) * (consecutive + 1)
         if rounds >= max_rounds or (rounds >= min_rounds and slowest >= budget):
             return {name: float(np.median(t)) for name, t in times.items()}
 
