@@ -37,9 +37,10 @@ QUESTIONS = {
          sl.patterns.banded((4096, 4096), lower=h, upper=h), ["banded", "dense"])
         for h in [64, 128, 256, 512, 2048]
     ],
-    "density (dense vs csr)": [
-        (f"random {d:g}", sl.patterns.random((4096, 4096), density=d, seed=0), ["dense", "csr"])
-        for d in [0.02, 0.03, 0.05, 0.08]
+    "density (dense vs the csr values-gradient strategies)": [
+        (f"random {d:g}", sl.patterns.random((4096, 4096), density=d, seed=0),
+         ["dense", "csr", "csr_gather", "csr_dense_grad"])
+        for d in [0.001, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1]
     ],
 }
 
@@ -51,7 +52,8 @@ def main() -> None:
     for question, cases in QUESTIONS.items():
         if only not in question:
             continue
-        print(f"## {question}\n\n| pattern | auto picks | " + " | ".join(cases[0][2]) + " |\n|---|---|---:|---:|")
+        print(f"## {question}\n\n| pattern | auto picks | " + " | ".join(cases[0][2]) + " |\n|---|---|"
+              + "---:|" * len(cases[0][2]))
         for label, pattern, kernels in cases:
             x = tf.constant(rng.normal(size=(256, pattern.shape[0])).astype("float32"))
             y = tf.constant(rng.normal(size=(256, pattern.shape[1])).astype("float32"))

@@ -358,8 +358,8 @@ def _eligible(
     for name in _candidate_names():
         try:
             check_kernel_name(name, pattern)
-            if name == "dense" and not fits_dense(pattern):
-                raise ValueError("the dense kernel would not fit in memory")
+            if name in ("dense", "csr_dense_grad") and not fits_dense(pattern):
+                raise ValueError(f"the {name} kernel's dense product would not fit in memory")
             kernel = get_kernel(name, pattern)
             kernel.check_batch(batch)
             needed = _transient_bytes(kernel, name, pattern, batch, itemsize)
@@ -403,6 +403,8 @@ def _transient_bytes(kernel: Any, name: str, pattern: SparsityPattern, batch: in
         return 4 * batch * rectangle_sides * itemsize
     if name == "dense":
         return 3 * pattern.shape[0] * pattern.shape[1] * itemsize
+    if name == "csr_dense_grad":
+        return pattern.shape[0] * pattern.shape[1] * itemsize
     return 0
 
 

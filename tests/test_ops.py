@@ -160,16 +160,17 @@ def test_sparse_matmul_function_and_bad_kernel_name():
         (sl.patterns.block_diagonal([(2, 2)] * 200), "csr"),
         (sl.patterns.dense((30, 20)), "block"),
         (sl.patterns.banded((500, 500), lower=16, upper=16), "banded"),
-        (sl.patterns.banded((500, 500), lower=8, upper=8), "csr"),
+        (sl.patterns.banded((500, 500), lower=8, upper=8), "csr_dense_grad"),
         (sl.patterns.banded((4096, 4096), lower=2048, upper=2048), "dense"),
         (sl.patterns.banded((300, 300), lower=20, upper=20), "banded"),
         (sl.patterns.banded((500, 500), lower=1, upper=1), "csr"),
         (sl.patterns.random((500, 500), density=0.2, seed=0), "dense"),
         (sl.patterns.random((500, 500), density=0.01, seed=0), "csr"),
+        (sl.patterns.random((500, 500), density=0.03, seed=0), "csr_dense_grad"),
         (sl.patterns.random((10000, 8000), density=0.06, seed=0), "csr"),
         (sl.SparsityPattern.from_coo([], [], (5, 5)), "block"),
     ],
-    ids=["big-blocks", "8x8-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-17", "75%-band", "13%-band", "narrow-band", "dense-ish", "sparse", "too-big-for-dense", "empty"],
+    ids=["big-blocks", "8x8-blocks", "4x4-blocks", "2x2-blocks", "dense", "wide-band", "band-17", "75%-band", "13%-band", "narrow-band", "dense-ish", "sparse", "few-percent", "too-big-for-dense", "empty"],
 )
 def test_auto_follows_the_documented_rule(pattern, expected):
     from sparselayers.ops import choose
@@ -186,6 +187,8 @@ def test_auto_follows_the_documented_rule(pattern, expected):
         rule = "dense" if pattern.density >= choose.BAND_MAX_DENSITY and dense_fits else "banded"
     elif pattern.density >= choose.DENSE_MIN_DENSITY and np.prod(pattern.shape) <= choose.DENSE_MAX_ENTRIES:
         rule = "dense"
+    elif pattern.density >= choose.CSR_DENSE_GRAD_MIN_DENSITY and np.prod(pattern.shape) <= choose.DENSE_MAX_ENTRIES:
+        rule = "csr_dense_grad"
     else:
         rule = "csr"
     assert rule == expected

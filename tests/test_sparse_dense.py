@@ -192,7 +192,7 @@ def test_loading_values_that_disagree_with_the_pattern_fails(tmp_path):
 
 
 def test_supports_jit_is_truthful_and_jit_compile_true_still_trains():
-    pattern = sl.patterns.random((200, 10), density=0.02, seed=0)
+    pattern = sl.patterns.random((200, 10), density=0.01, seed=0)
     assert sl.SparseDense(sl.patterns.block_diagonal([(16, 16)] * 2)).supports_jit
     layer = sl.SparseDense(pattern)
     assert layer.kernel_name == "csr" and layer.jit_kernel_name == "dense" and layer.supports_jit

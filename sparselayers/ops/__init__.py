@@ -24,7 +24,7 @@ from sparselayers.ops.banded import BandedKernel
 from sparselayers.ops.base import Kernel
 from sparselayers.ops.block import BlockKernel
 from sparselayers.ops.choose import choose_export_kernel, choose_jit_kernel, choose_kernel
-from sparselayers.ops.csr import CSRKernel
+from sparselayers.ops.csr import CSRDenseGradKernel, CSRGatherKernel, CSRKernel
 from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.gather import GatherKernel
 from sparselayers.ops.sparse_tensor import SparseTensorKernel
@@ -33,7 +33,10 @@ from sparselayers.sparsity_pattern import SparsityPattern
 #: Every kernel by name; ``kernel=`` arguments take these names or "auto".
 KERNELS: dict[str, type[Kernel]] = {
     k.name: k
-    for k in (SparseTensorKernel, CSRKernel, BlockKernel, BandedKernel, DenseKernel, GatherKernel)
+    for k in (
+        SparseTensorKernel, CSRKernel, CSRGatherKernel, CSRDenseGradKernel, BlockKernel, BandedKernel, DenseKernel,
+        GatherKernel,
+    )
 }
 
 __all__ = [
@@ -41,6 +44,8 @@ __all__ = [
     "Kernel",
     "BandedKernel",
     "BlockKernel",
+    "CSRDenseGradKernel",
+    "CSRGatherKernel",
     "CSRKernel",
     "DenseKernel",
     "GatherKernel",

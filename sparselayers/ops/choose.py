@@ -30,6 +30,13 @@ BAND_MAX_DENSITY = 0.15
 #: Density from which multiplying by the densified kernel beats CSR: at 5%
 #: 87.2 vs 75.8, at 8% 86.3 vs 127.0.
 DENSE_MIN_DENSITY = 0.06
+#: Density from which CSR products with the values gradient read from the
+#: dense ``x.T @ dy`` (one GEMM) beat the grouped sampled product (2-core
+#: Intel Xeon, under load, csr vs csr_dense_grad: 1% 64.0 vs 90.4, 2% 117.7
+#: vs 110.8, 3% 113.1 vs 73.2, 5% 282.1 vs 165.0; the dense kernel 225.0 at
+#: 5%, 229.1 at 10% where csr_dense_grad took 247.9). The cost ratio of the
+#: two depends on the density alone, not on shape or batch.
+CSR_DENSE_GRAD_MIN_DENSITY = 0.02
 #: Largest ``input_dim * units`` the dense kernel may materialise (256 MiB f32).
 DENSE_MAX_ENTRIES = 2**26
 
@@ -49,7 +56,9 @@ def choose_kernel(pattern: SparsityPattern) -> str:
        and the dense kernel fits;
     3. ``"dense"`` from a density of :data:`DENSE_MIN_DENSITY`, if the dense
        kernel fits in :data:`DENSE_MAX_ENTRIES`;
-    4. ``"csr"`` otherwise.
+    4. ``"csr_dense_grad"`` from a density of
+       :data:`CSR_DENSE_GRAD_MIN_DENSITY`, if the dense product fits;
+    5. ``"csr"`` otherwise.
 
     >>> import sparselayers as sl
     >>> sl.ops.choose_kernel(sl.patterns.block_diagonal([(16, 16)] * 8))
@@ -73,6 +82,8 @@ def choose_kernel(pattern: SparsityPattern) -> str:
         return "dense" if pattern.density >= BAND_MAX_DENSITY and fits_dense(pattern) else "banded"
     if dense_fits:
         return "dense"
+    if pattern.density >= CSR_DENSE_GRAD_MIN_DENSITY and fits_dense(pattern):
+        return "csr_dense_grad"
     return "csr"
 
 

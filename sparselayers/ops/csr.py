@@ -7,7 +7,7 @@ import tensorflow as tf
 from tensorflow.python.ops.linalg.sparse import sparse_csr_matrix_ops as csr_ops
 
 from sparselayers.ops.base import Kernel, constant, index_dtype
-from sparselayers.ops.sampled import GroupedSampledProduct
+from sparselayers.ops.sampled import STRATEGIES
 
 _CSR_DTYPES = (tf.float32, tf.float64)
 
@@ -24,17 +24,20 @@ class CSRKernel(Kernel):
     transpose; the values gradient is a sampled dense-dense product
     ``sum_b x[b, i] * dy[b, j]``, computed by
     :class:`~sparselayers.ops.sampled.GroupedSampledProduct` in small
-    matmuls over groups of output columns. TF's own CSR gradient is far
-    slower. Float16 and bfloat16 inputs are computed in float32. No XLA
+    matmuls over groups of output columns (``options`` go to it). TF's own
+    CSR gradient is far slower. The subclasses below use the other
+    strategies for the values gradient; ``sl.autotune`` times them all. Float16 and bfloat16 inputs are computed in float32. No XLA
     kernel.
     """
 
     name = "csr"
     supports_jit = False
+    #: The values-gradient strategy (:data:`sparselayers.ops.sampled.STRATEGIES`).
+    values_gradient = "grouped"
 
-    def __init__(self, pattern, *, group: int | None = None):
+    def __init__(self, pattern, **options):
         super().__init__(pattern)
-        self._sampled = GroupedSampledProduct(pattern, **({} if group is None else {"group": group}))
+        self._sampled = STRATEGIES[self.values_gradient](pattern, **options)
         n, m = pattern.shape
         self._index_dtype = index_dtype(max(n, m, pattern.nnz))
         order = np.lexsort((pattern.rows, pattern.cols))
@@ -79,3 +82,20 @@ class CSRKernel(Kernel):
             return y, grad
 
         return matmul(x, values, self._indices_t, self._order, *self._sampled.tensors)
+
+
+class CSRGatherKernel(CSRKernel):
+    """:class:`CSRKernel` whose values gradient gathers both operands per entry
+    (:class:`~sparselayers.ops.sampled.GatheredSampledProduct`)."""
+
+    name = "csr_gather"
+    values_gradient = "gather"
+
+
+class CSRDenseGradKernel(CSRKernel):
+    """:class:`CSRKernel` whose values gradient is read from the dense ``x.T @ dy``
+    (:class:`~sparselayers.ops.sampled.DenseSampledProduct`): a GEMM, for
+    devices where it beats gathers. Needs the dense kernel's memory."""
+
+    name = "csr_dense_grad"
+    values_gradient = "dense"

@@ -121,3 +121,58 @@ class GroupedSampledProduct:
                 product = tf.matmul(gathered, dy_groups[start:stop], transpose_b=True)
                 parts.append(tf.gather(tf.reshape(product, [-1]), local[entries[k] : entries[k + 1]]))
         return tf.gather(tf.concat(parts, 0) if len(parts) > 1 else parts[0], canonical)
+
+
+class GatheredSampledProduct:
+    """The same products by gathering both operands per entry and reducing.
+
+    For each chunk of :data:`CHUNK_ENTRIES` entries, the rows of ``x.T`` and
+    ``dy.T`` are gathered, multiplied and summed over the batch: no wasted
+    FLOPs but three ``(chunk, batch)`` temporaries per chunk. Holds int32
+    (where they fit) rows and columns, 8 bytes per entry.
+    """
+
+    def __init__(self, pattern, *, chunk_entries: int = CHUNK_ENTRIES):
+        n, m = pattern.shape
+        self.nnz = pattern.nnz
+        chunk = max(chunk_entries, -(-self.nnz // MAX_CHUNKS))
+        self._bounds = list(range(0, self.nnz, chunk)) + [self.nnz]
+        self.tensors = (constant(pattern.rows, index_dtype(n)), constant(pattern.cols, index_dtype(m)))
+
+    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The ``(nnz,)`` products, in the pattern's canonical order."""
+        if not self.nnz:
+            return tf.zeros([0], x.dtype)
+        rows, cols = self.tensors if tensors is None else tensors
+        x_t, dy_t = tf.transpose(x), tf.transpose(dy)
+        parts: list[tf.Tensor] = []
+        for start, stop in zip(self._bounds[:-1], self._bounds[1:]):
+            with tf.control_dependencies(parts[-2:-1]):
+                gathered = tf.gather(x_t, rows[start:stop]) * tf.gather(dy_t, cols[start:stop])
+                parts.append(tf.reduce_sum(gathered, axis=1))
+        return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+class DenseSampledProduct:
+    """The same products as entries of the dense ``x.T @ dy``.
+
+    One GEMM of ``input_dim x units`` outputs, whatever the density: on
+    devices with a fast GEMM and slow gathers (GPUs) this can be the fastest
+    strategy from a few percent of density. Holds the entries' flat
+    positions, 4 bytes each where they fit; the transient is the dense
+    ``(input_dim, units)`` product.
+    """
+
+    def __init__(self, pattern):
+        n, m = pattern.shape
+        self.nnz = pattern.nnz
+        self.tensors = (constant(pattern.rows.astype(np.int64) * m + pattern.cols, index_dtype(n * m)),)
+
+    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The ``(nnz,)`` products, in the pattern's canonical order."""
+        (positions,) = self.tensors if tensors is None else tensors
+        return tf.gather(tf.reshape(tf.matmul(x, dy, transpose_a=True), [-1]), positions)
+
+
+#: The values-gradient strategies by name, as the csr kernels use them.
+STRATEGIES = {"grouped": GroupedSampledProduct, "gather": GatheredSampledProduct, "dense": DenseSampledProduct}
