@@ -403,8 +403,8 @@ def _transient_bytes(kernel: Any, name: str, pattern: SparsityPattern, batch: in
         return 4 * batch * rectangle_sides * itemsize
     if name == "dense":
         return 3 * pattern.shape[0] * pattern.shape[1] * itemsize
-    if name == "csr_dense_grad":
-        return pattern.shape[0] * pattern.shape[1] * itemsize
+    if name == "csr_dense_grad":  # computed in float32 at least
+        return pattern.shape[0] * pattern.shape[1] * max(itemsize, 4)
     return 0
 
 

@@ -111,6 +111,24 @@ def test_grouped_sampled_product_matches_float64(pattern, group, chunk_entries, 
     np.testing.assert_allclose(got, np.einsum("bk,bk->k", x[:, pattern.rows], dy[:, pattern.cols]), atol=1e-5)
 
 
+def test_grouped_sampled_product_pads_little_with_hub_columns():
+    """One column fed by every input, or Zipf-like column counts, must not set
+    every group's padded size (the gather would grow with the hub)."""
+    from sparselayers.ops.sampled import GroupedSampledProduct
+
+    rng = np.random.default_rng(0)
+    base = sl.patterns.random((2000, 2000), density=0.001, seed=0)
+    hub = base | sl.SparsityPattern.from_coo(np.arange(2000), np.full(2000, 7), (2000, 2000))
+    zipf = sl.SparsityPattern.from_edges(rng.integers(0, 2000, 30000), rng.zipf(1.5, 30000) % 2000, 2000, 2000)
+    for pattern in (hub, zipf):
+        product = GroupedSampledProduct(pattern)
+        slots = product.tensors[0].shape[0] * product.padded
+        assert slots <= 1.5 * pattern.nnz, (slots, pattern.nnz)
+        x, dy = rng.normal(size=(3, 2000)), rng.normal(size=(3, 2000))
+        got = product(tf.constant(x, tf.float32), tf.constant(dy, tf.float32)).numpy()
+        np.testing.assert_allclose(got, np.einsum("bk,bk->k", x[:, pattern.rows], dy[:, pattern.cols]), atol=1e-5)
+
+
 def test_csr_gradient_with_other_group_sizes():
     pattern = sl.patterns.random((50, 40), density=0.3, seed=0)
     x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))

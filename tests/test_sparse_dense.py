@@ -217,6 +217,10 @@ BAD_LAYER_ARGS = [
     (dict(pattern=sl.patterns.dense((2, 2)), kernel="fastest"), ValueError, "Received: kernel='fastest'"),
     (dict(pattern=sl.patterns.dense((2, 2)), use_bias="yes"), TypeError, "use_bias"),
     (dict(pattern=sl.patterns.random((9, 9), density=0.3, seed=0), kernel="banded"), ValueError, "banded"),
+    (dict(pattern=sl.SparsityPattern.from_coo([0], [0], (100_000, 100_000)), kernel="csr_dense_grad"),
+     ValueError, "Received: kernel='csr_dense_grad'"),
+    (dict(pattern=sl.SparsityPattern.from_coo([0], [0], (100_000, 100_000)), kernel="dense"),
+     ValueError, "37.3 GiB"),
     (dict(pattern=sl.patterns.dense((2, 2)), activation="nope"), ValueError, "nope"),
 ]
 

@@ -66,6 +66,16 @@ def check_kernel_name(kernel: object, pattern: SparsityPattern) -> str:
         raise ValueError(
             f"`kernel` must be 'auto' or one of {sorted(KERNELS)}. Received: kernel={kernel!r}"
         )
+    if kernel in ("dense", "csr_dense_grad"):
+        from sparselayers.ops.choose import DENSE_HARD_LIMIT
+
+        cells = pattern.shape[0] * pattern.shape[1]
+        if cells > DENSE_HARD_LIMIT:
+            raise ValueError(
+                f"`kernel={kernel!r}` materialises a dense {pattern.shape[0]} x {pattern.shape[1]} matrix "
+                f"({cells * 4 / 2**30:.1f} GiB in float32), over the limit of {DENSE_HARD_LIMIT:,} entries; "
+                f"use 'csr' or 'csr_gather'. Received: kernel={kernel!r} with {pattern!r}"
+            )
     if kernel == "banded":
         from sparselayers.structure import detect_band
 

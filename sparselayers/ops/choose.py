@@ -39,6 +39,10 @@ DENSE_MIN_DENSITY = 0.06
 CSR_DENSE_GRAD_MIN_DENSITY = 0.02
 #: Largest ``input_dim * units`` the dense kernel may materialise (256 MiB f32).
 DENSE_MAX_ENTRIES = 2**26
+#: Largest ``input_dim * units`` a forced ``dense`` or ``csr_dense_grad`` kernel
+#: may materialise (8 GiB in float32): beyond it a training step would
+#: exhaust the memory of most hosts, so the layer refuses at construction.
+DENSE_HARD_LIMIT = 2**31
 
 
 def choose_kernel(pattern: SparsityPattern) -> str:

@@ -36,7 +36,10 @@ class GroupedSampledProduct:
 
     Columns are dealt into groups of ``group`` with about equal entry counts
     (largest first, in a snake), so that padding every group to the largest
-    count wastes little. Per group, the input rows of its entries (padded
+    count wastes little; a column with more than twice the mean count is
+    split into several pieces first, each taking a place of its own (the
+    padding stays below about ``2 / group`` of the entries whatever the
+    column counts). Per group, the input rows of its entries (padded
     with row 0, whose products are never read) are gathered once and
     multiplied by the group's columns of ``dy`` in one batched matmul; the
     entry's own column of the product is its result.
@@ -58,30 +61,41 @@ class GroupedSampledProduct:
 
     def __init__(self, pattern, *, group: int = GROUP, chunk_entries: int = CHUNK_ENTRIES):
         n, m = pattern.shape
-        self.nnz = pattern.nnz
-        group = max(1, min(group, m))
-        n_groups = -(-m // group)
+        self.nnz = nnz = pattern.nnz
+        # Columns with entries, split into pieces of at most twice their mean
+        # count: a hub column (one unit fed by every input) would otherwise
+        # set the padded size of every group.
         counts = np.bincount(pattern.cols, minlength=m)
-        # Snake deal of columns, most entries first: group sums stay even.
-        by_count = np.argsort(-counts, kind="stable")
-        rounds = np.arange(m) // n_groups
-        slot_in_round = np.arange(m) % n_groups
-        group_of_rank = np.where(rounds % 2 == 0, slot_in_round, n_groups - 1 - slot_in_round)
-        group_of = np.empty(m, np.int64)
-        group_of[by_count] = group_of_rank
-        place_of = np.empty(m, np.int64)
-        place_of[by_count] = rounds  # the column's place within its group
-        # The group's columns in place order, padded with column 0 (never read).
+        cap = max(1, -(-2 * nnz // max(1, np.count_nonzero(counts))))
+        pieces = -(-counts // cap)
+        column_of = np.repeat(np.arange(m), pieces)  # the real column of each piece
+        by_column = np.argsort(pattern.cols, kind="stable")
+        rank = np.empty(nnz, np.int64)  # entry's rank within its column
+        rank[by_column] = np.arange(nnz) - (np.cumsum(counts) - counts)[pattern.cols[by_column]]
+        piece = (np.cumsum(pieces) - pieces)[pattern.cols] + rank // cap
+        n_pieces = max(1, column_of.size)
+        piece_counts = np.bincount(piece, minlength=n_pieces)
+        group = max(1, min(group, n_pieces))
+        n_groups = -(-n_pieces // group)
+        # Snake deal of pieces, most entries first: group sums stay even.
+        by_count = np.argsort(-piece_counts, kind="stable")
+        rounds = np.arange(n_pieces) // n_groups
+        slot_in_round = np.arange(n_pieces) % n_groups
+        group_of = np.empty(n_pieces, np.int64)
+        group_of[by_count] = np.where(rounds % 2 == 0, slot_in_round, n_groups - 1 - slot_in_round)
+        place_of = np.empty(n_pieces, np.int64)
+        place_of[by_count] = rounds  # the piece's place within its group
+        # Each group's real columns in place order, padded with column 0 (never read).
         columns = np.zeros((n_groups, group), np.int64)
-        columns[group_of, place_of] = np.arange(m)
+        columns[group_of[: column_of.size], place_of[: column_of.size]] = column_of
         # Entries ordered by group; position of each within its group.
-        entry_group = group_of[pattern.cols]
+        entry_group = group_of[piece]
         order = np.argsort(entry_group, kind="stable")
         sizes = np.bincount(entry_group, minlength=n_groups)
-        self.padded = int(sizes.max()) if self.nnz else 1
-        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        slot = np.empty(self.nnz, np.int64)
-        slot[order] = np.arange(self.nnz) - first[entry_group[order]]
+        self.padded = int(sizes.max()) if nnz else 1
+        first = np.cumsum(sizes) - sizes
+        slot = np.empty(nnz, np.int64)
+        slot[order] = np.arange(nnz) - first[entry_group[order]]
         rows = np.zeros((n_groups, self.padded), np.int64)
         rows[entry_group, slot] = pattern.rows
         # Chunks of whole groups; each keeps its own entries' products, in
@@ -89,7 +103,7 @@ class GroupedSampledProduct:
         per_chunk = max(1, chunk_entries // self.padded, -(-n_groups // MAX_CHUNKS))
         self._bounds = list(range(0, n_groups, per_chunk)) + [n_groups]
         by_group = order  # entries sorted by group (stable: canonical within a group)
-        local = ((entry_group * self.padded + slot) * group + place_of[pattern.cols])[by_group]
+        local = ((entry_group * self.padded + slot) * group + place_of[piece])[by_group]
         chunk_of = entry_group[by_group] // per_chunk
         local -= chunk_of * (per_chunk * self.padded * group)
         self._entry_bounds = np.searchsorted(chunk_of, np.arange(len(self._bounds))).tolist()
