@@ -278,13 +278,16 @@ class SparseDense(keras.layers.Layer):
         kernel = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
-        y = self._state.guard(kernel(flat, values), self.name)
-        if len(x.shape) != 2:
-            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
+        y = kernel(flat, values)
         if self.bias is not None:
             y = y + tf.cast(self.bias, y.dtype)
         if self.activation is not None:
             y = self.activation(y)
+        # The guard comes last: between the product and the bias add it
+        # would keep Grappler from fusing matmul, bias and activation.
+        y = self._state.guard(y, self.name)
+        if len(x.shape) != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         return y
 
     def compute_output_shape(self, input_shape: Any) -> tuple:

@@ -145,11 +145,12 @@ class Towers(keras.layers.Layer):
         h = tf.transpose(tf.reshape(h, [-1, self.n_towers, self.widths[0]]), [1, 0, 2])
         for layer, (a, b) in zip(rest, zip(self.widths[:-1], self.widths[1:])):
             weights = tf.reshape(tf.cast(layer.values, h.dtype), [self.n_towers, a, b])
-            h = layer._state.guard(tf.matmul(h, weights), layer.name)
+            h = tf.matmul(h, weights)
             if layer.bias is not None:
                 h = h + tf.reshape(tf.cast(layer.bias, h.dtype), [self.n_towers, 1, b])
             if layer.activation is not None:
                 h = layer.activation(h)
+            h = layer._state.guard(h, layer.name)  # last: see SparseDense.call
         y = tf.reshape(tf.transpose(h, [1, 0, 2]), [-1, self.n_towers * self.output_units])
         if len(inputs.shape) == 2:
             return y
