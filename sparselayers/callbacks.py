@@ -487,13 +487,14 @@ class _DynamicSparsity(keras.callbacks.Callback):
             return False
         values = keras.ops.convert_to_numpy(layer.values)
         smallest_first = np.argsort(np.abs(values), kind="stable")  # ties: earlier entry first
-        kept = np.sort(pattern.linear[smallest_first[n:]])
+        old_linear = pattern.linear  # computed on each access: once here
+        kept = np.sort(old_linear[smallest_first[n:]])
         rng = np.random.default_rng([self._seed, step, number])
         grown = self._grow(layer, kept, n, rng, prepared)
         linear = np.sort(np.concatenate([kept, grown]))  # disjoint; np.union1d hashes, 100x slower
         # Where each new entry was in the old canonical order, if it was there.
-        old_index = np.minimum(np.searchsorted(pattern.linear, linear), pattern.nnz - 1)
-        was_there = pattern.linear[old_index] == linear
+        old_index = np.minimum(np.searchsorted(old_linear, linear), pattern.nnz - 1)
+        was_there = old_linear[old_index] == linear
         self._record(step, layer, fraction, n, int((~was_there).sum()))
         if was_there.all():
             return False

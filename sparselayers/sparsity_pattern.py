@@ -35,6 +35,13 @@ from sparselayers._validation import _short, as_index_array, check_shape
 _QUOTED = 5
 #: Bytes per name a config may inflate to (JSON-quoted), a bound against hostile payloads.
 _MAX_NAME_BYTES = 4096
+#: Dtype of stored indices. Every dimension is at most ``MAX_DIM = 2**31 - 1``
+#: (``check_shape``), so every index fits: half the memory of int64, as
+#: scipy.sparse does for index arrays that fit.
+INDEX_DTYPE = np.dtype(np.int32)
+#: Entries per step when converting between flat positions and indices, so
+#: that no int64 temporary of nnz entries is made at once.
+_CHUNK = 2**20
 
 
 def _quote(names: Iterable[Any], count: int | None = None) -> str:
@@ -192,6 +199,10 @@ class SparsityPattern:
     sorted, and ``values[k]`` of any layer or conversion belongs to
     ``indices[k]``.
 
+    ``indices`` is int32 (:data:`INDEX_DTYPE`; every dimension is below
+    ``2**31``), 8 bytes per entry. Flat positions (:attr:`linear`) are int64
+    and computed on demand, so a pattern holds nothing else per entry.
+
     Patterns may name their inputs and outputs (``input_names``,
     ``output_names``). Equality and hash compare shape and entries only:
     two patterns with the same connections are equal whatever their names
@@ -258,7 +269,7 @@ class SparsityPattern:
         )
 
     def _set(self, indices: np.ndarray, shape: tuple[int, int], input_names: Any, output_names: Any) -> None:
-        indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1, 2)
+        indices = np.ascontiguousarray(indices, dtype=INDEX_DTYPE).reshape(-1, 2)
         indices.setflags(write=False)
         self._indices = indices
         self._shape = shape
@@ -526,9 +537,14 @@ class SparsityPattern:
         output_names: tuple[str, ...] | None = None,
     ) -> SparsityPattern:
         """Wraps sorted, unique, in-range row-major positions and checked names (trusted)."""
-        rows, cols = np.divmod(np.asarray(linear, np.int64), shape[1])
+        linear = np.asarray(linear)
+        indices = np.empty((linear.size, 2), INDEX_DTYPE)
+        for start in range(0, linear.size, _CHUNK):
+            rows, cols = np.divmod(linear[start : start + _CHUNK].astype(np.int64, copy=False), shape[1])
+            indices[start : start + _CHUNK, 0] = rows
+            indices[start : start + _CHUNK, 1] = cols
         pattern = cls.__new__(cls)
-        pattern._set(np.stack([rows, cols], axis=1), shape, input_names, output_names)
+        pattern._set(indices, shape, input_names, output_names)
         return pattern
 
     def with_names(
@@ -566,7 +582,7 @@ class SparsityPattern:
 
     @property
     def indices(self) -> np.ndarray:
-        """Read-only int64 array ``(nnz, 2)`` of ``(row, col)``, row-major sorted."""
+        """Read-only int32 array ``(nnz, 2)`` of ``(row, col)``, row-major sorted."""
         return self._indices
 
     @property
@@ -589,10 +605,13 @@ class SparsityPattern:
         """``nnz / (input_dim * units)``."""
         return self.nnz / (self._shape[0] * self._shape[1])
 
-    @functools.cached_property
+    @property
     def linear(self) -> np.ndarray:
-        """Row-major flat positions ``row * units + col``, sorted."""
-        return self.rows * self._shape[1] + self.cols
+        """Row-major flat positions ``row * units + col`` (int64), sorted.
+
+        Computed on each access, not kept: 8 bytes per entry.
+        """
+        return self.rows.astype(np.int64) * self._shape[1] + self.cols
 
     @functools.cached_property
     def fan_in(self) -> np.ndarray:
@@ -641,7 +660,7 @@ class SparsityPattern:
         """The ``(units, input_dim)`` pattern with rows and columns (and their names) swapped."""
         n, m = self._shape
         return SparsityPattern._from_linear(
-            np.sort(self.cols * n + self.rows), (m, n), self._output_names, self._input_names
+            np.sort(self.cols.astype(np.int64) * n + self.rows), (m, n), self._output_names, self._input_names
         )
 
     @property
@@ -699,7 +718,7 @@ class SparsityPattern:
         shape = check_shape((self.shape[0] * n2, self.shape[1] * m2), "kron shape")
         rows = (self.rows[:, None] * n2 + other.rows[None, :]).ravel()
         cols = (self.cols[:, None] * m2 + other.cols[None, :]).ravel()
-        return SparsityPattern._from_linear(np.sort(rows * shape[1] + cols), shape)
+        return SparsityPattern._from_linear(np.sort(rows.astype(np.int64) * shape[1] + cols), shape)
 
     # Identity -------------------------------------------------------------
 
@@ -713,9 +732,15 @@ class SparsityPattern:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """A short SHA-256 digest of shape and entries, equal for equal patterns."""
+        """A short SHA-256 digest of shape and entries, equal for equal patterns.
+
+        Hashes the entries as int64, whatever the stored dtype, so digests
+        (autotune's cache keys) keep their meaning; in chunks, so without a
+        copy of the indices.
+        """
         digest = hashlib.sha256(repr(self._shape).encode())
-        digest.update(self._indices.tobytes())
+        for start in range(0, self.nnz, _CHUNK):
+            digest.update(self._indices[start : start + _CHUNK].astype(np.int64).tobytes())
         return digest.hexdigest()[:16]
 
     @functools.cached_property

@@ -129,14 +129,60 @@ class BlockShape:
     shares_lines: bool = False
 
 
+#: Entries per step of :func:`block_shape`: bounds its temporaries to a few
+#: tens of MiB whatever the pattern's size.
+_CHUNK = 2**20
+
+
 @functools.lru_cache(maxsize=16)
 def block_shape(pattern: SparsityPattern) -> BlockShape:
     """Mean area and rows of ``pattern``'s dense rectangles (zeros if empty); cached."""
-    blocks = detect_blocks(pattern)
-    if blocks is None:
+    return _block_shape(pattern, _CHUNK)
+
+
+def _block_shape(pattern: SparsityPattern, chunk: int) -> BlockShape:
+    """:func:`block_shape` from per-row counts, reading ``chunk`` entries at a time.
+
+    :func:`detect_blocks` splits a scattered pattern into about one rectangle
+    per entry and its temporaries reach about 100 bytes per entry; the
+    summary needs only, per row, its number of runs and whether it repeats
+    the row above (same columns: a row's columns determine its runs). A
+    row that does not repeat the one above starts a band of rows, whose
+    rectangles are its runs, each as tall as the band.
+    """
+    n = pattern.shape[0]
+    if pattern.nnz == 0:
         return BlockShape(0.0, 0.0)
-    shares = bool(blocks.n_rows.sum() > pattern.shape[0] or blocks.n_cols.sum() > pattern.shape[1])
-    return BlockShape(blocks.mean_area, float(blocks.n_rows.mean()), shares)
+    fan_out, starts = pattern.fan_out, pattern.row_pointers[:-1]
+    all_rows, all_cols = pattern.rows, pattern.cols
+    runs = np.zeros(n, np.int64)
+    differs = np.zeros(n, np.int64)  # entries unlike the one a row above, for rows as full as that row
+    same_count = np.zeros(n, bool)
+    same_count[1:] = (fan_out[1:] == fan_out[:-1]) & (fan_out[1:] > 0)
+    for begin in range(0, pattern.nnz, chunk):
+        end = min(begin + chunk, pattern.nnz)
+        rows, cols = all_rows[begin:end], all_cols[begin:end].astype(np.int64)
+        k = np.arange(begin, end)
+        previous = all_cols[max(begin - 1, 0) : end - 1].astype(np.int64)
+        if begin == 0:
+            previous = np.concatenate([[-2], previous])
+        first = rows[0]
+        breaks = (k == starts[rows]) | (cols != previous + 1)
+        runs[first : rows[-1] + 1] += np.bincount(rows[breaks] - first, minlength=rows[-1] - first + 1)
+        check = same_count[rows]
+        mismatch = cols[check] != all_cols[k[check] - fan_out[rows[check]]]
+        differs[first : rows[-1] + 1] += np.bincount(
+            rows[check][mismatch] - first, minlength=rows[-1] - first + 1
+        )
+    continues = same_count & (differs == 0)
+    filled = np.flatnonzero(fan_out)
+    band_starts = ~continues[filled]
+    heights = np.bincount(np.cumsum(band_starts) - 1)  # rows of each band
+    leads = filled[band_starts]  # first row of each band
+    count = runs[leads].sum()
+    n_rows_sum = (runs[leads] * heights).sum()
+    shares = bool(n_rows_sum > n or fan_out[leads].sum() > pattern.shape[1])
+    return BlockShape(pattern.nnz / count, float(n_rows_sum / count), shares)
 
 
 def _diagonal_length(n: int, m: int, offsets: np.ndarray) -> np.ndarray:
@@ -173,8 +219,8 @@ def describe(pattern: SparsityPattern) -> str:
         if band.min_offset <= 0 <= band.max_offset:
             return f"banded: lower={-band.min_offset}, upper={band.max_offset}"
         return f"banded: offsets {band.min_offset}..{band.max_offset}"
-    blocks = detect_blocks(pattern)
-    if blocks.mean_area >= 4:
+    if block_shape(pattern).mean_area >= 4:  # the rectangles themselves only when few
+        blocks = detect_blocks(pattern)
         kind = "block-diagonal" if blocks.is_diagonal else "block-sparse"
         return f"{kind}: {blocks.count} blocks"
     return "unstructured"

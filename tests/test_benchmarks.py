@@ -24,3 +24,21 @@ def test_benchmark_quick_mode_writes_table_json_and_plot(tmp_path):
     assert {r["case"]: r["kernel"] for r in auto}["banded +-16"] == "banded"
     assert (tmp_path / "density.png").stat().st_size > 0
     assert "| masked dense |" in (tmp_path / "results.md").read_text()
+
+
+def test_scale_writes_table_json_and_plot_and_merges_runs(tmp_path):
+    def run(entries):
+        done = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--size", "1000", "--batch", "4",
+             "--steps", "2", "--entries", entries, "--out", str(tmp_path)],
+            capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("2e3,1e4")
+    run("5e3")  # a later run adds its size to the earlier ones
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert sorted(r["entries"] for r in rows) == [2000, 5000, 10000]
+    assert all(r["bytes_per_entry"] > 0 and r["step_s"] > 0 and r["kernel"] for r in rows)
+    table = (tmp_path / "scale.md").read_text()
+    assert "Machine: " in table and "TensorFlow" in table and "| 5,000 |" in table and "| 10,000 |" in table
+    assert (tmp_path / "scale.png").stat().st_size > 0

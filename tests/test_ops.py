@@ -142,6 +142,32 @@ def test_csr_gradient_with_other_group_sizes():
         np.testing.assert_allclose(tape.gradient(loss, values).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+@given(pattern=any_patterns, band=st.integers(1, 12), batch=st.integers(1, 3))
+def test_csr_in_bands_of_rows_matches_dense_reference(pattern, band, batch):
+    """A few entries per CSR matrix: bands split the rows; empty rows and rows longer than a band too."""
+    from sparselayers.ops.csr import row_bands
+
+    bands = row_bands(pattern, band)
+    assert bands[0][2] == 0 and bands[-1][3] == pattern.shape[0] and bands[-1][1] == pattern.nnz
+    for (start, end, first, last), following in zip(bands, bands[1:] + [None]):
+        assert (start, end) == (pattern.row_pointers[first], pattern.row_pointers[last])
+        assert end - start <= band or last == first + 1
+        assert following is None or following[2] == last
+    kernel = sl.ops.CSRKernel(pattern, band=band)
+    x = tf.constant(inputs_for(pattern, batch, 0))
+    values = tf.constant(values_for(pattern, 1))
+    upstream = np.random.default_rng(2).normal(size=(batch, pattern.shape[1]))
+    with tf.GradientTape() as tape:
+        tape.watch([x, values])
+        y = kernel(x, values)
+        loss = tf.reduce_sum(y * tf.constant(upstream, y.dtype))
+    d_x, d_values = tape.gradient(loss, [x, values])
+    ref_dx, ref_dv, _ = reference.gradients(x.numpy(), pattern, values.numpy(), upstream)
+    np.testing.assert_allclose(y.numpy(), reference.forward(x.numpy(), pattern, values.numpy()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_x.numpy(), ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tf.convert_to_tensor(d_values).numpy(), ref_dv, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", [k for k in ALL_KERNELS if sl.ops.KERNELS[k].supports_jit])
 def test_jit_kernels_compile_with_xla(name):
     pattern = sl.patterns.banded((30, 20), lower=2, upper=5)

@@ -100,3 +100,12 @@ def test_dense_pattern():
 def test_bad_generator_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_random_fan_in_past_the_vectorised_size_keeps_its_stream():
+    """Large shapes draw each column with rng.choice; filling in place keeps the same pattern per seed."""
+    n, m, k = 5000, 4000, 3  # n * m > 2**24: the per-column path
+    rng = np.random.default_rng(7)
+    rows = np.concatenate([rng.choice(n, size=k, replace=False) for _ in range(m)])
+    expected = sl.SparsityPattern.from_coo(rows, np.repeat(np.arange(m), k), (n, m))
+    assert sl.patterns.random((n, m), fan_in=k, seed=7) == expected

@@ -104,6 +104,18 @@ def test_initializer_variance_uses_each_entrys_fans():
     assert abs(np.var(second) - 1 / 10) < 0.2 / 10
 
 
+@pytest.mark.parametrize("mode", ["fan_in", "fan_out", "fan_avg"])
+def test_initializer_variances_match_dense_fans(mode):
+    p = sl.patterns.random((30, 20), density=0.2, seed=3)
+    dense = p.to_dense().astype(np.float64)
+    fan_in = dense.sum(axis=0)[p.cols]  # inputs of each entry's output
+    fan_out = dense.sum(axis=1)[p.rows]  # outputs of each entry's input
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    variances = sl.initializers.SparseVarianceScaling(scale=2.0, mode=mode).variances(p)
+    assert variances.dtype == np.float32  # 4 bytes per entry at build, not 8
+    np.testing.assert_allclose(variances, 2.0 / np.maximum(fan, 1.0), rtol=1e-6)
+
+
 def test_keras_initializers_still_work():
     layer = built_layer(sl.patterns.dense((3, 2)), values_initializer="ones")
     np.testing.assert_array_equal(layer.values.numpy(), np.ones(6))

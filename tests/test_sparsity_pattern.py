@@ -22,9 +22,37 @@ def test_from_coo_is_canonical_whatever_the_order(data):
     p = sl.SparsityPattern.from_coo(rows, cols, shape)
     expected = sorted(zip(rows.tolist(), cols.tolist()))
     assert p.indices.tolist() == [list(e) for e in expected]
-    assert p.indices.dtype == np.int64 and p.nnz == len(cells)
+    assert p.indices.dtype == np.int32 and p.nnz == len(cells)
     assert p.density == len(cells) / n_cells
     assert not p.indices.flags.writeable
+
+
+def test_indices_are_int32_up_to_the_largest_shape():
+    """Every dimension is at most 2**31 - 1, so int32 holds every index; flat positions need int64."""
+    big = 2**31 - 1
+    rows, cols = [big - 1, 0, big - 1, 5], [big - 1, big - 2, 0, 7]
+    p = sl.SparsityPattern.from_coo(rows, cols, shape=(big, big))
+    assert p.indices.dtype == np.int32 and sl.sparsity_pattern.INDEX_DTYPE.itemsize == 4
+    assert p.indices.tolist() == [[0, big - 2], [5, 7], [big - 1, 0], [big - 1, big - 1]]
+    # Positions past 2**31 (int32 arithmetic would wrap to negative numbers).
+    expected = [r * big + c for r, c in sorted(zip(rows, cols))]
+    assert p.linear.dtype == np.int64 and p.linear.tolist() == expected
+    assert p.transpose().indices.tolist() == sorted([c, r] for r, c in zip(rows, cols))
+    assert sl.SparsityPattern.from_config(p.get_config()) == p
+    q = sl.SparsityPattern.from_coo([1], [big - 1], shape=(2, big)).kron(sl.patterns.dense((1, 1)))
+    assert q.linear.tolist() == [2 * big - 1]
+    with pytest.raises(ValueError, match=r"`shape` must be two integers in \[1, 2147483647\]"):
+        sl.SparsityPattern.from_coo([0], [0], shape=(2**31, 2))
+
+
+@given(any_patterns)
+def test_fingerprint_hashes_the_entries_as_int64(p):
+    """The digest of int32 indices equals the digest of the same entries as int64 (autotune cache keys)."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(p.shape).encode())
+    digest.update(np.asarray(p.indices, np.int64).tobytes())
+    assert p.fingerprint == digest.hexdigest()[:16]
 
 
 @given(any_patterns)

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 
 import sparselayers as sl
-from sparselayers.structure import block_shape, detect_band, detect_blocks
+from sparselayers.structure import _block_shape, block_shape, detect_band, detect_blocks
 from tests.strategies import any_patterns, banded_patterns, block_diagonal_patterns
 
 
@@ -67,3 +67,7 @@ def test_block_shape_summarises_detect_blocks(pattern):
         assert shape.mean_area == pytest.approx(np.mean(blocks.n_rows * blocks.n_cols))
         assert shape.mean_rows == pytest.approx(np.mean(blocks.n_rows))
         assert np.sum(blocks.n_rows * blocks.n_cols) == pattern.nnz
+        shares = blocks.n_rows.sum() > pattern.shape[0] or blocks.n_cols.sum() > pattern.shape[1]
+        assert shape.shares_lines == shares
+    # Read a few entries at a time, chunks split rows and runs: the same summary.
+    assert _block_shape(pattern, chunk=3) == shape

@@ -6,28 +6,53 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops.linalg.sparse import sparse_csr_matrix_ops as csr_ops
 
-from sparselayers.ops.base import Kernel, constant, index_dtype
+from sparselayers.ops.base import Kernel, constant
 from sparselayers.ops.sampled import STRATEGIES
+
+#: Entries per CSR matrix. TF builds a CSR matrix from int64 coordinates
+#: only, so a matrix costs its int64 coordinates (16 bytes per entry), its
+#: own arrays (8) and, in the forward pass, its transpose (8) while it is
+#: built. Larger patterns are split into bands of whole rows of this many
+#: entries at most, multiplied one after the other.
+BAND_ENTRIES = 2**22
 
 _CSR_DTYPES = (tf.float32, tf.float64)
 
 
-class CSRKernel(Kernel):
-    """``SparseMatrixMatMul`` on the CSR form of ``W.T``.
+def row_bands(pattern, limit: int) -> list[tuple[int, int, int, int]]:
+    """``(first entry, end entry, first row, end row)`` of consecutive bands of whole rows.
 
-    The pattern is held as the coordinates of ``W.T`` in its row-major
-    order (int64: the only type TF's CSR constructor takes) and the
-    permutation from the canonical order to that one (int32 where it fits),
-    20 bytes per entry, and the values gradient's indices, about 12.
-    Each call builds the CSR form of ``W.T`` and multiplies by it,
-    row-parallel over output units; the input gradient multiplies by its
-    transpose; the values gradient is a sampled dense-dense product
-    ``sum_b x[b, i] * dy[b, j]``, computed by
-    :class:`~sparselayers.ops.sampled.GroupedSampledProduct` in small
-    matmuls over groups of output columns (``options`` go to it). TF's own
+    Each band holds at most ``limit`` entries unless one row holds more; the
+    bands cover every row, so their input gradients concatenate to ``dx``.
+    """
+    pointers = pattern.row_pointers
+    bands, row = [], 0
+    while row < pattern.shape[0]:
+        # The last row whose band still fits, at least one row further.
+        end = max(row + 1, int(np.searchsorted(pointers, pointers[row] + limit, side="right")) - 1)
+        bands.append((int(pointers[row]), int(pointers[end]), row, end))
+        row = end
+    return bands
+
+
+class CSRKernel(Kernel):
+    """``SparseMatrixMatMul`` on the CSR form of ``W``, band of rows by band.
+
+    The pattern is held once for the products, as its canonical int32
+    coordinates (8 bytes per entry): canonical order is the CSR order of
+    ``W``, so ``values`` need no permutation. Each call builds, band after
+    band of :data:`BAND_ENTRIES` entries, the CSR form of the band's rows
+    from its coordinates cast to int64 (the only type TF's CSR constructor
+    takes), transposes it and multiplies: ``x @ W`` is the sum of the bands'
+    products, row-parallel over output units. The input gradient multiplies
+    ``dy`` by each band, giving that band's columns of ``dx``. The values
+    gradient is a sampled dense-dense product ``sum_b x[b, i] * dy[b, j]``,
+    computed by :class:`~sparselayers.ops.sampled.GroupedSampledProduct` in
+    small matmuls over groups of output columns (``options`` go to it),
+    with index constants of its own (about 12 bytes per entry). TF's own
     CSR gradient is far slower. The subclasses below use the other
-    strategies for the values gradient; ``sl.autotune`` times them all. Float16 and bfloat16 inputs are computed in float32. No XLA
-    kernel.
+    strategies for the values gradient; ``sl.autotune`` times them all.
+    Float16 and bfloat16 inputs are computed in float32. No XLA kernel.
     """
 
     name = "csr"
@@ -35,15 +60,12 @@ class CSRKernel(Kernel):
     #: The values-gradient strategy (:data:`sparselayers.ops.sampled.STRATEGIES`).
     values_gradient = "grouped"
 
-    def __init__(self, pattern, **options):
+    def __init__(self, pattern, *, band: int = BAND_ENTRIES, **options):
         super().__init__(pattern)
         self._sampled = STRATEGIES[self.values_gradient](pattern, **options)
-        n, m = pattern.shape
-        self._index_dtype = index_dtype(max(n, m, pattern.nnz))
-        order = np.lexsort((pattern.rows, pattern.cols))
-        self._indices_t = constant(pattern.indices[order][:, ::-1], tf.int64)
-        self._order = constant(order, self._index_dtype)
-        self._shape_t = np.array([m, n], np.int64)
+        self._bands = row_bands(pattern, band)
+        # Every index is below 2**31 (SparsityPattern stores int32).
+        self._indices = constant(pattern.indices, tf.int32)
 
     def __call__(self, x, values):
         dtype = x.dtype
@@ -53,35 +75,53 @@ class CSRKernel(Kernel):
         return tf.cast(y, dtype)
 
     def _matmul(self, x, values):
-        shape_t = self._shape_t
+        bands, units = self._bands, self.pattern.shape[1]
+
+        def band_matrix(indices, values, band):
+            start, end, first, last = band
+            coordinates = tf.cast(indices[start:end], tf.int64) - tf.constant([first, 0], tf.int64)
+            return csr_ops.sparse_tensor_to_csr_sparse_matrix(
+                coordinates, values[start:end], np.array([last - first, units], np.int64)
+            )
 
         # The index tensors are explicit inputs, not closures, so that a
         # SavedModel captures them with the forward function and can save
         # this custom gradient.
         @tf.custom_gradient
-        def matmul(x, values, indices_t, order, *sampled):
-            def w_t():
-                return csr_ops.sparse_tensor_to_csr_sparse_matrix(indices_t, tf.gather(values, order), shape_t)
-
-            # (W.T @ x.T).T = x @ W
-            y = csr_ops.sparse_matrix_mat_mul(w_t(), x, transpose_b=True, transpose_output=True)
+        def matmul(x, values, indices, *sampled):
+            # (W.T @ x.T).T = x @ W, summed over bands; each band waits for
+            # the sum before it, so that one band's matrices exist at a time.
+            y = None
+            for band in bands:
+                with tf.control_dependencies([] if y is None else [y]):
+                    matrix = csr_ops.sparse_matrix_transpose(band_matrix(indices, values, band), type=x.dtype)
+                    part = csr_ops.sparse_matrix_mat_mul(
+                        matrix, x[:, band[2] : band[3]], transpose_b=True, transpose_output=True
+                    )
+                y = part if y is None else y + part
 
             def grad(dy):
-                # (W @ dy.T).T = dy @ W.T; an explicit transpose measured
-                # faster than the product's transpose_a. The matrix is built
-                # again: a SavedModel cannot save a gradient that captures
-                # the forward's intermediate tensors.
-                matrix = csr_ops.sparse_matrix_transpose(w_t(), type=x.dtype)
-                dx = csr_ops.sparse_matrix_mat_mul(matrix, dy, transpose_b=True, transpose_output=True)
+                # (W @ dy.T).T = dy @ W.T, a band's columns of dx at a time.
+                # The matrices are built again: a SavedModel cannot save a
+                # gradient that captures the forward's intermediate tensors.
+                dx_parts = []
+                for band in bands:
+                    with tf.control_dependencies(dx_parts[-1:]):
+                        dx_parts.append(
+                            csr_ops.sparse_matrix_mat_mul(
+                                band_matrix(indices, values, band), dy, transpose_b=True, transpose_output=True
+                            )
+                        )
+                dx = dx_parts[0] if len(dx_parts) == 1 else tf.concat(dx_parts, axis=1)
                 # The values gradient starts once dx is done, so that the
                 # CSR matrices are freed before its temporaries pile up.
                 with tf.control_dependencies([dx]):
                     dvalues = self._sampled(x, dy, sampled)
-                return (dx, dvalues) + (None,) * (2 + len(sampled))
+                return (dx, dvalues) + (None,) * (1 + len(sampled))
 
             return y, grad
 
-        return matmul(x, values, self._indices_t, self._order, *self._sampled.tensors)
+        return matmul(x, values, self._indices, *self._sampled.tensors)
 
 
 class CSRGatherKernel(CSRKernel):

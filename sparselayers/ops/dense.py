@@ -41,7 +41,8 @@ class DenseKernel(Kernel):
         self._row_sizes = np.diff(bounds).tolist()
         self._entry_sizes = np.diff(starts).tolist()
         self._positions = [
-            constant(pattern.linear[s:e] - r * m, index_dtype(int(size) * m))
+            # Positions within the slice, from its own entries: no int64 array of all of them.
+            constant((pattern.rows[s:e].astype(np.int64) - r) * m + pattern.cols[s:e], index_dtype(int(size) * m))
             for r, s, e, size in zip(bounds[:-1], starts[:-1], starts[1:], self._row_sizes)
         ]
 

@@ -27,8 +27,15 @@ GROUP = 8
 #: Padded entries gathered per chunk of groups (``batch`` floats each): the
 #: gathered block of a chunk stays near the core's cache size at batch 256.
 CHUNK_ENTRIES = 4096
-#: At most this many chunks (graphs stay small; large patterns get larger chunks).
-MAX_CHUNKS = 256
+#: At most this many chunks (large patterns get larger chunks): every
+#: unrolled chunk's ops cost memory and tracing time of their own. 100,000 x
+#: 100,000 at 10^7 entries, Adam, batch 64 (Intel Xeon): 256 chunks peaked at
+#: 102 to 106 bytes per entry with a 1.3 to 1.7 s step, 64 chunks at 88 bytes
+#: and 0.93 s. Patterns below about 260,000 entries keep chunks of
+#: :data:`CHUNK_ENTRIES` (4096 x 4096 at 1%: 43 chunks).
+MAX_CHUNKS = 64
+#: Entries per step when building the index constants, bounding their temporaries.
+_BLOCK = 2**20
 
 
 class GroupedSampledProduct:
@@ -62,17 +69,27 @@ class GroupedSampledProduct:
     def __init__(self, pattern, *, group: int = GROUP, chunk_entries: int = CHUNK_ENTRIES):
         n, m = pattern.shape
         self.nnz = nnz = pattern.nnz
+        # Per-entry arrays are int32 where they fit and are filled a block
+        # of entries at a time (_BLOCK): at 10^7 entries the int64 arrays
+        # and their temporaries took about 100 bytes per entry at once.
+        entry = index_dtype(nnz).as_numpy_dtype
+        cols = pattern.cols
         # Columns with entries, split into pieces of at most twice their mean
         # count: a hub column (one unit fed by every input) would otherwise
         # set the padded size of every group.
-        counts = np.bincount(pattern.cols, minlength=m)
+        counts = np.bincount(cols, minlength=m)
         cap = max(1, -(-2 * nnz // max(1, np.count_nonzero(counts))))
         pieces = -(-counts // cap)
         column_of = np.repeat(np.arange(m), pieces)  # the real column of each piece
-        by_column = np.argsort(pattern.cols, kind="stable")
-        rank = np.empty(nnz, np.int64)  # entry's rank within its column
-        rank[by_column] = np.arange(nnz) - (np.cumsum(counts) - counts)[pattern.cols[by_column]]
-        piece = (np.cumsum(pieces) - pieces)[pattern.cols] + rank // cap
+        by_column = np.argsort(cols, kind="stable").astype(entry)
+        column_start = np.cumsum(counts) - counts
+        piece_start = np.cumsum(pieces) - pieces
+        piece = np.empty(nnz, entry)  # the piece of each entry
+        for s in range(0, nnz, _BLOCK):
+            k = by_column[s : s + _BLOCK]
+            rank = np.arange(s, s + k.size) - column_start[cols[k]]  # entry's rank within its column
+            piece[k] = piece_start[cols[k]] + rank // cap
+        del by_column
         n_pieces = max(1, column_of.size)
         piece_counts = np.bincount(piece, minlength=n_pieces)
         group = max(1, min(group, n_pieces))
@@ -89,32 +106,44 @@ class GroupedSampledProduct:
         columns = np.zeros((n_groups, group), np.int64)
         columns[group_of[: column_of.size], place_of[: column_of.size]] = column_of
         # Entries ordered by group; position of each within its group.
-        entry_group = group_of[piece]
-        order = np.argsort(entry_group, kind="stable")
+        entry_group = group_of.astype(index_dtype(n_groups).as_numpy_dtype)[piece]
+        order = np.argsort(entry_group, kind="stable").astype(entry)
         sizes = np.bincount(entry_group, minlength=n_groups)
         self.padded = int(sizes.max()) if nnz else 1
         first = np.cumsum(sizes) - sizes
-        slot = np.empty(nnz, np.int64)
-        slot[order] = np.arange(nnz) - first[entry_group[order]]
-        rows = np.zeros((n_groups, self.padded), np.int64)
-        rows[entry_group, slot] = pattern.rows
+        slot = np.empty(nnz, entry)
+        for s in range(0, nnz, _BLOCK):
+            k = order[s : s + _BLOCK]
+            slot[k] = np.arange(s, s + k.size) - first[entry_group[k]]
+        rows = np.zeros((n_groups, self.padded), index_dtype(n).as_numpy_dtype)
+        for s in range(0, nnz, _BLOCK):
+            rows[entry_group[s : s + _BLOCK], slot[s : s + _BLOCK]] = pattern.rows[s : s + _BLOCK]
+        rows = constant(rows, index_dtype(n))
         # Chunks of whole groups; each keeps its own entries' products, in
         # group order, at their flat positions within the chunk's product.
         per_chunk = max(1, chunk_entries // self.padded, -(-n_groups // MAX_CHUNKS))
         self._bounds = list(range(0, n_groups, per_chunk)) + [n_groups]
         by_group = order  # entries sorted by group (stable: canonical within a group)
-        local = ((entry_group * self.padded + slot) * group + place_of[piece])[by_group]
-        chunk_of = entry_group[by_group] // per_chunk
-        local -= chunk_of * (per_chunk * self.padded * group)
-        self._entry_bounds = np.searchsorted(chunk_of, np.arange(len(self._bounds))).tolist()
+        chunk_size = per_chunk * self.padded * group
+        local = np.empty(nnz, index_dtype(chunk_size).as_numpy_dtype)
+        canonical = np.empty(nnz, entry)  # the inverse permutation of by_group
+        for s in range(0, nnz, _BLOCK):
+            k = by_group[s : s + _BLOCK]
+            g = entry_group[k].astype(np.int64)
+            local[s : s + k.size] = (g * self.padded + slot[k]) * group + place_of[piece[k]] - g // per_chunk * chunk_size
+            canonical[k] = np.arange(s, s + k.size)
+        del piece, slot, order, by_group, entry_group
+        # Entries before each chunk: the chunks hold whole groups, in order.
+        ends = np.concatenate([[0], np.cumsum(sizes)])
+        self._entry_bounds = ends[np.minimum(np.arange(len(self._bounds)) * per_chunk, n_groups)].tolist()
         #: The index constants, to pass to :meth:`__call__` explicitly from
         #: a custom gradient: a SavedModel saves a gradient function only
         #: if the tensors it uses are inputs of the forward function.
         self.tensors = (
-            constant(rows, index_dtype(n)),
+            rows,
             constant(columns, index_dtype(m)),
-            constant(local, index_dtype(per_chunk * self.padded * group)),
-            constant(np.argsort(by_group), index_dtype(self.nnz)),
+            constant(local, index_dtype(chunk_size)),
+            constant(canonical, index_dtype(self.nnz)),
         )
         self.group = group
 
