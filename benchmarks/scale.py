@@ -1,7 +1,7 @@
 """Scale check: time and peak memory per entry of training a 100,000 x 100,000 pattern with Adam.
 
     python benchmarks/scale.py                        # 10^5 ... 10^7 entries: table and plot
-    python benchmarks/scale.py --entries 1e8 --steps 2  # one size: 6.3 GiB, 90 s on the 2-core Xeon
+    python benchmarks/scale.py --entries 1e8 --steps 2  # one size: 6,400 MiB, 1.5 minutes on the 2-core Xeon
     python benchmarks/scale.py --entries 1e7 --save   # also save and load a .keras file
 
 Each size runs in a fresh process, which prints the wall time of each phase
