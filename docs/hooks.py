@@ -36,8 +36,9 @@ def on_pre_build(config, **kwargs):
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"{name}.png"), dpi=90)
         plt.close(fig)
-    benchmark_plot = os.path.join(os.path.dirname(config["docs_dir"]), "benchmarks", "density.png")
-    if os.path.exists(benchmark_plot):
-        import shutil
+    import shutil
 
-        shutil.copy(benchmark_plot, os.path.join(out, "density.png"))
+    benchmarks = os.path.join(os.path.dirname(config["docs_dir"]), "benchmarks")
+    for plot in ("density.png", "scale.png"):
+        if os.path.exists(os.path.join(benchmarks, plot)):
+            shutil.copy(os.path.join(benchmarks, plot), os.path.join(out, plot))

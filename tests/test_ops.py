@@ -129,6 +129,26 @@ def test_grouped_sampled_product_pads_little_with_hub_columns():
         np.testing.assert_allclose(got, np.einsum("bk,bk->k", x[:, pattern.rows], dy[:, pattern.cols]), atol=1e-5)
 
 
+def test_csr_gathers_the_values_gradient_of_large_patterns(monkeypatch):
+    """Past GROUPED_MAX_ENTRIES the csr kernel reads its own coordinates in a loop of gathers."""
+    from sparselayers.ops import csr, sampled
+
+    monkeypatch.setattr(csr, "GROUPED_MAX_ENTRIES", 10)
+    pattern = sl.patterns.random((50, 40), density=0.3, seed=1)
+    kernel = sl.ops.CSRKernel(pattern, chunk_entries=7)
+    assert isinstance(kernel._sampled, sampled.GatheredSampledProduct)
+    assert kernel._sampled.tensors[0] is kernel._indices
+    x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))
+    upstream = np.random.default_rng(3).normal(size=(x.shape[0], pattern.shape[1]))
+    with tf.GradientTape() as tape:
+        tape.watch([x, values])
+        loss = tf.reduce_sum(kernel(x, values) * upstream)
+    d_x, d_values = tape.gradient(loss, [x, values])
+    ref_dx, ref_dv, _ = reference.gradients(x.numpy(), pattern, values.numpy(), upstream)
+    np.testing.assert_allclose(d_x.numpy(), ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_values.numpy(), ref_dv, rtol=1e-4, atol=1e-4)
+
+
 def test_csr_gradient_with_other_group_sizes():
     pattern = sl.patterns.random((50, 40), density=0.3, seed=0)
     x, values = tf.constant(inputs_for(pattern)), tf.constant(values_for(pattern))

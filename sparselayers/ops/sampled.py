@@ -171,29 +171,34 @@ class GatheredSampledProduct:
 
     For each chunk of :data:`CHUNK_ENTRIES` entries, the rows of ``x.T`` and
     ``dy.T`` are gathered, multiplied and summed over the batch: no wasted
-    FLOPs but three ``(chunk, batch)`` temporaries per chunk. Holds int32
-    (where they fit) rows and columns, 8 bytes per entry.
+    FLOPs but three ``(chunk, batch)`` temporaries per chunk. The chunks are
+    the iterations of one ``tf.while_loop``, at most two in flight, so the
+    temporaries and the graph stay small whatever the pattern's size (an
+    unrolled chunk costs its own memory in the traced graph). Reads the
+    pattern's ``(nnz, 2)`` int32 coordinates: ``indices``, a tensor a kernel
+    already holds (no memory of its own), or a constant of 8 bytes per entry.
     """
 
-    def __init__(self, pattern, *, chunk_entries: int = CHUNK_ENTRIES):
-        n, m = pattern.shape
+    def __init__(self, pattern, *, indices: tf.Tensor | None = None, chunk_entries: int = CHUNK_ENTRIES):
         self.nnz = pattern.nnz
-        chunk = max(chunk_entries, -(-self.nnz // MAX_CHUNKS))
-        self._bounds = list(range(0, self.nnz, chunk)) + [self.nnz]
-        self.tensors = (constant(pattern.rows, index_dtype(n)), constant(pattern.cols, index_dtype(m)))
+        self._chunk = chunk_entries
+        self.tensors = (constant(pattern.indices, tf.int32) if indices is None else indices,)
 
     def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
         """The ``(nnz,)`` products, in the pattern's canonical order."""
         if not self.nnz:
             return tf.zeros([0], x.dtype)
-        rows, cols = self.tensors if tensors is None else tensors
+        (indices,) = self.tensors if tensors is None else tensors
         x_t, dy_t = tf.transpose(x), tf.transpose(dy)
-        parts: list[tf.Tensor] = []
-        for start, stop in zip(self._bounds[:-1], self._bounds[1:]):
-            with tf.control_dependencies(parts[-2:-1]):
-                gathered = tf.gather(x_t, rows[start:stop]) * tf.gather(dy_t, cols[start:stop])
-                parts.append(tf.reduce_sum(gathered, axis=1))
-        return tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+        chunk, count = self._chunk, -(-self.nnz // self._chunk)
+
+        def body(k, parts):
+            rows, cols = tf.unstack(indices[k * chunk : (k + 1) * chunk], axis=1)
+            return k + 1, parts.write(k, tf.reduce_sum(tf.gather(x_t, rows) * tf.gather(dy_t, cols), axis=1))
+
+        parts = tf.TensorArray(x_t.dtype, size=count, infer_shape=False, element_shape=tf.TensorShape([None]))
+        _, parts = tf.while_loop(lambda k, _: k < count, body, (0, parts), parallel_iterations=2)
+        return parts.concat()
 
 
 class DenseSampledProduct:
