@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from sparselayers._validation import check_int
 from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
-from sparselayers.ops.choose import fits_dense
+from sparselayers.ops.choose import DENSE_PRODUCT_KERNELS, fits_dense
 from sparselayers.ops.context import observing_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import detect_blocks
@@ -358,7 +358,7 @@ def _eligible(
     for name in _candidate_names():
         try:
             check_kernel_name(name, pattern)
-            if name in ("dense", "csr_dense_grad") and not fits_dense(pattern):
+            if name in DENSE_PRODUCT_KERNELS and not fits_dense(pattern):
                 raise ValueError(f"the {name} kernel's dense product would not fit in memory")
             kernel = get_kernel(name, pattern)
             kernel.check_batch(batch)

@@ -23,7 +23,13 @@ import tensorflow as tf
 from sparselayers.ops.banded import BandedKernel
 from sparselayers.ops.base import Kernel
 from sparselayers.ops.block import BlockKernel
-from sparselayers.ops.choose import choose_export_kernel, choose_jit_kernel, choose_kernel
+from sparselayers.ops.choose import (
+    DENSE_HARD_LIMIT,
+    DENSE_PRODUCT_KERNELS,
+    choose_export_kernel,
+    choose_jit_kernel,
+    choose_kernel,
+)
 from sparselayers.ops.csr import CSRDenseGradKernel, CSRGatherKernel, CSRKernel
 from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.gather import GatherKernel
@@ -66,9 +72,7 @@ def check_kernel_name(kernel: object, pattern: SparsityPattern) -> str:
         raise ValueError(
             f"`kernel` must be 'auto' or one of {sorted(KERNELS)}. Received: kernel={kernel!r}"
         )
-    if kernel in ("dense", "csr_dense_grad"):
-        from sparselayers.ops.choose import DENSE_HARD_LIMIT
-
+    if kernel in DENSE_PRODUCT_KERNELS:
         cells = pattern.shape[0] * pattern.shape[1]
         if cells > DENSE_HARD_LIMIT:
             raise ValueError(

@@ -39,6 +39,9 @@ DENSE_MIN_DENSITY = 0.06
 CSR_DENSE_GRAD_MIN_DENSITY = 0.02
 #: Largest ``input_dim * units`` the dense kernel may materialise (256 MiB f32).
 DENSE_MAX_ENTRIES = 2**26
+#: Kernels that materialise a dense ``input_dim x units`` matrix: the
+#: kernel itself (``dense``) or the values gradient (``csr_dense_grad``).
+DENSE_PRODUCT_KERNELS = ("dense", "csr_dense_grad")
 #: Largest ``input_dim * units`` a forced ``dense`` or ``csr_dense_grad`` kernel
 #: may materialise (8 GiB in float32): beyond it a training step would
 #: exhaust the memory of most hosts, so the layer refuses at construction.

@@ -60,7 +60,10 @@ class CSRKernel(Kernel):
     gradient is a sampled dense-dense product ``sum_b x[b, i] * dy[b, j]``,
     computed by :class:`~sparselayers.ops.sampled.GroupedSampledProduct` in
     small matmuls over groups of output columns (``options`` go to it),
-    with index constants of its own (about 12 bytes per entry). TF's own
+    with index constants of its own (about 12 bytes per entry); past
+    :data:`GROUPED_MAX_ENTRIES` entries by
+    :class:`~sparselayers.ops.sampled.GatheredSampledProduct`, which reads
+    the kernel's coordinates. TF's own
     CSR gradient is far slower. The subclasses below use the other
     strategies for the values gradient; ``sl.autotune`` times them all.
     Float16 and bfloat16 inputs are computed in float32. No XLA kernel.

@@ -145,7 +145,6 @@ class GroupedSampledProduct:
             constant(local, index_dtype(chunk_size)),
             constant(canonical, index_dtype(self.nnz)),
         )
-        self.group = group
 
     def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
         """The ``(nnz,)`` products, in the pattern's canonical order."""
@@ -214,7 +213,7 @@ class DenseSampledProduct:
     def __init__(self, pattern):
         n, m = pattern.shape
         self.nnz = pattern.nnz
-        self.tensors = (constant(pattern.rows.astype(np.int64) * m + pattern.cols, index_dtype(n * m)),)
+        self.tensors = (constant(pattern.linear, index_dtype(n * m)),)
 
     def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
         """The ``(nnz,)`` products, in the pattern's canonical order."""
