@@ -26,6 +26,10 @@ LAYERS = {
     "block": lambda: sl.SparseDense(sl.patterns.block_diagonal([(8, 8)] * 3), activation="relu"),
     "banded": lambda: sl.SparseDense(sl.patterns.banded((INPUT_DIM, 20), lower=4, upper=5)),
     "csr": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=0), kernel="csr"),
+    "csr_gather": lambda: sl.SparseDense(
+        sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=5), kernel="csr_gather"),
+    "csr_dense_grad": lambda: sl.SparseDense(
+        sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=6), kernel="csr_dense_grad"),
     "dense": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 16), density=0.4, seed=1), kernel="dense"),
     "gather": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=2), kernel="gather"),
     "sparse_dense_matmul": lambda: sl.SparseDense(
