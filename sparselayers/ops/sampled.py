@@ -38,7 +38,23 @@ MAX_CHUNKS = 64
 _BLOCK = 2**20
 
 
-class GroupedSampledProduct:
+class _SampledProduct:
+    """The products ``d[k] = sum_b x[b, rows[k]] * dy[b, cols[k]]``; subclasses
+    compute them from ``x.T`` and ``dy.T`` (:meth:`transposed`)."""
+
+    nnz: int
+    tensors: tuple[tf.Tensor, ...]
+
+    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The ``(nnz,)`` products, in the pattern's canonical order."""
+        return self.transposed(tf.transpose(x), tf.transpose(dy), tensors)
+
+    def transposed(self, x_t: tf.Tensor, dy_t: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The products from ``x.T`` and ``dy.T``, which a kernel may hold already."""
+        raise NotImplementedError
+
+
+class GroupedSampledProduct(_SampledProduct):
     """``d[k] = sum_b x[b, rows[k]] * dy[b, cols[k]]`` for every entry ``k`` of a pattern.
 
     Columns are dealt into groups of ``group`` with about equal entry counts
@@ -146,13 +162,12 @@ class GroupedSampledProduct:
             constant(canonical, index_dtype(self.nnz)),
         )
 
-    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
-        """The ``(nnz,)`` products, in the pattern's canonical order."""
+    def transposed(self, x_t: tf.Tensor, dy_t: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The products from ``x.T`` and ``dy.T``, which a kernel may hold already."""
         if not self.nnz:
-            return tf.zeros([0], x.dtype)
+            return tf.zeros([0], x_t.dtype)
         rows, columns, local, canonical = self.tensors if tensors is None else tensors
-        x_t = tf.transpose(x)
-        dy_groups = tf.gather(tf.transpose(dy), columns)  # (groups, group, batch)
+        dy_groups = tf.gather(dy_t, columns)  # (groups, group, batch)
         parts: list[tf.Tensor] = []
         bounds, entries = self._bounds, self._entry_bounds
         for k, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -165,7 +180,7 @@ class GroupedSampledProduct:
         return tf.gather(tf.concat(parts, 0) if len(parts) > 1 else parts[0], canonical)
 
 
-class GatheredSampledProduct:
+class GatheredSampledProduct(_SampledProduct):
     """The same products by gathering both operands per entry and reducing.
 
     For each chunk of :data:`CHUNK_ENTRIES` entries, the rows of ``x.T`` and
@@ -183,12 +198,11 @@ class GatheredSampledProduct:
         self._chunk = chunk_entries
         self.tensors = (constant(pattern.indices, tf.int32) if indices is None else indices,)
 
-    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
-        """The ``(nnz,)`` products, in the pattern's canonical order."""
+    def transposed(self, x_t: tf.Tensor, dy_t: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The products from ``x.T`` and ``dy.T``, which a kernel may hold already."""
         if not self.nnz:
-            return tf.zeros([0], x.dtype)
+            return tf.zeros([0], x_t.dtype)
         (indices,) = self.tensors if tensors is None else tensors
-        x_t, dy_t = tf.transpose(x), tf.transpose(dy)
         chunk, count = self._chunk, -(-self.nnz // self._chunk)
 
         def body(k, parts):
@@ -200,7 +214,7 @@ class GatheredSampledProduct:
         return parts.concat()
 
 
-class DenseSampledProduct:
+class DenseSampledProduct(_SampledProduct):
     """The same products as entries of the dense ``x.T @ dy``.
 
     One GEMM of ``input_dim x units`` outputs, whatever the density: on
@@ -219,6 +233,11 @@ class DenseSampledProduct:
         """The ``(nnz,)`` products, in the pattern's canonical order."""
         (positions,) = self.tensors if tensors is None else tensors
         return tf.gather(tf.reshape(tf.matmul(x, dy, transpose_a=True), [-1]), positions)
+
+    def transposed(self, x_t: tf.Tensor, dy_t: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
+        """The products from ``x.T`` and ``dy.T``, which a kernel may hold already."""
+        (positions,) = self.tensors if tensors is None else tensors
+        return tf.gather(tf.reshape(tf.matmul(x_t, dy_t, transpose_b=True), [-1]), positions)
 
 
 #: The values-gradient strategies by name, as the csr kernels use them.
