@@ -6,9 +6,9 @@
 Each case times, in one process and side by side, the forward pass and one
 training step (forward, MSE loss, gradients w.r.t. weights and inputs, SGD
 update) of every method, as a compiled ``tf.function`` in steady state:
-round after round, each method runs one untimed step and then
-``CONSECUTIVE`` timed steps in a row, and the median over rounds is
-reported. Peak memory of a training step is measured per method in a
+round after round, each method runs untimed for ``WARMUP_SECONDS`` (one
+step at least) and then ``CONSECUTIVE`` timed steps in a row, and the
+median over rounds is reported. Peak memory of a training step is measured per method in a
 fresh subprocess (peak RSS growth), since allocations cannot be attributed
 inside one process. Results: ``results/results.md`` (tables),
 ``results/results.json`` and ``results/density.png``.
@@ -39,8 +39,13 @@ KERNEL_METHODS = [
 ]
 # The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
 GATHER_MAX_PRODUCTS = 2**27
-# Timed steps in a row per method and round (after one untimed step).
+# Timed steps in a row per method and round...
 CONSECUTIVE = 3
+# ...after untimed steps lasting this long (one at least). After a step of
+# the 4096 x 4096 masked layer, the next ten steps of the block-diagonal
+# layer took 8.4, 7.1, 6.7, 6.5, ... 6.0 ms and then stayed at 6.0 (Intel
+# Xeon, median of 8 rounds): one untimed step left that layer about 10% slow.
+WARMUP_SECONDS = 0.1
 # Forward-only latency is also timed at these batch sizes.
 LATENCY_BATCHES = (1, 32)
 
@@ -182,17 +187,22 @@ def _run(fn, *args) -> float:
 
 
 def interleaved_medians(
-    calls: dict, budget: float, min_rounds: int = 5, max_rounds: int = 15, consecutive: int = CONSECUTIVE
+    calls: dict,
+    budget: float,
+    min_rounds: int = 5,
+    max_rounds: int = 15,
+    consecutive: int = CONSECUTIVE,
+    warmup: float = WARMUP_SECONDS,
 ) -> dict:
     """Median seconds per call of each call, in steady state.
 
     Calls take turns round by round, so that drift on a shared machine hits
     every method alike, and the order is shuffled every round. Within a
-    round each call runs ``consecutive`` times in a row after one untimed
-    run: the first step after another model pays for refilling the caches
-    (and re-faulting memory) that model evicted, which a training loop,
-    calling one model step after step, never does. Each call is warmed up
-    (traced) first."""
+    round each call runs untimed for ``warmup`` seconds (once at least),
+    then ``consecutive`` times in a row, timed: the first steps after
+    another model pay for refilling the caches that model evicted, which a
+    training loop, calling one model step after step, never does. Each call
+    is warmed up (traced) first."""
     for fn, args in calls.values():
         _run(fn, *args)
     times = {name: [] for name in calls}
@@ -201,7 +211,11 @@ def interleaved_medians(
     while True:
         for k in order.permutation(len(names)):
             fn, args = calls[names[k]]
-            _run(fn, *args)  # the step that refills the caches, untimed
+            warm = 0.0
+            while True:  # the steps that refill the caches, untimed
+                warm += _run(fn, *args)
+                if warm >= warmup:
+                    break
             times[names[k]].append(sum(_run(fn, *args) for _ in range(consecutive)) / consecutive)
         rounds = len(next(iter(times.values())))
         slowest = max(sum(t) for t in times.values()) * (consecutive + 1)
@@ -234,7 +248,7 @@ def time_case(case: dict, batch: int, budget: float) -> list[dict]:
         rows.append(row)
     gemm_n = 256 if case.get("quick") else 4096
     calls.update(machine_rates(gemm_n, batch))
-    medians = interleaved_medians(calls, budget)
+    medians = interleaved_medians(calls, budget, warmup=0.0 if case.get("quick") else WARMUP_SECONDS)
     gemm_rate = 2 * batch * gemm_n * gemm_n / medians[("dense GEMM", "rate")] / 1e9
     read_s = max(medians[("stream", "rate")] - medians[("call", "rate")], 1e-6)
     stream_rate = 4 * 2**24 / read_s / 1e9  # GB/s
