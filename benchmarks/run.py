@@ -25,6 +25,9 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# "auto" is measured as the static rule: a kernel an earlier sl.autotune
+# cached on this machine would otherwise replace it.
+os.environ.setdefault("SPARSELAYERS_AUTOTUNE_CACHE", "0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

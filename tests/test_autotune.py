@@ -330,3 +330,22 @@ def test_a_kernel_variant_is_timed_like_any_kernel(monkeypatch):
     assert report[0].chosen == "csr_variant" == model.layers[0].kernel_name
     assert list(report[0].ms).index("csr_variant") == list(report[0].ms).index("csr") + 1
     assert "csr_variant" in str(report).splitlines()[1]
+
+
+def test_wall_clock_leaves_the_warm_up_steps_out(monkeypatch):
+    # A fake clock: the first three steps (refilling caches after another
+    # kernel) take 4 ms each, 12 ms in all, more than WARMUP_SECONDS; the
+    # rest take 2 ms. Only the steady steps may count.
+    autotune = importlib.import_module("sparselayers.autotune")  # the module, not sl.autotune
+    clock = {"now": 0.0, "steps": 0}
+
+    def step():
+        clock["steps"] += 1
+        clock["now"] += 0.004 if clock["steps"] <= 3 else 0.002
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["now"])
+    ms = autotune.wall_clock("layer", "block", step)
+    assert ms == pytest.approx(2.0)
+    # it timed a whole round, at least MIN_ROUND_SECONDS of steady steps
+    assert autotune.WARMUP_SECONDS <= 0.012
+    assert (clock["steps"] - 3) * 0.002 >= autotune.MIN_ROUND_SECONDS
