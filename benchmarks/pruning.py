@@ -42,7 +42,7 @@ import sparselayers as sl  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from run import interleaved_medians, machine, steps, trainable_params  # noqa: E402
+from run import WARMUP_SECONDS, interleaved_medians, machine, steps, trainable_params  # noqa: E402
 
 HAVE_CALLBACKS = hasattr(sl, "callbacks")
 
@@ -269,7 +269,7 @@ def speed_rows(args) -> list[dict]:
     x = tf.constant(rng.normal(size=(args.speed_batch, widths[0])).astype("float32"))
     y = tf.constant(rng.normal(size=(args.speed_batch, widths[-1])).astype("float32"))
     calls = {key: (steps(model)[1], (x, y)) for key, model in models.items()}
-    medians = interleaved_medians(calls, budget=args.speed_budget)
+    medians = interleaved_medians(calls, budget=args.speed_budget, warmup=0.0 if args.quick else WARMUP_SECONDS)
     rows = []
     for (method, density), model in models.items():
         hidden = model.get_layer("dense_1")  # the largest layer, 2048 x 2048
@@ -332,7 +332,8 @@ def tables(results: dict) -> str:
         "",
         f"## Speed: training step of an MLP {'-'.join(map(str, args['speed_widths']))}, batch {args['speed_batch']}",
         "",
-        "One SGD step (forward, MSE, gradients, update) as a `tf.function`, median of interleaved rounds. "
+        "One SGD step (forward, MSE, gradients, update) as a `tf.function`, median of interleaved rounds "
+        "(each round: every method untimed for 0.1 s, then three timed steps). "
         "Kernel: the one `kernel=\"auto\"` picked for the largest hidden layer.",
         "",
         "| method | density | kernel | step ms | vs dense Keras | trainable params |",

@@ -71,9 +71,12 @@ PRUNE_RATIO = 3.0
 #: host memory are skipped (see :func:`_transient_bytes`).
 MEMORY_FRACTION = 0.5
 #: The default timer first runs untimed steps lasting this long (one at
-#: least): the first steps after another kernel refill the caches it evicted
-#: (after a 4096 x 4096 dense step, ten block-diagonal steps ran 40% to 3%
-#: slow), which a training loop never pays...
+#: least): the first steps after another kernel refill the caches it evicted,
+#: which a training loop never pays. It drops the slowest of them, not all:
+#: after a 4096 x 4096 dense step, the block-diagonal layer's next ten steps
+#: (about 6 ms each) ran 40%, 19%, 13%, ... 3% slow; with this warm-up the
+#: round's mean is about 7% high, without it 23%, and kernels within that of
+#: each other are equally good choices...
 WARMUP_SECONDS = 0.01
 #: ...then repeats a step until a round lasts this long...
 MIN_ROUND_SECONDS = 0.02
@@ -453,7 +456,7 @@ def _measure(layer, batch: int, dtype: str, rounds: int, timer: Timer) -> dict[s
         try:
             step = _training_step(kernel, layer, batch, dtype, device)
             with _retracing_quiet():
-                step()  # traces; the median over rounds absorbs what warm-up remains
+                step()  # traces; wall_clock warms each round up
         except (tf.errors.OpError, ValueError, TypeError, NotImplementedError, MemoryError) as error:
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             continue

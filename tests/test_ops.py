@@ -334,3 +334,31 @@ def test_auto_prefers_dense_for_scattered_tiles_past_the_dense_threshold():
     assert sl.ops.choose_kernel(sparse_tiles) == "block"
     wide_blocks = sl.patterns.block_diagonal([(128, 128)] * 4)  # 25% dense, rectangles share nothing
     assert sl.ops.choose_kernel(wide_blocks) == "block"
+
+
+@pytest.mark.parametrize("name", ALL_KERNELS)
+def test_every_kernel_takes_an_empty_batch(name):
+    # An empty batch (a last partial batch split across replicas, say) gives
+    # an empty output and empty / zero gradients, eagerly and traced with an
+    # unknown batch size.
+    pattern = sl.patterns.banded((12, 7), lower=2, upper=2) if name == "banded" else sl.patterns.random((12, 7), density=0.3, seed=3)
+    kernel = sl.ops.get_kernel(name, pattern)
+    values = tf.constant(values_for(pattern, 1, "float32"))
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch([x, values])
+            y = kernel(x, values)
+            loss = tf.reduce_sum(y)
+        d_x, d_values = tape.gradient(loss, [x, values])
+        return y, d_x, tf.convert_to_tensor(d_values)
+
+    traced = tf.function(run, input_signature=[tf.TensorSpec([None, 12], tf.float32)])
+    for fn in (run, traced):
+        y, d_x, d_values = fn(tf.zeros((0, 12)))
+        assert y.shape == (0, 7) and d_x.shape == (0, 12)
+        np.testing.assert_array_equal(d_values.numpy(), np.zeros(pattern.nnz, "float32"))
+    # the traced function still computes non-empty batches
+    x = inputs_for(pattern, 3, 0, "float32")
+    y, _, _ = traced(tf.constant(x))
+    np.testing.assert_allclose(y.numpy(), reference.forward(x, pattern, values.numpy()), rtol=1e-4, atol=1e-4)

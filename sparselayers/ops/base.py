@@ -57,3 +57,22 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pattern!r})"
+
+
+def empty_product(x: tf.Tensor, values: tf.Tensor, units: int) -> tf.Tensor:
+    """``x @ W`` for a ``W`` without entries, or for an empty batch: zeros ``(batch, units)``.
+
+    Still connected to ``x`` and ``values`` so that both get (zero) gradients
+    rather than None, but through no op on a zero-sized axis: oneDNN aborts
+    the process on a matmul with a zero inner dimension fused with a bias
+    add, and the gradients of broadcasts over an empty axis divide by zero.
+    """
+
+    @tf.custom_gradient
+    def product(x, values):
+        def grad(dy):
+            return tf.zeros_like(x), tf.zeros_like(values)
+
+        return tf.zeros(tf.stack([tf.shape(x)[0], units]), x.dtype), grad
+
+    return product(x, values)

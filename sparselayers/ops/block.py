@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, accumulation_cast, constant
+from sparselayers.ops.base import Kernel, accumulation_cast, constant, empty_product
 from sparselayers.structure import detect_blocks
 
 
@@ -130,22 +130,3 @@ class BlockKernel(Kernel):
             summed = tf.math.unsorted_segment_sum(tf.transpose(accumulation_cast(y)), self._out_segments, units)
             return tf.cast(tf.transpose(summed), y.dtype)
         return y
-
-
-def empty_product(x: tf.Tensor, values: tf.Tensor, units: int) -> tf.Tensor:
-    """``x @ W`` for a ``W`` without entries: zeros ``(batch, units)``.
-
-    Still connected to ``x`` and ``values`` so that both get (zero) gradients
-    rather than None, but through no op on a zero-sized axis: oneDNN aborts
-    the process on a matmul with a zero inner dimension fused with a bias
-    add, and the gradients of broadcasts over an empty axis divide by zero.
-    """
-
-    @tf.custom_gradient
-    def product(x, values):
-        def grad(dy):
-            return tf.zeros_like(x), tf.zeros_like(values)
-
-        return tf.zeros(tf.stack([tf.shape(x)[0], units]), x.dtype), grad
-
-    return product(x, values)

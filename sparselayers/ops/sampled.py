@@ -230,7 +230,7 @@ class DenseSampledProduct(_SampledProduct):
         self.tensors = (constant(pattern.linear, index_dtype(n * m)),)
 
     def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
-        """The ``(nnz,)`` products, in the pattern's canonical order."""
+        """The ``(nnz,)`` products, in the pattern's canonical order (no transposes: the GEMM takes ``x`` as is)."""
         (positions,) = self.tensors if tensors is None else tensors
         return tf.gather(tf.reshape(tf.matmul(x, dy, transpose_a=True), [-1]), positions)
 
