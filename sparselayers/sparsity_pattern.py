@@ -39,9 +39,10 @@ _MAX_NAME_BYTES = 4096
 #: (``check_shape``), so every index fits: half the memory of int64, as
 #: scipy.sparse does for index arrays that fit.
 INDEX_DTYPE = np.dtype(np.int32)
-#: Entries per step when converting between flat positions and indices, so
-#: that no int64 temporary of nnz entries is made at once.
-_CHUNK = 2**20
+#: Entries per step of the loops over a pattern's entries (here, in
+#: ``structure`` and in the kernels' index constants), so that no int64
+#: temporary of all nnz entries is made at once.
+ENTRY_CHUNK = 2**20
 
 
 def _quote(names: Iterable[Any], count: int | None = None) -> str:
@@ -539,10 +540,10 @@ class SparsityPattern:
         """Wraps sorted, unique, in-range row-major positions and checked names (trusted)."""
         linear = np.asarray(linear)
         indices = np.empty((linear.size, 2), INDEX_DTYPE)
-        for start in range(0, linear.size, _CHUNK):
-            rows, cols = np.divmod(linear[start : start + _CHUNK].astype(np.int64, copy=False), shape[1])
-            indices[start : start + _CHUNK, 0] = rows
-            indices[start : start + _CHUNK, 1] = cols
+        for start in range(0, linear.size, ENTRY_CHUNK):
+            rows, cols = np.divmod(linear[start : start + ENTRY_CHUNK].astype(np.int64, copy=False), shape[1])
+            indices[start : start + ENTRY_CHUNK, 0] = rows
+            indices[start : start + ENTRY_CHUNK, 1] = cols
         pattern = cls.__new__(cls)
         pattern._set(indices, shape, input_names, output_names)
         return pattern
@@ -739,8 +740,8 @@ class SparsityPattern:
         copy of the indices.
         """
         digest = hashlib.sha256(repr(self._shape).encode())
-        for start in range(0, self.nnz, _CHUNK):
-            digest.update(self._indices[start : start + _CHUNK].astype(np.int64).tobytes())
+        for start in range(0, self.nnz, ENTRY_CHUNK):
+            digest.update(self._indices[start : start + ENTRY_CHUNK].astype(np.int64).tobytes())
         return digest.hexdigest()[:16]
 
     @functools.cached_property

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from sparselayers.sparsity_pattern import SparsityPattern
+from sparselayers.sparsity_pattern import ENTRY_CHUNK, SparsityPattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +129,10 @@ class BlockShape:
     shares_lines: bool = False
 
 
-#: Entries per step of :func:`block_shape`: bounds its temporaries to a few
-#: tens of MiB whatever the pattern's size.
-_CHUNK = 2**20
-
-
 @functools.lru_cache(maxsize=16)
 def block_shape(pattern: SparsityPattern) -> BlockShape:
     """Mean area and rows of ``pattern``'s dense rectangles (zeros if empty); cached."""
-    return _block_shape(pattern, _CHUNK)
+    return _block_shape(pattern, ENTRY_CHUNK)
 
 
 def _block_shape(pattern: SparsityPattern, chunk: int) -> BlockShape:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers.ops.base import constant, index_dtype
+from sparselayers.sparsity_pattern import ENTRY_CHUNK
 
 #: Output columns per group. Each entry costs ``2 * batch * g`` FLOPs in the
 #: group's matmul, so small groups waste less, large ones make larger
@@ -34,8 +35,6 @@ CHUNK_ENTRIES = 4096
 #: and 0.93 s. Patterns below about 260,000 entries keep chunks of
 #: :data:`CHUNK_ENTRIES` (4096 x 4096 at 1%: 43 chunks).
 MAX_CHUNKS = 64
-#: Entries per step when building the index constants, bounding their temporaries.
-_BLOCK = 2**20
 
 
 class _SampledProduct:
@@ -86,7 +85,7 @@ class GroupedSampledProduct(_SampledProduct):
         n, m = pattern.shape
         self.nnz = nnz = pattern.nnz
         # Per-entry arrays are int32 where they fit and are filled a block
-        # of entries at a time (_BLOCK): at 10^7 entries the int64 arrays
+        # of entries at a time (ENTRY_CHUNK): at 10^7 entries the int64 arrays
         # and their temporaries took about 100 bytes per entry at once.
         entry = index_dtype(nnz).as_numpy_dtype
         cols = pattern.cols
@@ -101,8 +100,8 @@ class GroupedSampledProduct(_SampledProduct):
         column_start = np.cumsum(counts) - counts
         piece_start = np.cumsum(pieces) - pieces
         piece = np.empty(nnz, entry)  # the piece of each entry
-        for s in range(0, nnz, _BLOCK):
-            k = by_column[s : s + _BLOCK]
+        for s in range(0, nnz, ENTRY_CHUNK):
+            k = by_column[s : s + ENTRY_CHUNK]
             rank = np.arange(s, s + k.size) - column_start[cols[k]]  # entry's rank within its column
             piece[k] = piece_start[cols[k]] + rank // cap
         del by_column
@@ -128,12 +127,12 @@ class GroupedSampledProduct(_SampledProduct):
         self.padded = int(sizes.max()) if nnz else 1
         first = np.cumsum(sizes) - sizes
         slot = np.empty(nnz, entry)
-        for s in range(0, nnz, _BLOCK):
-            k = order[s : s + _BLOCK]
+        for s in range(0, nnz, ENTRY_CHUNK):
+            k = order[s : s + ENTRY_CHUNK]
             slot[k] = np.arange(s, s + k.size) - first[entry_group[k]]
         rows = np.zeros((n_groups, self.padded), index_dtype(n).as_numpy_dtype)
-        for s in range(0, nnz, _BLOCK):
-            rows[entry_group[s : s + _BLOCK], slot[s : s + _BLOCK]] = pattern.rows[s : s + _BLOCK]
+        for s in range(0, nnz, ENTRY_CHUNK):
+            rows[entry_group[s : s + ENTRY_CHUNK], slot[s : s + ENTRY_CHUNK]] = pattern.rows[s : s + ENTRY_CHUNK]
         rows = constant(rows, index_dtype(n))
         # Chunks of whole groups; each keeps its own entries' products, in
         # group order, at their flat positions within the chunk's product.
@@ -143,8 +142,8 @@ class GroupedSampledProduct(_SampledProduct):
         chunk_size = per_chunk * self.padded * group
         local = np.empty(nnz, index_dtype(chunk_size).as_numpy_dtype)
         canonical = np.empty(nnz, entry)  # the inverse permutation of by_group
-        for s in range(0, nnz, _BLOCK):
-            k = by_group[s : s + _BLOCK]
+        for s in range(0, nnz, ENTRY_CHUNK):
+            k = by_group[s : s + ENTRY_CHUNK]
             g = entry_group[k].astype(np.int64)
             local[s : s + k.size] = (g * self.padded + slot[k]) * group + place_of[piece[k]] - g // per_chunk * chunk_size
             canonical[k] = np.arange(s, s + k.size)
@@ -152,7 +151,7 @@ class GroupedSampledProduct(_SampledProduct):
         # Entries before each chunk: the chunks hold whole groups, in order.
         ends = np.concatenate([[0], np.cumsum(sizes)])
         self._entry_bounds = ends[np.minimum(np.arange(len(self._bounds)) * per_chunk, n_groups)].tolist()
-        #: The index constants, to pass to :meth:`__call__` explicitly from
+        #: The index constants, to pass to :meth:`transposed` explicitly from
         #: a custom gradient: a SavedModel saves a gradient function only
         #: if the tensors it uses are inputs of the forward function.
         self.tensors = (
@@ -228,11 +227,6 @@ class DenseSampledProduct(_SampledProduct):
         n, m = pattern.shape
         self.nnz = pattern.nnz
         self.tensors = (constant(pattern.linear, index_dtype(n * m)),)
-
-    def __call__(self, x: tf.Tensor, dy: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
-        """The ``(nnz,)`` products, in the pattern's canonical order (no transposes: the GEMM takes ``x`` as is)."""
-        (positions,) = self.tensors if tensors is None else tensors
-        return tf.gather(tf.reshape(tf.matmul(x, dy, transpose_a=True), [-1]), positions)
 
     def transposed(self, x_t: tf.Tensor, dy_t: tf.Tensor, tensors: tuple[tf.Tensor, ...] | None = None) -> tf.Tensor:
         """The products from ``x.T`` and ``dy.T``, which a kernel may hold already."""
