@@ -454,7 +454,7 @@ def test_rigl_sees_every_tower_layer_before_any_update():
     """Towers fuses its block layers; while RigL records, each layer is called on its own."""
     import tensorflow as tf
 
-    from sparselayers.callbacks import _recording
+    from sparselayers.callbacks.dynamic import _recording
     from sparselayers.ops.context import observing_layers
 
     towers = sl.Towers(3, hidden_units=[4, 2], output_units=1)

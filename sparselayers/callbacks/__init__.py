@@ -1,0 +1,89 @@
+"""Dynamic sparse training: the pattern of every `SparseDense` evolves during `fit`.
+
+:class:`SET` (Mocanu et al., 2018) and :class:`RigL` (Evci et al., 2020) are
+Keras callbacks. Unlike mask-based implementations, the layers keep truly
+sparse storage the whole time: each update replaces a layer's pattern and
+``values`` in place (:meth:`SparseDense.set_pattern`), so the model never
+holds a dense kernel, and training between updates runs exactly as with a
+fixed pattern.
+
+Semantics, shared by both callbacks:
+
+* **Layers.** Every built :class:`SparseDense` of the model, at any depth
+  (nested models, the ``tower_layers`` of :class:`Towers`), or only those
+  whose ``name`` or ``path`` is listed in ``layers``. A layer with no room to
+  evolve (``nnz == 0``, or every position connected, as the first layer of
+  ``Towers``) is skipped with a warning; naming it in ``layers`` raises.
+* **Schedule.** Step ``t`` counts training steps; it continues from
+  ``model.optimizer.iterations``, so a resumed run keeps its schedule. At the
+  end of step ``t``, when ``t % update_freq == 0`` and ``t < end_step``, every
+  layer drops and grows ``n = round(f(t) * nnz)`` connections, with the
+  cosine decay ``f(t) = drop_fraction * (1 + cos(pi * t / end_step)) / 2``.
+  ``end_step`` defaults to 75% of the steps ``fit`` runs (``steps * epochs``).
+  With ``steps_per_execution > 1``, an update falls at the end of the
+  execution that holds its step.
+* **Drop.** The ``n`` entries of smallest ``|value|`` (equal magnitudes: the
+  earlier entry in canonical order first).
+* **Grow.** ``n`` positions outside the kept entries (a position just dropped
+  may be grown again). SET draws them uniformly at random from a NumPy
+  Generator seeded with ``(seed, t, layer number)``. RigL takes the largest
+  ``|dL/dW|``, the dense kernel gradient of the loss on the batch of step
+  ``t`` at the weights after that step (equal magnitudes: lower row-major
+  position first); positions with zero gradient are never preferred, and if
+  fewer than ``n`` positions have a nonzero gradient the rest are grown as
+  SET grows them.
+* **State.** ``nnz`` never changes. A new connection starts at 0 with zeroed
+  optimizer state (every optimizer variable that shadows ``values``: Adam's
+  moments, momentum, EMA averages, gradient accumulators). A kept
+  connection, including one dropped and grown again, keeps its value and its
+  optimizer state, both moved to its new place in the canonical order.
+* **Cost.** An update runs eagerly between two steps: the drop and grow
+  in NumPy, RigL's forward and backward pass on the batch and tiled
+  scoring. The model's compiled functions are then rebuilt
+  (:func:`reset_compiled_functions`), because traced functions hold the
+  pattern's indices as constants: the step after an update traces (with
+  ``jit_compile=True``, compiles) the train step once. Every other step runs
+  the function of a fixed pattern of the new structure, at its speed.
+* **Memory (RigL).** The dense gradient ``x.T @ dy`` is never materialised:
+  it is scored in column tiles of ``max(tile_elements, input_dim)`` entries
+  at most, keeping a running top-``n``. Beyond the forward and backward pass
+  on the batch (which keeps each layer's input ``x`` and the gradient ``dy``
+  of ``x @ W``), an update holds at most three tile-sized float32 arrays
+  (product, magnitude, masked copy) and ``4 * n`` candidate scores and
+  positions: with the default ``tile_elements = 2**22``, 48 MiB plus
+  ``16 * n`` bytes, whatever the layer's size.
+* **Batch (RigL).** During ``fit`` RigL wraps ``model.train_function`` so
+  that it sees the batch: the wrapper takes each batch from ``fit``'s
+  iterator itself and runs Keras' own compiled one-step function on it (the
+  path Keras takes for Python iterables: the same ``train_step``, compiled
+  as ``fit`` compiles it), keeping the batch of a step that ends in an
+  update. With ``steps_per_execution > 1`` only those steps take this path
+  (so they trace it too), the others pass through untouched. This works
+  eagerly, compiled, with ``jit_compile=True`` and under ``tf.distribute``
+  strategies, where the replicas' shares are joined into the global batch
+  (on one machine: under ``MultiWorkerMirroredStrategy`` a worker would see
+  only its own share, and Keras' ``fit`` does not run there anyway). The gradient is that of ``model.compute_loss`` with ``training=True``, in
+  a ``keras.StatelessScope``: the probe moves no metric, batch-norm
+  statistic or random seed.
+* **Distribution and saving.** Updates assign the (mirrored) variables in
+  cross-replica context, so every replica holds the same pattern. The
+  pattern is saved with the values (``.keras``, ``.weights.h5``,
+  ``tf.train.Checkpoint``), and the schedule and SET's draws depend only on
+  the step and the seed: restoring a checkpoint written mid-training and calling
+  ``fit(..., initial_epoch=...)`` continues the run identically.
+* **Not with** ``EarlyStopping(restore_best_weights=True)``: Keras restores
+  those with ``model.set_weights``, which carries values but no pattern, so
+  the best epoch's values would land on the last epoch's connections. Keep
+  the best model with ``ModelCheckpoint(path, save_best_only=True)`` (a
+  ``.keras`` or ``.weights.h5`` file carries the pattern) and load it
+  after ``fit``; the same holds for any ``get_weights``/``set_weights``
+  round trip across a topology update.
+"""
+
+
+from sparselayers.callbacks.dynamic import cosine_drop_fraction, optimizer_slots, random_positions, top_gradient_positions
+from sparselayers.callbacks.rigl import RigL
+from sparselayers.callbacks.set import SET
+from sparselayers.sparse_dense import sparse_dense_layers
+
+__all__ = ["RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers"]

@@ -1,0 +1,58 @@
+"""SET: drop the smallest entries, grow at random."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparselayers.callbacks.dynamic import _DynamicSparsity, random_positions
+from sparselayers.sparse_dense import SparseDense
+
+
+class SET(_DynamicSparsity):
+    """Sparse Evolutionary Training: drop the smallest entries, grow at random.
+
+    See :mod:`sparselayers.callbacks` for the exact semantics (schedule,
+    which entries move, optimizer state, cost).
+
+    Args:
+        update_freq: training steps between two updates, >= 1.
+        drop_fraction: fraction of each layer's entries moved by the first
+            update, in [0, 1); it decays to 0 at ``end_step`` (cosine).
+        end_step: step from which the pattern stays fixed; default 75% of the
+            steps ``fit`` runs.
+        layers: names (or paths) of the SparseDense layers to evolve; default
+            every SparseDense that can.
+        seed: seed of the random draws; None draws a fresh one.
+
+    Attributes:
+        updates: one dict per layer and update: ``step``, ``layer`` (its
+            path), ``drop_fraction``, ``dropped`` (entries dropped) and
+            ``new`` (connections at positions the layer did not have).
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: an argument out of range; at the start of ``fit``, a
+            model with no SparseDense that can evolve, a name in ``layers``
+            that matches none, or an unknown number of steps without
+            ``end_step``.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> layer = sl.SparseDense(sl.patterns.random((16, 4), density=0.25, seed=0))
+    >>> model = keras.Sequential([keras.Input((16,)), layer])
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> before = layer.pattern
+    >>> x = np.random.default_rng(0).normal(size=(32, 16)).astype("float32")
+    >>> set_ = sl.callbacks.SET(update_freq=2, drop_fraction=0.5, seed=0)
+    >>> _ = model.fit(x, x[:, :4], batch_size=8, epochs=2, verbose=0, callbacks=[set_])
+    >>> layer.pattern.nnz == before.nnz, layer.pattern != before
+    (True, True)
+    """
+
+    def _grow(
+        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+    ) -> np.ndarray:
+        return random_positions(layer.pattern.shape, kept, n, rng)
