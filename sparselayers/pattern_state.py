@@ -63,6 +63,11 @@ def load_pattern(store: Any, where: str) -> SparsityPattern | None:
     return decode(np.asarray(store[PATTERN_KEY], np.uint8).tobytes(), where)
 
 
+def identical(a: SparsityPattern, b: SparsityPattern) -> bool:
+    """Same connections and same unit names (``==`` compares connections only)."""
+    return a == b and (a.input_names, a.output_names) == (b.input_names, b.output_names)
+
+
 def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None:
     """Raises ValueError unless ``pattern`` can replace ``layer.pattern`` in place."""
     if pattern.shape != layer.pattern.shape:

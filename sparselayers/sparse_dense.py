@@ -35,11 +35,6 @@ def as_pattern(pattern: Any) -> SparsityPattern:
     )
 
 
-def _identical(a: SparsityPattern, b: SparsityPattern) -> bool:
-    """Same connections and same unit names (``==`` compares connections only)."""
-    return a == b and (a.input_names, a.output_names) == (b.input_names, b.output_names)
-
-
 def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
     """Every `SparseDense` inside ``model``, nested models and ``Towers`` included.
 
@@ -335,7 +330,7 @@ class SparseDense(keras.layers.Layer):
                 f"Layer '{self.name}' expected {len(variables)} variables in the weights file "
                 f"but found none under keys {missing}."
             )
-        if saved_pattern is not None and not _identical(saved_pattern, self.pattern):
+        if saved_pattern is not None and not pattern_state.identical(saved_pattern, self.pattern):
             self.set_pattern(saved_pattern)
         for key, variable in zip(expected, variables):
             variable.assign(store[key])

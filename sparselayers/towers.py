@@ -13,7 +13,9 @@ from sparselayers import initializers as sparse_initializers
 from sparselayers import patterns
 from sparselayers._validation import _short, check_int
 from sparselayers.ops.context import layers_observed
-from sparselayers.sparse_dense import SparseDense
+from sparselayers.pattern_state import identical
+from sparselayers.sparse_dense import SparseDense, as_pattern
+from sparselayers.sparsity_pattern import SparsityPattern
 
 
 def _default_initializer() -> sparse_initializers.SparseVarianceScaling:
@@ -48,6 +50,11 @@ class Towers(keras.layers.Layer):
             starts at the scale of an independent MLP, whatever the number
             of towers.
         kernel: kernel of every SparseDense (see ``SparseDense``).
+        layer_patterns: the pattern of each tower layer, one per layer (a
+            :class:`SparsityPattern`, its config, or None for the built-in
+            dense and block-diagonal ones). ``get_config`` fills it once a
+            pattern has changed (``set_pattern``, SET, RigL), so that a model
+            rebuilt from the config holds the current connections.
         **kwargs: Keras ``Layer`` arguments.
 
     Example:
@@ -70,6 +77,7 @@ class Towers(keras.layers.Layer):
         use_bias: bool = True,
         values_initializer: Any = None,
         kernel: str = "auto",
+        layer_patterns: Sequence[Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -87,6 +95,19 @@ class Towers(keras.layers.Layer):
             _default_initializer() if values_initializer is None else sparse_initializers.get(values_initializer)
         )
         self.kernel = kernel
+        if layer_patterns is not None:
+            if isinstance(layer_patterns, (str, bytes, dict)) or not isinstance(layer_patterns, Sequence):
+                raise TypeError(
+                    "`layer_patterns` must be a list with one pattern (or None) per tower layer. "
+                    f"Received: layer_patterns={_short(layer_patterns)}"
+                )
+            if len(layer_patterns) != len(self.widths):
+                raise ValueError(
+                    f"`layer_patterns` must hold one entry per tower layer ({len(self.widths)}). "
+                    f"Received: {len(layer_patterns)} entries"
+                )
+            layer_patterns = [None if p is None else as_pattern(p) for p in layer_patterns]
+        self._layer_patterns = layer_patterns
         self.tower_layers: list[SparseDense] = []
         self.supports_masking = True
 
@@ -104,7 +125,8 @@ class Towers(keras.layers.Layer):
         layer_patterns = [patterns.dense((input_dim, n * widths[0]))]
         layer_patterns += [patterns.block_diagonal([(a, b)] * n) for a, b in zip(widths[:-1], widths[1:])]
         self.tower_layers = []
-        for k, pattern in enumerate(layer_patterns):
+        for k, built_in in enumerate(layer_patterns):
+            pattern = self._layer_pattern(k, built_in)
             last = k == len(layer_patterns) - 1
             layer = SparseDense(
                 pattern,
@@ -116,12 +138,24 @@ class Towers(keras.layers.Layer):
                 name=f"tower_layer_{k}",
             )
             layer.build((None, pattern.shape[0]))
-            if k > 0 and self.kernel == "auto":
+            if k > 0 and self.kernel == "auto" and pattern is built_in:
                 # In the (tower, batch, unit) layout of call(), the block
                 # product needs no transposes, whatever the block size.
                 layer.set_kernel("block")
             self.tower_layers.append(layer)
         self._built_patterns = layer_patterns
+
+    def _layer_pattern(self, k: int, built_in: SparsityPattern) -> SparsityPattern:
+        """Layer ``k``'s pattern: the one given in ``layer_patterns``, else ``built_in``."""
+        given = None if self._layer_patterns is None else self._layer_patterns[k]
+        if given is None or identical(given, built_in):
+            return built_in
+        if given.shape != built_in.shape:
+            raise ValueError(
+                f"`layer_patterns[{k}]` must have the tower layer's shape {built_in.shape}. "
+                f"Received: a pattern of shape {given.shape}"
+            )
+        return given
 
     def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any) -> dict[str, Any]:
         # Keras keeps `tower_layers` in a list that tf.train.Checkpoint does
@@ -211,4 +245,13 @@ class Towers(keras.layers.Layer):
             "values_initializer": keras.initializers.serialize(self.values_initializer),
             "kernel": self.kernel,
         }
+        if self.tower_layers:
+            current = [
+                None if layer.pattern is built_in else layer.pattern.get_config()
+                for layer, built_in in zip(self.tower_layers, self._built_patterns)
+            ]
+            if any(p is not None for p in current):
+                config["layer_patterns"] = current
+        elif self._layer_patterns is not None:
+            config["layer_patterns"] = [None if p is None else p.get_config() for p in self._layer_patterns]
         return {**base_config, **config}

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import sparselayers as sl
+from tests import reference
 
 
 def independent_mlps(towers, input_dim):
@@ -79,3 +80,48 @@ def test_towers_train():
 def test_bad_towers_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         sl.Towers(**kwargs)
+
+
+def towers_reference(towers, x):
+    """The tower layers as a chain of float64 ``x @ W + b`` with their activations, in NumPy."""
+    activations = {None: lambda h: h, "relu": lambda h: np.maximum(h, 0), "linear": lambda h: h}
+    h = np.asarray(x, np.float64)
+    for layer in towers.tower_layers:
+        bias = None if layer.bias is None else layer.bias.numpy()
+        h = reference.forward(h, layer.pattern, layer.values.numpy(), bias)
+        h = activations[keras.activations.serialize(layer.activation)](h)
+    return h
+
+
+def evolved_towers_model():
+    """A fitted Sequential holding Towers whose block layers SET has changed."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 6)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), sl.Towers(3, hidden_units=[4, 4], output_units=2)])
+    model.compile(optimizer="adam", loss="mse")
+    towers = model.layers[0]
+    before = [layer.pattern for layer in towers.tower_layers]
+    with pytest.warns(UserWarning, match="no room"):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[sl.callbacks.SET(update_freq=2, seed=0)])
+    assert any(layer.pattern != old for layer, old in zip(towers.tower_layers, before))
+    return model, x
+
+
+def test_evolved_towers_clone_and_set_weights_is_exact():
+    model, x = evolved_towers_model()
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    want = towers_reference(model.layers[0], x)
+    np.testing.assert_allclose(clone.predict(x, verbose=0), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(clone.layers[0].tower_layers, model.layers[0].tower_layers):
+        assert a.pattern == b.pattern
+
+
+def test_evolved_towers_legacy_h5_is_exact(tmp_path):
+    model, x = evolved_towers_model()
+    model.save(tmp_path / "m.h5")
+    loaded = keras.models.load_model(tmp_path / "m.h5", compile=False)  # Keras cannot restore "mse" from h5
+    want = towers_reference(model.layers[0], x)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, rtol=1e-5, atol=1e-5)
