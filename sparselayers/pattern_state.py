@@ -13,8 +13,9 @@ connections. This module makes the current pattern travel with the values:
   graph traced under an older pattern fails loudly instead of running with
   stale index constants.
 
-Either way, a saved pattern with the layer's ``nnz`` replaces the layer's
-pattern; any other raises ``ValueError``. Nothing here adds Keras weights, so
+Either way, a saved pattern with the layer's shape, ``nnz`` and unit names
+replaces the layer's pattern; any other raises ``ValueError``
+(:func:`check_replacement`). Nothing here adds Keras weights, so
 ``count_params()`` stays ``nnz (+ units)``.
 """
 
@@ -69,7 +70,15 @@ def identical(a: SparsityPattern, b: SparsityPattern) -> bool:
 
 
 def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None:
-    """Raises ValueError unless ``pattern`` can replace ``layer.pattern`` in place."""
+    """Raises ValueError unless ``pattern`` can replace ``layer.pattern`` in place.
+
+    Legitimate replacements are the same layer's pattern after it evolved:
+    same shape, same ``nnz``, and the same unit names in the same order
+    where both sides name their units (a side named on one only keeps or
+    takes those names: the positions mean the same). Names in another order
+    would make the layer read the data's columns in the file's order, so
+    they raise instead.
+    """
     if pattern.shape != layer.pattern.shape:
         raise ValueError(
             f"{source} does not fit layer '{layer.name}': the saved pattern has shape {pattern.shape}, "
@@ -81,6 +90,17 @@ def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None
             f"the layer nnz={layer.pattern.nnz}. Build the layer with the saved pattern "
             "(for example from the model's config) before loading its values."
         )
+    for side in ("input_names", "output_names"):
+        mine, saved = getattr(layer.pattern, side), getattr(pattern, side)
+        if mine is not None and saved is not None and mine != saved:
+            k = next(k for k, (a, b) in enumerate(zip(mine, saved)) if a != b)
+            raise ValueError(
+                f"{source} does not fit layer '{layer.name}': its {side} differ from the layer's "
+                f"({side}[{k}] is {saved[k]!r} in the file, {mine[k]!r} in the layer), so loading would make "
+                "the layer read its units in the file's order. Build the layer with the saved names in the "
+                "same order (for example from the model's config, or from_edges(..., inputs=...) with the "
+                "file's order) and order the data's columns to match."
+            )
 
 
 class PatternCheckpoint(trackable.Trackable):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparselayers as sl
+from sparselayers import pattern_state
 from tests import reference
 from tests.strategies import any_patterns, inputs_for, values_for
 
@@ -61,17 +62,50 @@ def test_a_forced_kernel_that_no_longer_fits_falls_back_to_auto(tmp_path):
     assert loaded.layers[0].pattern == layer.pattern
 
 
-def test_loading_restores_unit_names_even_when_connections_agree(tmp_path):
-    edges = (["a", "b"], ["X", "Y"])
-    named = sl.SparsityPattern.from_edges(*edges)
-    renamed = sl.SparsityPattern.from_edges(["b", "a"], ["Y", "X"], inputs=["b", "a"], outputs=["Y", "X"])
-    assert named == renamed and named.input_names != renamed.input_names
-    source = keras.Sequential([keras.Input((2,)), sl.SparseDense(renamed, name="s")])
+def test_loading_refuses_unit_names_in_another_order(tmp_path):
+    # The reproducer: the file's layer read its data as rs1, rs2, rs3; this one reads rs3, rs2, rs1.
+    edges = (["rs1", "rs2", "rs3"], ["A", "A", "B"])
+    saved = sl.SparsityPattern.from_edges(*edges, inputs=["rs1", "rs2", "rs3"], outputs=["A", "B"])
+    source = keras.Sequential([keras.Input((3,)), sl.SparseDense(saved, name="s")])
     source.save_weights(tmp_path / "m.weights.h5")
-    target = keras.Sequential([keras.Input((2,)), sl.SparseDense(named, name="s")])
-    target.load_weights(tmp_path / "m.weights.h5")
-    assert target.layers[0].pattern.input_names == ("b", "a")
-    assert target.layers[0].pattern.output_names == ("Y", "X")
+    layer = sl.SparseDense(sl.SparsityPattern.from_edges(*edges, inputs=["rs3", "rs2", "rs1"], outputs=["A", "B"]),
+                           name="s")
+    target = keras.Sequential([keras.Input((3,)), layer])
+    before = layer.pattern
+    with pytest.raises(ValueError, match=r"input_names.*'rs1'.*'rs3'.*same order"):
+        target.load_weights(tmp_path / "m.weights.h5")
+    assert layer.pattern is before  # neither names nor connections replaced
+
+    checkpoint = tf.train.Checkpoint(model=source).save(str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"input_names.*same order"):
+        tf.train.Checkpoint(model=target).restore(checkpoint)
+    assert layer.pattern is before
+
+
+def test_loading_an_evolved_named_pattern_keeps_the_names(tmp_path):
+    names = dict(inputs=["rs1", "rs2", "rs3", "rs4"], outputs=["A", "B", "C"])
+    start = sl.SparsityPattern.from_edges(["rs1", "rs2", "rs3"], ["A", "B", "C"], **names)
+    trained = sl.SparseDense(start, name="s")
+    source = keras.Sequential([keras.Input((4,)), trained])
+    evolved = sl.SparsityPattern.from_edges(["rs4", "rs2", "rs1"], ["A", "C", "C"], **names)
+    trained.set_pattern(evolved, values=[1.0, 2.0, 3.0])
+    source.save_weights(tmp_path / "m.weights.h5")
+    fresh = sl.SparseDense(start, name="s")
+    keras.Sequential([keras.Input((4,)), fresh]).load_weights(tmp_path / "m.weights.h5")
+    assert pattern_state.identical(fresh.pattern, trained.pattern)
+    x = inputs_for(evolved, 3)
+    want = reference.forward(x, trained.pattern, trained.values.numpy(), trained.bias.numpy())
+    np.testing.assert_allclose(fresh(x).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_keeps_the_layers_names_when_the_file_has_none(tmp_path):
+    unnamed = sl.patterns.banded((3, 2), upper=1)
+    source = keras.Sequential([keras.Input((3,)), sl.SparseDense(unnamed, name="s")])
+    source.save_weights(tmp_path / "m.weights.h5")
+    named = unnamed.with_names(["a", "b", "c"], ["X", "Y"])
+    target = sl.SparseDense(named, name="s")
+    keras.Sequential([keras.Input((3,)), target]).load_weights(tmp_path / "m.weights.h5")
+    assert target.pattern.input_names == ("a", "b", "c") and target.pattern.output_names == ("X", "Y")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
