@@ -9,6 +9,7 @@ These read the fans from the pattern: entry ``(i, j)`` has
 
 from __future__ import annotations
 
+import random as python_random
 from typing import Any
 
 import keras
@@ -88,14 +89,20 @@ class SparseVarianceScaling(keras.initializers.Initializer):
         if tuple(shape) != (pattern.nnz,):
             raise ValueError(f"`shape` must be (nnz,) = ({pattern.nnz},). Received: shape={tuple(shape)}")
         dtype = dtype or keras.config.floatx()
+        # An int seed, never Keras' global SeedGenerator: its state variable,
+        # created inside a trace (an unbuilt layer under tf.function), cannot
+        # be lifted out of it. Drawn per call from Python's generator, as
+        # Keras' initializers draw theirs, so keras.utils.set_random_seed
+        # fixes it and two layers sharing this initializer still differ.
+        seed = self.seed if self.seed is not None else python_random.randint(1, int(1e9))
         variances = self.variances(pattern)
         std = keras.ops.convert_to_tensor(np.sqrt(variances, out=variances), dtype=dtype)
         if self.distribution == "uniform":
-            unit = keras.random.uniform(shape, -np.sqrt(3.0), np.sqrt(3.0), dtype=dtype, seed=self.seed)
+            unit = keras.random.uniform(shape, -np.sqrt(3.0), np.sqrt(3.0), dtype=dtype, seed=seed)
         elif self.distribution == "truncated_normal":
-            unit = keras.random.truncated_normal(shape, stddev=1 / _TRUNCATED_STD, dtype=dtype, seed=self.seed)
+            unit = keras.random.truncated_normal(shape, stddev=1 / _TRUNCATED_STD, dtype=dtype, seed=seed)
         else:
-            unit = keras.random.normal(shape, dtype=dtype, seed=self.seed)
+            unit = keras.random.normal(shape, dtype=dtype, seed=seed)
         return unit * std
 
     def get_config(self) -> dict[str, Any]:

@@ -299,3 +299,25 @@ def test_masks_pass_through_like_dense(make):
     np.testing.assert_allclose(sparse.predict(x, verbose=0), dense.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     unmasked = keras.Model(sparse.inputs, sparse.get_layer("lstm")(layer(sparse.inputs[0])))
     assert np.abs(unmasked.predict(x, verbose=0) - sparse.predict(x, verbose=0)).max() > 1e-3
+
+
+def test_an_unbuilt_layer_traces_its_build_inside_get_concrete_function():
+    # As keras.layers.Dense does: the initializer keeps no seed state that
+    # tf.function would need to lift out of the trace.
+    pattern = sl.patterns.banded((10, 6), lower=2, upper=1)
+    layer = sl.SparseDense(pattern)
+    concrete = tf.function(lambda t: layer(t)).get_concrete_function(tf.TensorSpec((None, 10)))
+    x = np.random.default_rng(0).normal(size=(3, 10)).astype("float32")
+    want = reference.forward(x, pattern, layer.values.numpy(), layer.bias.numpy())
+    np.testing.assert_allclose(concrete(tf.constant(x)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unseeded_initializers_give_each_layer_its_own_values():
+    initializer = sl.initializers.SparseGlorotUniform()
+    pattern = sl.patterns.random((8, 8), density=0.5, seed=0)
+    a, b = (sl.SparseDense(pattern, values_initializer=initializer) for _ in range(2))
+    for layer in (a, b):
+        layer.build((None, 8))
+    assert not np.array_equal(a.values.numpy(), b.values.numpy())
+    seeded = sl.initializers.SparseGlorotUniform(seed=3)
+    np.testing.assert_array_equal(seeded((pattern.nnz,), pattern=pattern), seeded((pattern.nnz,), pattern=pattern))
