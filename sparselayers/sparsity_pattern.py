@@ -72,12 +72,29 @@ def _check_names(names: Any, dim: int | None, arg: str) -> tuple[str, ...] | Non
         names = [str(n) for n in names]  # np.str_ and other subclasses become plain str
     if dim is not None and len(names) != dim:
         raise ValueError(f"`{arg}` must name all {dim} units. Received: {len(names)} names")
+    try:
+        "".join(names).encode("utf-8")  # one C-speed pass; files can then always hold the names
+    except UnicodeEncodeError:
+        bad = next(k for k, n in enumerate(names) if not _is_utf8(n))
+        raise ValueError(
+            f"`{arg}` must be valid UTF-8 text (a lone surrogate comes from decoding bytes with "
+            f"errors='surrogateescape'; decode them as UTF-8 or fix the stray byte). "
+            f"Received: {arg}[{bad}]={names[bad]!r}"
+        ) from None
     names = tuple(names)
     if len(set(names)) != len(names):
         seen: set[str] = set()
         repeated = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
         raise ValueError(f"`{arg}` must be unique. Received: repeated names {_quote(dict.fromkeys(repeated))}")
     return names
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _encode_names(names: tuple[str, ...] | None) -> str | None:

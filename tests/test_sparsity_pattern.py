@@ -520,3 +520,29 @@ def test_names_survive_keras_save_and_load(tmp_path):
     assert loaded.pattern == p and loaded.pattern.input_names == p.input_names
     assert loaded.pattern.output_names == p.output_names
     np.testing.assert_array_equal(loaded.to_dense(), model.get_layer("sparse").to_dense())
+
+
+@pytest.mark.parametrize("build, arg", [
+    (lambda bad: sl.SparsityPattern.from_edges(["rs1", bad], ["A", "A"]), "sources"),
+    (lambda bad: sl.SparsityPattern.from_edges(["rs1", "rs2"], ["A", bad]), "targets"),
+    (lambda bad: sl.SparsityPattern.from_edges(["rs1"], ["A"], inputs=["rs1", bad]), "inputs"),
+    (lambda bad: sl.patterns.banded((2, 2)).with_names(["rs1", bad], None), "input_names"),
+    (lambda bad: sl.patterns.banded((2, 2)).with_names(None, [bad, "B"]), "output_names"),
+])
+def test_names_must_be_utf8_text(build, arg):
+    # A lone surrogate, as os.fsdecode or open(errors="surrogateescape") makes from a stray byte.
+    bad = b"rs\x801".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match=rf"`{arg}` must be valid UTF-8 text.*Received: {arg}\[\d\]='rs\\udc801'"):
+        build(bad)
+
+
+def test_saving_a_named_model_never_truncates_an_existing_file(tmp_path):
+    import keras
+
+    path = tmp_path / "m.keras"
+    keras.Sequential([keras.Input((2,)), sl.SparseDense(sl.patterns.banded((2, 2)))]).save(path)
+    size = path.stat().st_size
+    bad = b"rs\x801".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="UTF-8"):
+        sl.SparseDense(sl.SparsityPattern.from_edges(["rs1", bad], ["A", "B"]))
+    assert path.stat().st_size == size
