@@ -41,14 +41,23 @@ def encode(pattern: SparsityPattern) -> bytes:
     return json.dumps(pattern.get_config()).encode("utf-8")
 
 
-def decode(blob: bytes, where: str) -> SparsityPattern:
-    """Inverse of :func:`encode`, checked like any other input."""
+def decode(blob: bytes, where: str, layer: Any = None) -> SparsityPattern:
+    """Inverse of :func:`encode`, checked like any other input.
+
+    With ``layer``, the declared shape and ``nnz`` are compared with the
+    layer's before anything is decompressed, so a file cannot make the load
+    inflate more than the layer holds (see :func:`check_replacement`).
+    """
     try:
         config = json.loads(blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"Corrupt pattern in {where}: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"Corrupt pattern in {where}: expected a config dict, found {type(config).__name__}")
+    if layer is not None:
+        shape, nnz = config.get("shape"), config.get("nnz")
+        if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+            _check_fits(layer, tuple(shape), nnz if isinstance(nnz, int) else None, where.capitalize())
     return SparsityPattern.from_config(config)
 
 
@@ -57,11 +66,15 @@ def save_pattern(pattern: SparsityPattern, store: Any) -> None:
     store[PATTERN_KEY] = np.frombuffer(encode(pattern), np.uint8)
 
 
-def load_pattern(store: Any, where: str) -> SparsityPattern | None:
-    """The pattern saved in a Keras weights store, or None for files without one."""
+def load_pattern(store: Any, where: str, layer: Any = None) -> SparsityPattern | None:
+    """The pattern saved in a Keras weights store, or None for files without one.
+
+    With ``layer``, a pattern that cannot fit it raises before it is
+    decompressed (see :func:`decode`).
+    """
     if PATTERN_KEY not in store:
         return None
-    return decode(np.asarray(store[PATTERN_KEY], np.uint8).tobytes(), where)
+    return decode(np.asarray(store[PATTERN_KEY], np.uint8).tobytes(), where, layer)
 
 
 def identical(a: SparsityPattern, b: SparsityPattern) -> bool:
@@ -79,17 +92,7 @@ def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None
     would make the layer read the data's columns in the file's order, so
     they raise instead.
     """
-    if pattern.shape != layer.pattern.shape:
-        raise ValueError(
-            f"{source} does not fit layer '{layer.name}': the saved pattern has shape {pattern.shape}, "
-            f"the layer {layer.pattern.shape}."
-        )
-    if pattern.nnz != layer.pattern.nnz:
-        raise ValueError(
-            f"{source} does not fit layer '{layer.name}': the saved pattern has nnz={pattern.nnz}, "
-            f"the layer nnz={layer.pattern.nnz}. Build the layer with the saved pattern "
-            "(for example from the model's config) before loading its values."
-        )
+    _check_fits(layer, pattern.shape, pattern.nnz, source)
     for side in ("input_names", "output_names"):
         mine, saved = getattr(layer.pattern, side), getattr(pattern, side)
         if mine is not None and saved is not None and mine != saved:
@@ -101,6 +104,21 @@ def check_replacement(layer: Any, pattern: SparsityPattern, source: str) -> None
                 "same order (for example from the model's config, or from_edges(..., inputs=...) with the "
                 "file's order) and order the data's columns to match."
             )
+
+
+def _check_fits(layer: Any, shape: tuple, nnz: int | None, source: str) -> None:
+    """Raises ValueError unless a saved pattern of ``shape`` and ``nnz`` fits ``layer``."""
+    if shape != layer.pattern.shape:
+        raise ValueError(
+            f"{source} does not fit layer '{layer.name}': the saved pattern has shape {shape}, "
+            f"the layer {layer.pattern.shape}."
+        )
+    if nnz is not None and nnz != layer.pattern.nnz:
+        raise ValueError(
+            f"{source} does not fit layer '{layer.name}': the saved pattern has nnz={nnz}, "
+            f"the layer nnz={layer.pattern.nnz}. Build the layer with the saved pattern "
+            "(for example from the model's config) before loading its values."
+        )
 
 
 class PatternCheckpoint(trackable.Trackable):
@@ -117,7 +135,7 @@ class PatternCheckpoint(trackable.Trackable):
             # SavedModel traces restore functions; a loaded SavedModel's graph
             # already holds the pattern it was saved with.
             return tf.no_op()
-        pattern = decode(restored_tensors[PATTERN_KEY].numpy(), "the checkpoint")
+        pattern = decode(restored_tensors[PATTERN_KEY].numpy(), "the checkpoint", self._layer)
         check_replacement(self._layer, pattern, "The checkpoint")
         self._layer.set_pattern(pattern)
         return tf.no_op()

@@ -314,7 +314,7 @@ class SparseDense(keras.layers.Layer):
 
     def load_own_variables(self, store: Any) -> None:
         stored = store["0"] if "0" in store else None
-        saved_pattern = pattern_state.load_pattern(store, "the weights file")
+        saved_pattern = pattern_state.load_pattern(store, "the weights file", self)
         if saved_pattern is not None:
             pattern_state.check_replacement(self, saved_pattern, "The weights file")
         if stored is not None and tuple(stored.shape) != (self.pattern.nnz,):
@@ -334,6 +334,12 @@ class SparseDense(keras.layers.Layer):
             self.set_pattern(saved_pattern)
         for key, variable in zip(expected, variables):
             variable.assign(store[key])
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SparseDense:
+        # Decoded before Keras' from_config, which turns any error into a
+        # TypeError quoting the whole config (megabytes for a large pattern).
+        return super().from_config({**config, "pattern": as_pattern(config["pattern"])})
 
     def get_config(self) -> dict[str, Any]:
         base_config = super().get_config()

@@ -35,6 +35,17 @@ from sparselayers._validation import _short, as_index_array, check_shape
 _QUOTED = 5
 #: Bytes per name a config may inflate to (JSON-quoted), a bound against hostile payloads.
 _MAX_NAME_BYTES = 4096
+#: Bounds on encoded names that do not trust the dimensions declared beside
+#: them: bytes of JSON per byte of compressed names (real name lists inflate
+#: 3 to 20 times: 1e6 random rsIDs 2.6, ``unit_0 ...`` 5.9, 40-character
+#: shared prefixes 20), and names per byte of compressed names (real lists
+#: take 2 bytes a name or more), each allowing at least a small list.
+_MAX_NAME_INFLATION = 64
+_MAX_NAMES_PER_BYTE = 2
+_MIN_NAME_LIMIT = 2**20
+#: The most entries a config may declare, checked before decompressing: no
+#: layer holds more (its values alone would take 8 GiB in float32).
+MAX_NNZ = 2**31 - 1
 #: Dtype of stored indices. Every dimension is at most ``MAX_DIM = 2**31 - 1``
 #: (``check_shape``), so every index fits: half the memory of int64, as
 #: scipy.sparse does for index arrays that fit.
@@ -105,18 +116,28 @@ def _encode_names(names: tuple[str, ...] | None) -> str | None:
     return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
 
 
-def _decode_names(value: Any, key: str, limit: int) -> list[str] | None:
-    """Inverse of :func:`_encode_names`, inflating at most ``limit`` bytes.
+def _decode_names(value: Any, key: str, dim: int) -> list[str] | None:
+    """Inverse of :func:`_encode_names`, inflating a bounded number of bytes and names.
 
+    The bounds follow the compressed size and ``dim`` (which a loading layer
+    has checked against its own, or the absolute :data:`MAX_DIM`), so a small
+    hostile payload cannot make the decoder allocate much more than itself.
     A plain JSON list (a hand-edited config) also works.
     """
     if value is None or isinstance(value, list):
         return value
     try:
+        compressed = base64.b64decode(value, validate=True)
+        limit = min(dim * _MAX_NAME_BYTES, max(_MIN_NAME_LIMIT, _MAX_NAME_INFLATION * len(compressed)))
         inflater = zlib.decompressobj()
-        raw = inflater.decompress(base64.b64decode(value, validate=True), limit)
+        raw = inflater.decompress(compressed, limit)
         if inflater.unconsumed_tail:
-            raise ValueError(f"over {limit} bytes of names")
+            raise ValueError(f"over {limit} bytes of names for {len(compressed)} compressed bytes")
+        # Every name is a JSON string with two quotes: an upper bound on the
+        # names, counted before json makes a Python str of each.
+        strings = raw.count(b'"') // 2
+        if strings > max(_MIN_NAME_LIMIT, _MAX_NAMES_PER_BYTE * len(compressed)):
+            raise ValueError(f"up to {strings} names in {len(compressed)} compressed bytes")
         names = json.loads(raw.decode("utf-8"))
     except (TypeError, ValueError, binascii.Error, zlib.error) as error:
         raise ValueError(f"Corrupt SparsityPattern config: `{key}` is not encoded names ({error})") from None
@@ -843,11 +864,19 @@ class SparsityPattern:
     def from_config(cls, config: dict[str, Any]) -> SparsityPattern:
         """Inverse of :meth:`get_config`; refuses any config that is not a valid pattern.
 
+        Every decompression is bounded before it starts: the gaps by the
+        declared ``nnz`` (at most :data:`MAX_NNZ`), the names by their
+        compressed size (see :func:`_decode_names`). A layer loading a saved
+        pattern compares ``shape`` and ``nnz`` with its own first
+        (:mod:`sparselayers.pattern_state`).
+
         Raises:
-            ValueError: a missing key; ``gap_dtype`` not an integer dtype;
+            ValueError: a missing key; ``nnz`` over the shape or
+                :data:`MAX_NNZ`; ``gap_dtype`` not an integer dtype;
                 a payload that does not decode to ``nnz`` gaps; gaps that
                 are negative or zero after the first (unsorted or repeated
-                entries) or run past the shape; names that do not fit.
+                entries) or run past the shape; names that do not fit or
+                inflate beyond their bounds.
         """
         if not isinstance(config, dict):
             raise ValueError(f"Corrupt SparsityPattern config: expected a dict. Received: {_short(config)}")
@@ -859,9 +888,10 @@ class SparsityPattern:
         except (TypeError, ValueError) as error:
             raise ValueError(f"Corrupt SparsityPattern config: {error}") from None
         nnz = config["nnz"]
-        if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or not 0 <= nnz <= shape[0] * shape[1]:
+        most = min(shape[0] * shape[1], MAX_NNZ)
+        if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or not 0 <= nnz <= most:
             raise ValueError(
-                f"Corrupt SparsityPattern config: `nnz` must be an integer in [0, {shape[0] * shape[1]}]. "
+                f"Corrupt SparsityPattern config: `nnz` must be an integer in [0, {most}]. "
                 f"Received: nnz={_short(nnz)}"
             )
         try:
@@ -903,7 +933,7 @@ class SparsityPattern:
             )
         names = []
         for key, dim in (("input_names", shape[0]), ("output_names", shape[1])):
-            decoded = _decode_names(config.get(key), key, limit=dim * _MAX_NAME_BYTES)
+            decoded = _decode_names(config.get(key), key, dim)
             try:
                 names.append(_check_names(decoded, dim, key))
             except (TypeError, ValueError) as error:

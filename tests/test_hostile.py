@@ -1,5 +1,12 @@
 """Malformed patterns and inputs: a clear TypeError/ValueError, never a crash or a wrong result."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -94,3 +101,44 @@ def test_gather_kernel_refuses_a_batch_beyond_int32_before_running():
     layer.build((None, pattern.shape[0]))
     with pytest.raises(ValueError, match=r"batch \* nnz.*Received: batch=4096"):
         tf.function(layer).get_concrete_function(tf.TensorSpec((4096, pattern.shape[0])))  # traces, runs nothing
+
+
+# Hostile files: loading never inflates more than the layer can hold --------
+
+_MEASURE = textwrap.dedent('''
+    import json, resource, sys
+    import keras, numpy as np
+    import sparselayers as sl
+    from tests.hostile_files import {maker}
+    target, load = {maker}(sys.argv[1])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        load(target)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"error": error, "growth_mib": (after - before) / 1024}}))
+''')
+
+
+def _measure(maker, tmp_path):
+    """Runs ``tests.hostile_files.<maker>`` in a fresh process: the peak memory growth of the load, and its error."""
+    script = _MEASURE.format(maker=maker)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("maker, message", [
+    ("weights_file_declaring_1e8_entries", r"shape \(10000, 10000\).*\(12, 8\)"),
+    ("weights_file_declaring_1e8_entries_of_the_layers_shape", r"nnz=100000000.*nnz=20"),
+    ("keras_file_with_a_names_bomb", r"input_names.*over \d+ bytes"),
+])
+def test_hostile_files_raise_before_inflating(maker, message, tmp_path):
+    result = _measure(maker, tmp_path)
+    assert result["error"] is not None and re.search(message, result["error"], re.DOTALL), result
+    assert result["growth_mib"] < 512, result

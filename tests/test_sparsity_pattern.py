@@ -546,3 +546,39 @@ def test_saving_a_named_model_never_truncates_an_existing_file(tmp_path):
     with pytest.raises(ValueError, match="UTF-8"):
         sl.SparseDense(sl.SparsityPattern.from_edges(["rs1", bad], ["A", "B"]))
     assert path.stat().st_size == size
+
+
+def _config_naming(raw_names: bytes, dim: int) -> dict:
+    """An unnamed-looking config of shape ``(dim, 1)`` whose input names are ``raw_names`` (JSON bytes)."""
+    return {"shape": [dim, 1], "nnz": 0, "gap_dtype": "uint8", "gaps": base64.b64encode(zlib.compress(b"")).decode(),
+            "input_names": base64.b64encode(zlib.compress(raw_names, 9)).decode()}
+
+
+def test_encoded_names_inflate_a_bounded_multiple_of_their_size():
+    # 16 MiB of JSON in ~16 KB: the declared dimension would allow 4096 bytes a name.
+    raw = b"[" + b'"a",' * 2**22 + b'"b"]'
+    with pytest.raises(ValueError, match=r"`input_names`.*over \d+ bytes of names for \d+ compressed bytes"):
+        sl.SparsityPattern.from_config(_config_naming(raw, 2**22 + 1))
+
+
+def test_encoded_names_hold_a_bounded_number_of_names_per_byte():
+    # Inflates 39 times only, but to 10 names per compressed byte: json would make 2e6 Python str.
+    n = 2_000_000
+    letters = np.where(np.random.default_rng(0).random(n) < 0.1, ord("b"), ord("a")).astype(np.uint8)
+    body = np.frombuffer(b'"a",' * n, np.uint8).copy()
+    body[1::4] = letters
+    raw = b"[" + body.tobytes()[:-1] + b"]"
+    with pytest.raises(ValueError, match=rf"`input_names`.*up to {n} names in \d+ compressed bytes"):
+        sl.SparsityPattern.from_config(_config_naming(raw, n))
+
+
+def test_real_name_lists_decode_within_the_bounds():
+    names = [f"chr1:ENSG000001234567_transcript_variant_{i:07d}" for i in range(200_000)]  # inflates ~20x
+    pattern = sl.SparsityPattern.from_coo([0], [0], (len(names), 1)).with_names(names, ["y"])
+    assert sl.SparsityPattern.from_config(pattern.get_config()).input_names == tuple(names)
+
+
+def test_config_declaring_more_entries_than_any_layer_holds_is_refused():
+    config = {"shape": [2**31 - 1, 4], "nnz": 2**31, "gap_dtype": "uint8", "gaps": ""}
+    with pytest.raises(ValueError, match=r"`nnz` must be an integer in \[0, 2147483647\]. Received: nnz=2147483648"):
+        sl.SparsityPattern.from_config(config)
