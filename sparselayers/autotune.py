@@ -48,6 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sparselayers import seams
 from sparselayers._validation import check_int
 from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import DENSE_PRODUCT_KERNELS, fits_dense
@@ -706,10 +707,11 @@ _resolved: dict[tuple[pathlib.Path, str, str], bool] = {}
 
 
 
-def kernel_for_call(layer, flat: tf.Tensor) -> str:
+def kernel_for_call(layer, flat: tf.Tensor, name: str) -> str:
     """The kernel name a SparseDense call uses outside XLA and export.
 
-    ``layer.kernel_name``, unless the layer was built with ``kernel="auto"``,
+    Registered as :func:`sparselayers.seams.measured_kernel`. ``name`` (the
+    layer's own choice), unless the layer was built with ``kernel="auto"``,
     still follows the static rule, and a measurement for this device,
     pattern, dtype and ``flat``'s (static) batch bucket is cached: then the
     measured fastest. After the first read of the cache file this is a few
@@ -718,11 +720,11 @@ def kernel_for_call(layer, flat: tf.Tensor) -> str:
     Args:
         layer: the calling SparseDense.
         flat: its input flattened to ``(batch, input_dim)``.
+        name: the kernel the layer runs without a measurement.
 
     Returns:
         A name accepted by :func:`sparselayers.ops.get_kernel`.
     """
-    name = layer.kernel_name
     batch = flat.shape[0]
     calls = getattr(_recording, "calls", None)
     if calls is not None and batch is not None:
@@ -749,3 +751,6 @@ def kernel_for_call(layer, flat: tf.Tensor) -> str:
     except ValueError:
         return name
     return entry["kernel"]
+
+
+seams.register_measured_kernel(kernel_for_call)

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse
 import tensorflow as tf
 
+from sparselayers import seams
 from sparselayers._validation import _short, check_int, optional_module
 from sparselayers.sparse_dense import SparseDense
 from sparselayers.sparsity_pattern import SparsityPattern, _quote
@@ -298,6 +299,9 @@ def layer_frame(layer: SparseDense) -> Any:
             "weight": keras.ops.convert_to_numpy(layer.values),
         }
     )
+
+
+seams.register_frame(layer_frame)
 
 
 def _chain_of(model: Any) -> list[Any]:

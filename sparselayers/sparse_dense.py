@@ -11,8 +11,7 @@ import scipy.sparse
 import tensorflow as tf
 
 from sparselayers import initializers as sparse_initializers
-from sparselayers import pattern_state
-from sparselayers.autotune import kernel_for_call
+from sparselayers import pattern_state, seams
 from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
 from sparselayers.ops.export_kernels import export_kernel
@@ -134,7 +133,8 @@ class SparseDense(keras.layers.Layer):
         made for one device (see :func:`sparselayers.autotune`) is not part
         of the model. Functions traced before keep the kernel they traced.
         """
-        self.kernel_name = check_kernel_name(kernel, self.pattern)
+        self._kernel_choice = check_kernel_name(kernel, self.pattern)
+        self._kernel_in_use: str | None = None
         # "auto" lets a cached autotune measurement override the static rule.
         self._kernel_request = kernel
         # Inside an XLA compile, call() uses `jit_kernel_name`, which XLA can
@@ -142,8 +142,21 @@ class SparseDense(keras.layers.Layer):
         # it supports jit; a kernel the user forced is honoured, so the layer
         # then supports jit only if that kernel does, and Keras runs it
         # uncompiled.
-        self.jit_kernel_name = choose_jit_kernel(self.pattern, self.kernel_name)
-        self.supports_jit = self._kernel_argument == "auto" or KERNELS[self.kernel_name].supports_jit
+        self.jit_kernel_name = choose_jit_kernel(self.pattern, self._kernel_choice)
+        self.supports_jit = self._kernel_argument == "auto" or KERNELS[self._kernel_choice].supports_jit
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel of the layer's last call or trace, for its context and batch.
+
+        That is the kernel chosen by ``kernel=`` or :meth:`set_kernel`, unless
+        the call took another: ``jit_kernel_name`` inside XLA, an export form
+        while exporting, or a kernel measured faster for that batch on this
+        device (:func:`sparselayers.autotune`). Before any call, and after
+        :meth:`set_kernel` or :meth:`set_pattern`, the kernel a plain call
+        runs when nothing was measured.
+        """
+        return self._kernel_in_use or self._kernel_choice
 
     def set_pattern(self, pattern: Any, values: Any = None) -> None:
         """Replaces the layer's connections, in place, keeping its variables.
@@ -249,16 +262,21 @@ class SparseDense(keras.layers.Layer):
 
         In the default context a ``kernel="auto"`` layer takes a kernel
         measured on this device for ``flat``'s batch, if one is cached
-        (:mod:`sparselayers.autotune`).
+        (:func:`sparselayers.seams.measured_kernel`). The choice becomes
+        :attr:`kernel_name`.
         """
         context = kernel_context()
         if context == "export":
-            return export_kernel(self.pattern, self.kernel_name, forced=self._kernel_argument != "auto")
-        if context == "xla":
-            name = self.jit_kernel_name
+            kernel = export_kernel(self.pattern, self._kernel_choice, forced=self._kernel_argument != "auto")
         else:
-            name = self.kernel_name if flat is None else kernel_for_call(self, flat)
-        return get_kernel(name, self.pattern)
+            name = self._kernel_choice
+            if context == "xla":
+                name = self.jit_kernel_name
+            elif flat is not None:
+                name = seams.measured_kernel(self, flat, name)
+            kernel = get_kernel(name, self.pattern)
+        self._kernel_in_use = kernel.name
+        return kernel
 
     def call(self, inputs):
         x = inputs
@@ -301,9 +319,7 @@ class SparseDense(keras.layers.Layer):
 
         See :func:`sparselayers.knowledge.layer_frame`; needs pandas.
         """
-        from sparselayers.knowledge import layer_frame
-
-        return layer_frame(self)
+        return seams.frame(self)
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         return mask  # as Dense: a mask over the leading axes passes through

@@ -194,7 +194,7 @@ class Towers(keras.layers.Layer):
         """True while every layer after the first still has its block-diagonal
         pattern (``set_pattern`` may replace it) and the block kernel."""
         return len(self.tower_layers) > 1 and not layers_observed() and all(
-            layer.pattern is pattern and layer.kernel_name == "block"
+            layer.pattern is pattern and layer._kernel_choice == "block"
             for layer, pattern in zip(self.tower_layers[1:], self._built_patterns[1:])
         )
 

@@ -349,3 +349,32 @@ def test_wall_clock_leaves_the_warm_up_steps_out(monkeypatch):
     assert ms == pytest.approx(2.0)
     # it timed a whole round, at least MIN_ROUND_SECONDS of steady steps
     assert (clock["steps"] - 3) * 0.002 >= autotune.MIN_ROUND_SECONDS
+
+
+def test_kernel_name_tells_the_kernel_of_the_last_call():
+    # The case: a banded layer whose cached measurement is "dense" runs dense.
+    band = sl.patterns.banded((512, 512), lower=16, upper=16)
+    assert sl.ops.choose_kernel(band) == "banded"
+    sl.autotune(one_layer_model(band), x_for(band), rounds=1, timer=timer_from({"dense": 1.0}))
+    layer = sl.SparseDense(band)
+    assert layer.kernel_name == "banded"  # before any call: what a call without a measurement runs
+    ran = []
+    original = layer._select_kernel
+
+    def spy(flat=None):
+        kernel = original(flat)
+        ran.append(kernel.name)
+        return kernel
+
+    layer._select_kernel = spy
+    x = x_for(band)
+    y = layer(x)
+    assert ran[-1] == layer.kernel_name == "dense"
+    np.testing.assert_allclose(y.numpy(), reference.forward(x, band, layer.values.numpy(), layer.bias.numpy()),
+                               rtol=1e-5, atol=1e-5)
+    layer(x_for(band, batch=3))  # another batch bucket, not measured
+    assert ran[-1] == layer.kernel_name == "banded"
+    tf.function(layer, jit_compile=True)(x)
+    assert ran[-1] == layer.kernel_name == layer.jit_kernel_name
+    layer.set_kernel("csr")
+    assert layer.kernel_name == "csr"

@@ -321,3 +321,30 @@ def test_unseeded_initializers_give_each_layer_its_own_values():
     assert not np.array_equal(a.values.numpy(), b.values.numpy())
     seeded = sl.initializers.SparseGlorotUniform(seed=3)
     np.testing.assert_array_equal(seeded((pattern.nnz,), pattern=pattern), seeded((pattern.nnz,), pattern=pattern))
+
+
+def test_the_layer_imports_no_feature_module():
+    # Arrows point down: autotune and knowledge reach the layer through sparselayers.seams.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(sl.sparse_dense))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    features = ("sparselayers.autotune", "sparselayers.knowledge", "sparselayers.pruning", "sparselayers.callbacks")
+    assert not [name for name in imported if name.startswith(features)]
+    assert "sparselayers.ops" in imported  # the check sees the imports
+
+
+def test_to_frame_goes_through_the_seam():
+    pytest.importorskip("pandas")
+    pattern = sl.SparsityPattern.from_edges(["rs1", "rs2", "rs2"], ["A", "A", "B"])
+    layer = sl.SparseDense(pattern, use_bias=False)
+    layer.build((None, 2))
+    layer.values.assign([0.5, -1.0, 2.0])
+    frame = layer.to_frame()
+    dense = reference.dense_kernel(pattern, layer.values.numpy())
+    for row in frame.itertuples():
+        i, j = pattern.input_names.index(row.input), pattern.output_names.index(row.output)
+        assert row.weight == dense[i, j]
+    assert len(frame) == pattern.nnz
