@@ -30,3 +30,14 @@ def gradients(x, pattern, values, upstream):
     d_kernel = x.T @ upstream
     d_values = np.array([d_kernel[i, j] for i, j in pattern.indices.tolist()], np.float64)
     return upstream @ dense_kernel(pattern, values).T, d_values, upstream.sum(axis=0)
+
+
+_ACTIVATIONS = {None: lambda h: h, "linear": lambda h: h, "relu": lambda h: np.maximum(h, 0.0)}
+
+
+def chain(x, layers) -> np.ndarray:
+    """Layers applied in turn, each ``(pattern, values, bias, activation)`` with activation None, "linear" or "relu"."""
+    h = np.asarray(x, np.float64)
+    for pattern, values, bias, activation in layers:
+        h = _ACTIVATIONS[activation](forward(h, pattern, values, bias))
+    return h

@@ -84,13 +84,11 @@ def test_bad_towers_arguments(kwargs, error, message):
 
 def towers_reference(towers, x):
     """The tower layers as a chain of float64 ``x @ W + b`` with their activations, in NumPy."""
-    activations = {None: lambda h: h, "relu": lambda h: np.maximum(h, 0), "linear": lambda h: h}
-    h = np.asarray(x, np.float64)
-    for layer in towers.tower_layers:
-        bias = None if layer.bias is None else layer.bias.numpy()
-        h = reference.forward(h, layer.pattern, layer.values.numpy(), bias)
-        h = activations[keras.activations.serialize(layer.activation)](h)
-    return h
+    return reference.chain(x, [
+        (layer.pattern, layer.values.numpy(), None if layer.bias is None else layer.bias.numpy(),
+         keras.activations.serialize(layer.activation))
+        for layer in towers.tower_layers
+    ])
 
 
 def evolved_towers_model():
