@@ -1,4 +1,4 @@
-"""Magnitude pruning of a trained model into truly sparse layers.
+"""Pruning of a model into truly sparse layers: by magnitude, at random or by SNIP.
 
 :func:`sparsify` turns the ``Dense`` (and ``SparseDense``) layers of a
 Sequential or Functional model into :class:`~sparselayers.SparseDense` layers
@@ -14,8 +14,11 @@ from typing import Any, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras.src.models.functional import Functional
 
+from sparselayers._validation import _short, check_int
+from sparselayers.allocation import check_distribution, check_erk_power, global_keep, keep_counts, top_entries
 from sparselayers.ops import check_kernel_name
 from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -25,15 +28,23 @@ from sparselayers.sparsity_pattern import SparsityPattern
 # need the 2-D kernel and are dropped.
 _ELEMENTWISE_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
 _ELEMENTWISE_CONSTRAINTS = (keras.constraints.NonNeg,)
+#: The values of ``criterion``.
+CRITERIA = ("magnitude", "random", "snip")
 
 
 def sparsify(
     model: keras.Model,
     density: float,
+    *,
     layers: Sequence[str] | str | None = None,
     block: tuple[int, int] | None = None,
+    distribution: str = "uniform",
+    erk_power: float = 1.0,
+    criterion: str = "magnitude",
+    seed: int | None = None,
+    data: Any = None,
 ) -> keras.Model:
-    """A copy of ``model`` whose dense layers keep only their largest entries.
+    """A copy of ``model`` whose dense layers keep only their best entries.
 
     Every selected layer becomes a :class:`~sparselayers.SparseDense` with the
     same name, activation, bias and values, keeping the
@@ -59,6 +70,33 @@ def sparsify(
     rows make ``kernel="auto"`` pick the block kernel, which is where a
     pruned layer gets faster than a dense one at moderate densities.
 
+    ``distribution`` decides how many entries each layer keeps:
+
+    * ``"uniform"``: ``round(density * input_dim * units)`` in every layer.
+    * ``"erk"``: Erdős–Rényi-Kernel, the RigL code's rule
+      (:func:`sparselayers.allocation.erk_densities`): a layer's density is
+      proportional to ``((n_in + n_out) / (n_in * n_out)) ** erk_power``,
+      scaled so the kept entries total ``density`` times the selected
+      layers' size; a layer that would exceed 1 becomes full and the others
+      are scaled again. Small layers stay denser than large ones.
+    * ``"global"``: one threshold across the selected layers: the
+      ``round(density * total size)`` best scores of all layers together
+      (equal scores: the earlier layer in the model, then the earlier
+      entry). No floor: a layer may keep few entries or none (layer
+      collapse), which ``"erk"`` avoids.
+
+    ``criterion`` scores the entries: ``"magnitude"`` ranks by ``|w|``;
+    ``"random"`` by uniform random draws from ``seed`` (the Static baseline
+    and the starting point of dynamic sparse training: a random pattern of
+    the same per-layer sizes that keeps the model's values at the kept
+    positions); ``"snip"`` by ``|w * dL/dw|`` (Lee et al., 2019), the
+    gradient of the model's compiled loss (``model.compute_loss``, with
+    ``training=True``, regularization losses included) over ``data=(x, y)``
+    or ``(x, y, sample_weight)`` in one batch, at the model's current
+    weights. A ``SparseDense`` scores only its current entries, and never
+    gains connections under any distribution: where the rule asks for more
+    than it holds, it keeps them all. Unit names of named patterns are kept.
+
     The new layers use ``kernel="auto"``; a ``SparseDense`` keeps its
     ``kernel`` argument when it still fits the new pattern. Regularizers and
     constraints carry over when they act entry by entry (``L1``, ``L2``,
@@ -74,7 +112,15 @@ def sparsify(
         layers: names of the layers to prune (every layer with that name,
             in nested models too); each must be a ``Dense`` or
             ``SparseDense``. Default: every ``Dense`` and ``SparseDense``.
-        block: ``(r, c)`` to keep whole tiles instead of single entries.
+        block: ``(r, c)`` to keep whole tiles instead of single entries
+            (ranked by the L2 norm of their scores); not with
+            ``distribution="global"``.
+        distribution: ``"uniform"``, ``"erk"`` or ``"global"`` (above).
+        erk_power: exponent of the ERK rule, > 0.
+        criterion: ``"magnitude"``, ``"random"`` or ``"snip"`` (above).
+        seed: seed of ``criterion="random"``; None draws a fresh one.
+        data: ``(x, y)`` or ``(x, y, sample_weight)`` for
+            ``criterion="snip"``.
 
     Returns:
         A new model of the same kind, layer names and weights.
@@ -83,9 +129,12 @@ def sparsify(
         ValueError: ``density`` outside ``(0, 1]``; a name in ``layers`` that
             is not in the model or is not a ``Dense``/``SparseDense``; a
             selected ``Dense`` whose kernel is not 2-D or is quantized;
-            ``block`` not two positive integers; ``model`` not built.
+            ``block`` not two positive integers; ``model`` not built; an
+            unknown ``distribution`` or ``criterion``; ``erk_power <= 0``;
+            ``block`` with ``"global"``; ``criterion="snip"`` without
+            ``data`` or on a model not compiled with a loss.
         TypeError: ``model`` is not a Sequential or Functional model, or
-            ``layers`` is not a list of names.
+            ``layers`` is not a list of names, or ``seed`` not an integer.
 
     Example:
 
@@ -98,9 +147,31 @@ def sparsify(
     >>> kept = sparse.get_layer("hidden").to_dense() != 0
     >>> bool(np.abs(kernel[kept]).min() >= np.abs(kernel[~kept]).max())
     True
+
+    Per-layer densities under ERK, and SNIP's scores from a batch:
+
+    >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32), keras.layers.Dense(10)])
+    >>> erk = sl.sparsify(model, density=0.2, distribution="erk")
+    >>> [round(layer.pattern.density, 3) for layer in erk.layers]
+    [0.161, 0.45]
+    >>> model.compile(loss="mse")
+    >>> x, y = np.ones((4, 64), "float32"), np.zeros((4, 10), "float32")
+    >>> snip = sl.sparsify(model, density=0.1, criterion="snip", data=(x, y))
+    >>> [layer.pattern.nnz for layer in snip.layers]
+    [205, 32]
     """
     density = _check_density(density)
     block = _check_block(block)
+    distribution = check_distribution(distribution)
+    erk_power = check_erk_power(erk_power)
+    if criterion not in CRITERIA:
+        raise ValueError(f"`criterion` must be one of {list(CRITERIA)}. Received: criterion={_short(criterion)}")
+    if block is not None and distribution == "global":
+        raise ValueError(
+            "`block` keeps tiles per layer; it works with distribution 'uniform' or 'erk'. "
+            f"Received: block={block}, distribution='global'"
+        )
+    seed = None if seed is None else check_int(seed, "seed", minimum=0)
     if not isinstance(model, (keras.Sequential, Functional)):
         raise TypeError(
             "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
@@ -111,13 +182,17 @@ def sparsify(
             "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
             f"Received: unbuilt model '{model.name}'"
         )
-    selected = _select(model, layers)
+    if criterion == "snip":
+        _check_snip(model, data)
+    chosen = _select(model, layers)
+    selected = {id(layer) for layer in chosen}
+    kept = _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data)
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
     kept_values: dict[int, np.ndarray] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         if id(layer) in selected:
-            pattern, kept_values[id(layer)] = _prune(layer, density, block)
+            pattern, kept_values[id(layer)] = kept[id(layer)]
             clone = _sparse_layer(layer, pattern)
         else:
             clone = layer.__class__.from_config(layer.get_config())
@@ -201,8 +276,8 @@ def _is_prunable(layer: keras.layers.Layer) -> bool:
     return isinstance(layer, (keras.layers.Dense, SparseDense))
 
 
-def _select(model: keras.Model, layers: Any) -> set[int]:
-    """Ids of the layers to prune, each checked."""
+def _select(model: keras.Model, layers: Any) -> list[keras.layers.Layer]:
+    """The layers to prune, each checked, once each, in model order."""
     everything = _all_layers(model)
     if layers is None:
         chosen = [layer for layer in everything if _is_prunable(layer)]
@@ -239,7 +314,8 @@ def _select(model: keras.Model, layers: Any) -> set[int]:
                     f"`layers` selects Dense '{layer.name}' whose kernel has rank {rank}; sparsify needs a "
                     f"2-D (input_dim, units) kernel (exclude it with `layers=`). Received: layers={layers!r}"
                 )
-    return {id(layer) for layer in chosen}
+    unique = {id(layer): layer for layer in chosen}  # a shared layer appears once
+    return list(unique.values())
 
 
 def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
@@ -250,17 +326,66 @@ def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray,
     return kernel.shape, np.arange(kernel.size, dtype=np.int64), kernel.ravel()
 
 
-def _prune(layer: keras.layers.Layer, density: float, block: tuple[int, int] | None):
-    """The kept pattern and its values, in canonical order."""
-    shape, linear, values = _candidates(layer)
-    target = round(density * shape[0] * shape[1])
-    magnitude = np.abs(values.astype(np.float64))
-    if block is None:
-        # A stable sort over row-major candidates keeps the earlier of equals.
-        keep = np.sort(np.argsort(-magnitude, kind="stable")[:target])
+def _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data) -> dict[int, tuple]:
+    """Per layer id: the kept pattern (with the layer's unit names) and its values."""
+    candidates = [_candidates(layer) for layer in chosen]
+    shapes = [shape for shape, _, _ in candidates]
+    scores = _scores(model, chosen, candidates, criterion, seed, data)
+    if distribution == "global":
+        keeps = global_keep(scores, shapes, density)
     else:
-        keep = _keep_tiles(shape, linear, magnitude, target, block)
-    return SparsityPattern._from_linear(linear[keep], shape), values[keep]
+        keeps = []
+        for (shape, linear, _), score, target in zip(candidates, scores, keep_counts(shapes, density, distribution, erk_power)):
+            if block is None:
+                keeps.append(top_entries(score, target))
+            else:
+                keeps.append(_keep_tiles(shape, linear, score, target, block))
+    plan = {}
+    for layer, (shape, linear, values), keep in zip(chosen, candidates, keeps):
+        pattern = SparsityPattern._from_linear(linear[keep], shape)
+        if isinstance(layer, SparseDense):
+            pattern = pattern.with_names(layer.pattern.input_names, layer.pattern.output_names)
+        plan[id(layer)] = (pattern, values[keep])
+    return plan
+
+
+def _scores(model, chosen, candidates, criterion, seed, data) -> list[np.ndarray]:
+    """float64 score of every candidate entry, higher kept first."""
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return [rng.random(values.size) for _, _, values in candidates]
+    magnitude = [np.abs(values.astype(np.float64)) for _, _, values in candidates]
+    if criterion == "magnitude":
+        return magnitude
+    gradients = snip_gradients(model, chosen, data)
+    return [m * np.abs(g.astype(np.float64)) for m, g in zip(magnitude, gradients)]
+
+
+def _check_snip(model: keras.Model, data: Any) -> None:
+    if data is None:
+        raise ValueError("`criterion='snip'` scores |w * dL/dw| on a batch: pass `data=(x, y)`. Received: data=None")
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        raise ValueError(
+            "`criterion='snip'` needs the model's loss: call `model.compile(loss=...)` first. "
+            f"Received: model '{model.name}' not compiled with a loss"
+        )
+
+
+def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], data: Any) -> list[np.ndarray]:
+    """``dL/dw`` of each layer's candidate entries (kernel ravelled, or values) on one batch.
+
+    ``L`` is the compiled loss of ``model``, through
+    ``model.compute_loss`` with ``training=True``, inside a
+    ``keras.StatelessScope`` so that no metric, batch-norm statistic or
+    seed moves.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    variables = [layer.values if isinstance(layer, SparseDense) else layer.kernel for layer in chosen]
+    with tf.GradientTape() as tape, keras.StatelessScope():
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [keras.ops.convert_to_numpy(g).ravel() for g in grads]
 
 
 def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:
