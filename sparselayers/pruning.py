@@ -10,6 +10,7 @@ of ``fit`` and ``sparsify`` (see ``docs/finding-a-pattern.md``).
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any, Sequence
 
 import keras
@@ -172,28 +173,81 @@ def sparsify(
             f"Received: block={block}, distribution='global'"
         )
     seed = None if seed is None else check_int(seed, "seed", minimum=0)
-    if not isinstance(model, (keras.Sequential, Functional)):
-        raise TypeError(
-            "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
-            f"graph of layers to rebuild). Received: model of type {type(model).__name__}"
-        )
-    if not model.built:
-        raise ValueError(
-            "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
-            f"Received: unbuilt model '{model.name}'"
-        )
+    _check_model(model)
     if criterion == "snip":
         _check_snip(model, data)
     chosen = _select(model, layers)
-    selected = {id(layer) for layer in chosen}
-    kept = _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data)
+    return _rebuild_pruned(model, _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data))
+
+
+def strip_pruning(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose ``SparseDense`` layers store only the entries pruning kept.
+
+    :class:`~sparselayers.callbacks.GradualPruning` holds pruned entries at
+    exactly zero in the layers' storage during ``fit``; this compacts them
+    away: every ``SparseDense`` becomes one on the kept entries only (same
+    name, unit names, settings, values and bias), so the copy computes
+    exactly what ``model`` computes and its saved and exported size follows
+    the kept ``nnz``. A layer that ``GradualPruning`` pruned in this process
+    drops exactly the entries it pruned (a kept entry that happens to be 0,
+    for example under ``NonNeg``, stays); any other ``SparseDense`` (for
+    example one loaded from a file) drops the entries whose value is exactly
+    0. Other layers are copied as they are. ``model`` is not changed.
+
+    Args:
+        model: a built Sequential or Functional Keras model.
+
+    Returns:
+        A new model of the same kind, layer names and outputs.
+
+    Raises:
+        TypeError: ``model`` is not a Sequential or Functional model.
+        ValueError: ``model`` is not built.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> layer = sl.SparseDense(sl.patterns.dense((4, 2)), name="d")
+    >>> model = keras.Sequential([keras.Input((4,)), layer])
+    >>> _ = layer.values.assign([0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0])
+    >>> stripped = sl.strip_pruning(model)
+    >>> stripped.get_layer("d").pattern.nnz
+    4
+    >>> x = np.ones((1, 4), "float32")
+    >>> bool(np.array_equal(stripped(x), model(x)))
+    True
+    """
+    _check_model(model)
+    plan = {}
+    for layer in _all_layers(model):
+        if not isinstance(layer, SparseDense) or id(layer) in plan:
+            continue
+        values = keras.ops.convert_to_numpy(layer.values)
+        kept = PRUNING_MASKS.get(layer)
+        keep = kept[1] if kept is not None and kept[0] == layer.pattern else values != 0
+        if not keep.all():
+            pattern = layer.pattern
+            plan[id(layer)] = (
+                SparsityPattern._from_linear(pattern.linear[keep], pattern.shape).with_names(
+                    pattern.input_names, pattern.output_names
+                ),
+                values[keep],
+            )
+    return _rebuild_pruned(model, plan)
+
+
+#: Per SparseDense that GradualPruning pruned: ``(pattern, keep)``, the
+#: pattern it pruned within and the mask of the entries it kept.
+PRUNING_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, np.ndarray]]) -> keras.Model:
+    """A copy of ``model`` where each layer whose id is in ``plan`` becomes a SparseDense on ``(pattern, values)``."""
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
-    kept_values: dict[int, np.ndarray] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if id(layer) in selected:
-            pattern, kept_values[id(layer)] = kept[id(layer)]
-            clone = _sparse_layer(layer, pattern)
+        if id(layer) in plan:
+            clone = _sparse_layer(layer, plan[id(layer)][0])
         else:
             clone = layer.__class__.from_config(layer.get_config())
         clones.append((layer, clone))
@@ -203,8 +257,8 @@ def sparsify(
     if not new_model.built:  # a Sequential built by a call, without an Input
         new_model.build(model.input_shape)
     for layer, clone in clones:
-        if id(layer) in kept_values:
-            clone.values.assign(kept_values[id(layer)].astype(clone.values.dtype))
+        if id(layer) in plan:
+            clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
         else:
@@ -241,6 +295,19 @@ def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
             model.input,
         )
     return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
+            f"graph of layers to rebuild). Received: model of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
+            f"Received: unbuilt model '{model.name}'"
+        )
 
 
 def _check_density(density: Any) -> float:
