@@ -135,8 +135,8 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     patterns get, by default, a form whose artifact size follows ``nnz``:
     ``"ell"``, or ``"gather"`` when the columns are too uneven for ELL
     (:data:`ELL_MAX_PADDING`); ``"dense"`` only where the dense kernel is
-    the smaller artifact (4 bytes per cell against about 12 per entry: from
-    a density of about 1/3). Inside
+    the smaller artifact (4 bytes per cell against about 8 per ELL slot:
+    from a density of about 1/2). Inside
     :func:`sparselayers.export.densified` the latency-first layout applies
     instead: ``"dense"`` from a density of :data:`EXPORT_DENSE_MIN_DENSITY`.
     A LiteRT export with
@@ -173,10 +173,11 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     units = pattern.shape[1]
     ell_slots = units * pattern.fan_in.max(initial=0)
     sparse = "ell" if ell_slots <= ELL_MAX_PADDING * (pattern.nnz + units) else "gather"
-    # Artifact bytes: ELL an int32 row and an int32 value position per slot
-    # and the float32 values; gather an int32 row and column per entry and
-    # the values; dense one float32 per cell.
-    sparse_bytes = 8 * ell_slots + 4 * pattern.nnz if sparse == "ell" else 12 * pattern.nnz
+    # Artifact bytes (benchmarks/export.py): ELL an int32 row and a float32
+    # weight per slot (converters fold the gather of the frozen values); gather
+    # an int32 row and column and a float32 value per entry; dense a float32
+    # per cell.
+    sparse_bytes = 8 * ell_slots if sparse == "ell" else 12 * pattern.nnz
     if fits_dense(pattern) and (
         4 * pattern.shape[0] * units < sparse_bytes
         or (export_densified() and pattern.density >= EXPORT_DENSE_MIN_DENSITY)
