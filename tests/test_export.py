@@ -252,7 +252,7 @@ def test_deploying_page_examples_run(tmp_path, monkeypatch):
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying.md"
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
