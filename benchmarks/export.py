@@ -1,10 +1,12 @@
 """Deployed latency and size: Keras' model.export to LiteRT and ONNX, sparse vs dense.
 
-    python benchmarks/export.py              # 2048 x 2048, ~5 minutes on 2 cores
+    python benchmarks/export.py              # 2048 x 2048, ~8 minutes on 2 cores
     python benchmarks/export.py --quick      # 256 x 256, checks that it all runs
 
 For each pattern (random at densities 0.1% to 30%, block diagonal, banded),
-a one-layer model ``SparseDense(pattern)`` (kernel="auto") and the same model
+a one-layer model ``SparseDense(pattern)`` (kernel="auto"; exported by
+default, whose size follows nnz, and inside ``sl.export.densified()``, the
+latency-first layout) and the same model
 with a dense kernel (``keras.layers.Dense`` holding ``pattern.to_dense(values)``)
 are exported with Keras' own ``model.export(path, format=...)`` to LiteRT and
 to ONNX. Each artifact runs at batch 1 in its deployment runtime (the LiteRT
@@ -19,6 +21,7 @@ gives the median over rounds of the mean time per call. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -36,13 +39,18 @@ from run import machine  # noqa: E402
 from sparselayers.ops.context import exporting  # noqa: E402
 
 FORMATS = {"litert": ".tflite", "onnx": ".onnx"}
-#: Rows of the table: (label, Keras format, extra model.export arguments).
-#: The third is LiteRT's own sparse weight format: the layer exports its
-#: densified kernel, which the converter stores sparse (see docs/deploying.md).
+#: Rows of the table: (label, Keras format, extra model.export arguments,
+#: inside ``sl.export.densified()``). The plain rows are the default, whose
+#: size follows nnz; "densified" rows the latency-first layout (dense kernel
+#: from 6% density); "sparse weights" is LiteRT's own sparse weight format:
+#: the layer exports its densified kernel, which the converter stores sparse
+#: (see docs/deploying.md).
 VARIANTS = [
-    ("litert", "litert", {}),
-    ("onnx", "onnx", {}),
-    ("litert sparse weights", "litert", {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}),
+    ("litert", "litert", {}, False),
+    ("onnx", "onnx", {}, False),
+    ("litert densified", "litert", {}, True),
+    ("onnx densified", "onnx", {}, True),
+    ("litert sparse weights", "litert", {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}, False),
 ]
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3]
 
@@ -109,20 +117,22 @@ def run(n: int, densities: list[float], budget: float, rounds: int, directory: s
     for label, density, pattern in cases(n, densities):
         sparse, dense = models(pattern)
         calls, sizes, kernels = {}, {}, {}
-        for variant, format, options in VARIANTS:  # noqa: A001
-            with exporting(format, **options):
+        for variant, format, options, densified in VARIANTS:  # noqa: A001
+            layout = sl.export.densified() if densified else contextlib.nullcontext()
+            with exporting(format, **options), layout:
                 kernels[variant] = sparse.layers[-1]._select_kernel().name
             for name, model in (("sparse", sparse), ("dense", dense)):
-                if name == "dense" and options:
+                if name == "dense" and (options or densified):
                     continue  # the dense baseline is the plain export
-                path = export(model, directory, f"{name}-{len(calls)}", format, **options)
+                with sl.export.densified() if densified else contextlib.nullcontext():
+                    path = export(model, directory, f"{name}-{len(calls)}", format, **options)
                 # 1e-4: the dense baseline sums 2048 terms per output, in another order than Keras
                 sl.export.check_export(model, path, np.repeat(x, 3, axis=0), atol=1e-4)
                 calls[name, variant] = sl.export.ExportedModel(path, num_threads=1)
                 sizes[name, variant] = os.path.getsize(path)
         times = per_call_times(calls, x, budget, rounds)
-        for variant, format, options in VARIANTS:  # noqa: A001
-            baseline = "litert" if options else variant
+        for variant, format, options, densified in VARIANTS:  # noqa: A001
+            baseline = format  # the plain export of the dense model
             row = {
                 "case": label,
                 "density": density,
@@ -175,6 +185,8 @@ def plot(rows: list[dict], n: int, path: str) -> None:
         if format == "litert":
             fc = [r for r in rows if r["format"] == "litert sparse weights" and r["density"] is not None]
             ax.plot(d, [r["sparse_us"] for r in fc], "v-", color="C1", label="SparseDense, EXPERIMENTAL_SPARSITY")
+        densified = [r for r in rows if r["format"] == f"{format} densified" and r["density"] is not None]
+        ax.plot(d, [r["sparse_us"] for r in densified], "x:", color="C5", label="SparseDense, sl.export.densified()")
         ax.plot(d, [r["dense_us"] for r in swept], "s--", color="C2", label="same model, dense kernel")
         structured = [r for r in rows if r["format"] == format and r["density"] is None]
         for r, marker, color in zip(structured, "D^", ("C3", "C4")):

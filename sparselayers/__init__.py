@@ -21,7 +21,7 @@ if "tensorflow" not in _sys.modules and _os.environ["TF_CPP_MIN_LOG_LEVEL"] not 
 from sparselayers import callbacks, export, initializers, ops, patterns  # noqa: E402
 from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
-from sparselayers.pruning import sparsify  # noqa: E402
+from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
@@ -51,4 +51,5 @@ __all__ = [
     "patterns",
     "reset_compiled_functions",
     "sparsify",
+    "strip_pruning",
 ]

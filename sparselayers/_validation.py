@@ -39,6 +39,13 @@ def check_int(
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Returns ``value`` as a Python bool, or raises naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool. Received: {name}={_short(value)}")
+    return bool(value)
+
+
 def check_shape(shape: Any, name: str = "shape") -> tuple[int, int]:
     """Checks a 2-D ``(input_dim, units)`` shape of positive integers."""
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):

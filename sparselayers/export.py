@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from sparselayers.ops.context import densified_export
+
 #: Largest max absolute difference :func:`check_export` accepts by default
 #: between the artifact's float32 outputs and the Keras model's.
 TOLERANCE = 1e-5
@@ -56,6 +58,33 @@ def _litert_interpreter(path: str, num_threads: int | None) -> Any:
 
         Interpreter = tf.lite.Interpreter  # noqa: N806 - a class
     return Interpreter(model_path=path, num_threads=num_threads)
+
+
+def densified() -> Any:
+    """Within this block, exports store scattered patterns as a dense kernel: the latency-first layout.
+
+    By default a LiteRT or ONNX artifact's size follows ``nnz`` at any
+    density (ELL or gather-and-segment-sum forms). At batch 1 a dense matmul
+    outruns those forms from about 3% to 5% density (``benchmarks/export.py``),
+    so when latency matters more than size, export inside this block: from a
+    density of 6% a scattered layer multiplies by its densified kernel and
+    the artifact stores ``4 * input_dim * units`` bytes. Block and banded
+    layers keep their kernels either way.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, sparselayers as sl
+    >>> inputs = keras.Input((64,))
+    >>> model = keras.Model(inputs, sl.SparseDense(sl.patterns.random((64, 64), density=0.1, seed=0))(inputs))
+    >>> _ = model(np.zeros((1, 64), "float32"))
+    >>> small, fast = (os.path.join(tempfile.mkdtemp(), name) for name in ("small.onnx", "fast.onnx"))
+    >>> model.export(small, format="onnx", verbose=False)
+    >>> with sl.export.densified():
+    ...     model.export(fast, format="onnx", verbose=False)
+    >>> os.path.getsize(small) < os.path.getsize(fast)
+    True
+    """
+    return densified_export()
 
 
 class ExportedModel:

@@ -1,4 +1,4 @@
-"""Magnitude pruning of a trained model into truly sparse layers.
+"""Pruning of a model into truly sparse layers: by magnitude, at random or by SNIP.
 
 :func:`sparsify` turns the ``Dense`` (and ``SparseDense``) layers of a
 Sequential or Functional model into :class:`~sparselayers.SparseDense` layers
@@ -10,12 +10,16 @@ of ``fit`` and ``sparsify`` (see ``docs/finding-a-pattern.md``).
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Any, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras.src.models.functional import Functional
 
+from sparselayers._validation import _short, check_int
+from sparselayers.allocation import check_distribution, check_erk_power, global_keep, keep_counts, top_entries
 from sparselayers.ops import check_kernel_name
 from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -25,15 +29,23 @@ from sparselayers.sparsity_pattern import SparsityPattern
 # need the 2-D kernel and are dropped.
 _ELEMENTWISE_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
 _ELEMENTWISE_CONSTRAINTS = (keras.constraints.NonNeg,)
+#: The values of ``criterion``.
+CRITERIA = ("magnitude", "random", "snip")
 
 
 def sparsify(
     model: keras.Model,
     density: float,
+    *,
     layers: Sequence[str] | str | None = None,
     block: tuple[int, int] | None = None,
+    distribution: str = "uniform",
+    erk_power: float = 1.0,
+    criterion: str = "magnitude",
+    seed: int | None = None,
+    data: Any = None,
 ) -> keras.Model:
-    """A copy of ``model`` whose dense layers keep only their largest entries.
+    """A copy of ``model`` whose dense layers keep only their best entries.
 
     Every selected layer becomes a :class:`~sparselayers.SparseDense` with the
     same name, activation, bias and values, keeping the
@@ -59,6 +71,33 @@ def sparsify(
     rows make ``kernel="auto"`` pick the block kernel, which is where a
     pruned layer gets faster than a dense one at moderate densities.
 
+    ``distribution`` decides how many entries each layer keeps:
+
+    * ``"uniform"``: ``round(density * input_dim * units)`` in every layer.
+    * ``"erk"``: Erdős–Rényi-Kernel, the RigL code's rule
+      (:func:`sparselayers.allocation.erk_densities`): a layer's density is
+      proportional to ``((n_in + n_out) / (n_in * n_out)) ** erk_power``,
+      scaled so the kept entries total ``density`` times the selected
+      layers' size; a layer that would exceed 1 becomes full and the others
+      are scaled again. Small layers stay denser than large ones.
+    * ``"global"``: one threshold across the selected layers: the
+      ``round(density * total size)`` best scores of all layers together
+      (equal scores: the earlier layer in the model, then the earlier
+      entry). No floor: a layer may keep few entries or none (layer
+      collapse), which ``"erk"`` avoids.
+
+    ``criterion`` scores the entries: ``"magnitude"`` ranks by ``|w|``;
+    ``"random"`` by uniform random draws from ``seed`` (the Static baseline
+    and the starting point of dynamic sparse training: a random pattern of
+    the same per-layer sizes that keeps the model's values at the kept
+    positions); ``"snip"`` by ``|w * dL/dw|`` (Lee et al., 2019), the
+    gradient of the model's compiled loss (``model.compute_loss``, with
+    ``training=True``, regularization losses included) over ``data=(x, y)``
+    or ``(x, y, sample_weight)`` in one batch, at the model's current
+    weights. A ``SparseDense`` scores only its current entries, and never
+    gains connections under any distribution: where the rule asks for more
+    than it holds, it keeps them all. Unit names of named patterns are kept.
+
     The new layers use ``kernel="auto"``; a ``SparseDense`` keeps its
     ``kernel`` argument when it still fits the new pattern. Regularizers and
     constraints carry over when they act entry by entry (``L1``, ``L2``,
@@ -74,7 +113,15 @@ def sparsify(
         layers: names of the layers to prune (every layer with that name,
             in nested models too); each must be a ``Dense`` or
             ``SparseDense``. Default: every ``Dense`` and ``SparseDense``.
-        block: ``(r, c)`` to keep whole tiles instead of single entries.
+        block: ``(r, c)`` to keep whole tiles instead of single entries
+            (ranked by the L2 norm of their scores); not with
+            ``distribution="global"``.
+        distribution: ``"uniform"``, ``"erk"`` or ``"global"`` (above).
+        erk_power: exponent of the ERK rule, > 0.
+        criterion: ``"magnitude"``, ``"random"`` or ``"snip"`` (above).
+        seed: seed of ``criterion="random"``; None draws a fresh one.
+        data: ``(x, y)`` or ``(x, y, sample_weight)`` for
+            ``criterion="snip"``.
 
     Returns:
         A new model of the same kind, layer names and weights.
@@ -83,9 +130,12 @@ def sparsify(
         ValueError: ``density`` outside ``(0, 1]``; a name in ``layers`` that
             is not in the model or is not a ``Dense``/``SparseDense``; a
             selected ``Dense`` whose kernel is not 2-D or is quantized;
-            ``block`` not two positive integers; ``model`` not built.
+            ``block`` not two positive integers; ``model`` not built; an
+            unknown ``distribution`` or ``criterion``; ``erk_power <= 0``;
+            ``block`` with ``"global"``; ``criterion="snip"`` without
+            ``data`` or on a model not compiled with a loss.
         TypeError: ``model`` is not a Sequential or Functional model, or
-            ``layers`` is not a list of names.
+            ``layers`` is not a list of names, or ``seed`` not an integer.
 
     Example:
 
@@ -98,27 +148,106 @@ def sparsify(
     >>> kept = sparse.get_layer("hidden").to_dense() != 0
     >>> bool(np.abs(kernel[kept]).min() >= np.abs(kernel[~kept]).max())
     True
+
+    Per-layer densities under ERK, and SNIP's scores from a batch:
+
+    >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32), keras.layers.Dense(10)])
+    >>> erk = sl.sparsify(model, density=0.2, distribution="erk")
+    >>> [round(layer.pattern.density, 3) for layer in erk.layers]
+    [0.161, 0.45]
+    >>> model.compile(loss="mse")
+    >>> x, y = np.ones((4, 64), "float32"), np.zeros((4, 10), "float32")
+    >>> snip = sl.sparsify(model, density=0.1, criterion="snip", data=(x, y))
+    >>> [layer.pattern.nnz for layer in snip.layers]
+    [205, 32]
     """
     density = _check_density(density)
     block = _check_block(block)
-    if not isinstance(model, (keras.Sequential, Functional)):
-        raise TypeError(
-            "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
-            f"graph of layers to rebuild). Received: model of type {type(model).__name__}"
-        )
-    if not model.built:
+    distribution = check_distribution(distribution)
+    erk_power = check_erk_power(erk_power)
+    if criterion not in CRITERIA:
+        raise ValueError(f"`criterion` must be one of {list(CRITERIA)}. Received: criterion={_short(criterion)}")
+    if block is not None and distribution == "global":
         raise ValueError(
-            "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
-            f"Received: unbuilt model '{model.name}'"
+            "`block` keeps tiles per layer; it works with distribution 'uniform' or 'erk'. "
+            f"Received: block={block}, distribution='global'"
         )
-    selected = _select(model, layers)
+    seed = None if seed is None else check_int(seed, "seed", minimum=0)
+    _check_model(model)
+    if criterion == "snip":
+        _check_snip(model, data)
+    chosen = _select(model, layers)
+    return _rebuild_pruned(model, _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data))
+
+
+def strip_pruning(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose ``SparseDense`` layers store only the entries pruning kept.
+
+    :class:`~sparselayers.callbacks.GradualPruning` holds pruned entries at
+    exactly zero in the layers' storage during ``fit``; this compacts them
+    away: every ``SparseDense`` becomes one on the kept entries only (same
+    name, unit names, settings, values and bias), so the copy computes
+    exactly what ``model`` computes and its saved and exported size follows
+    the kept ``nnz``. A layer that ``GradualPruning`` pruned in this process
+    drops exactly the entries it pruned (a kept entry that happens to be 0,
+    for example under ``NonNeg``, stays); any other ``SparseDense`` (for
+    example one loaded from a file) drops the entries whose value is exactly
+    0. Other layers are copied as they are. ``model`` is not changed.
+
+    Args:
+        model: a built Sequential or Functional Keras model.
+
+    Returns:
+        A new model of the same kind, layer names and outputs.
+
+    Raises:
+        TypeError: ``model`` is not a Sequential or Functional model.
+        ValueError: ``model`` is not built.
+
+    Example:
+
+    >>> import keras, numpy as np, sparselayers as sl
+    >>> layer = sl.SparseDense(sl.patterns.dense((4, 2)), name="d")
+    >>> model = keras.Sequential([keras.Input((4,)), layer])
+    >>> _ = layer.values.assign([0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0])
+    >>> stripped = sl.strip_pruning(model)
+    >>> stripped.get_layer("d").pattern.nnz
+    4
+    >>> x = np.ones((1, 4), "float32")
+    >>> bool(np.array_equal(stripped(x), model(x)))
+    True
+    """
+    _check_model(model)
+    plan = {}
+    for layer in _all_layers(model):
+        if not isinstance(layer, SparseDense) or id(layer) in plan:
+            continue
+        values = keras.ops.convert_to_numpy(layer.values)
+        kept = PRUNING_MASKS.get(layer)
+        keep = kept[1] if kept is not None and kept[0] == layer.pattern else values != 0
+        if not keep.all():
+            pattern = layer.pattern
+            plan[id(layer)] = (
+                SparsityPattern._from_linear(pattern.linear[keep], pattern.shape).with_names(
+                    pattern.input_names, pattern.output_names
+                ),
+                values[keep],
+            )
+    return _rebuild_pruned(model, plan)
+
+
+#: Per SparseDense that GradualPruning pruned: ``(pattern, keep)``, the
+#: pattern it pruned within and the mask of the entries it kept.
+PRUNING_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, np.ndarray]]) -> keras.Model:
+    """A copy of ``model`` where each layer whose id is in ``plan`` becomes a SparseDense on ``(pattern, values)``."""
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
-    kept_values: dict[int, np.ndarray] = {}
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if id(layer) in selected:
-            pattern, kept_values[id(layer)] = _prune(layer, density, block)
-            clone = _sparse_layer(layer, pattern)
+        if id(layer) in plan:
+            clone = _sparse_layer(layer, plan[id(layer)][0])
         else:
             clone = layer.__class__.from_config(layer.get_config())
         clones.append((layer, clone))
@@ -128,8 +257,8 @@ def sparsify(
     if not new_model.built:  # a Sequential built by a call, without an Input
         new_model.build(model.input_shape)
     for layer, clone in clones:
-        if id(layer) in kept_values:
-            clone.values.assign(kept_values[id(layer)].astype(clone.values.dtype))
+        if id(layer) in plan:
+            clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
         else:
@@ -168,6 +297,19 @@ def _rebuild(model: keras.Model, clone_layer: Any) -> keras.Model:
     return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
 
 
+def _check_model(model: Any) -> None:
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise TypeError(
+            "`model` must be a Sequential or Functional Keras model (a subclassed model has no "
+            f"graph of layers to rebuild). Received: model of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            "`model` must be built (give it an `Input` or call it on data) so its kernels exist. "
+            f"Received: unbuilt model '{model.name}'"
+        )
+
+
 def _check_density(density: Any) -> float:
     if isinstance(density, (bool, np.bool_)) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
         raise ValueError(f"`density` must be a number in (0, 1]. Received: density={density!r}")
@@ -201,8 +343,8 @@ def _is_prunable(layer: keras.layers.Layer) -> bool:
     return isinstance(layer, (keras.layers.Dense, SparseDense))
 
 
-def _select(model: keras.Model, layers: Any) -> set[int]:
-    """Ids of the layers to prune, each checked."""
+def _select(model: keras.Model, layers: Any) -> list[keras.layers.Layer]:
+    """The layers to prune, each checked, once each, in model order."""
     everything = _all_layers(model)
     if layers is None:
         chosen = [layer for layer in everything if _is_prunable(layer)]
@@ -239,7 +381,8 @@ def _select(model: keras.Model, layers: Any) -> set[int]:
                     f"`layers` selects Dense '{layer.name}' whose kernel has rank {rank}; sparsify needs a "
                     f"2-D (input_dim, units) kernel (exclude it with `layers=`). Received: layers={layers!r}"
                 )
-    return {id(layer) for layer in chosen}
+    unique = {id(layer): layer for layer in chosen}  # a shared layer appears once
+    return list(unique.values())
 
 
 def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
@@ -250,17 +393,66 @@ def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray,
     return kernel.shape, np.arange(kernel.size, dtype=np.int64), kernel.ravel()
 
 
-def _prune(layer: keras.layers.Layer, density: float, block: tuple[int, int] | None):
-    """The kept pattern and its values, in canonical order."""
-    shape, linear, values = _candidates(layer)
-    target = round(density * shape[0] * shape[1])
-    magnitude = np.abs(values.astype(np.float64))
-    if block is None:
-        # A stable sort over row-major candidates keeps the earlier of equals.
-        keep = np.sort(np.argsort(-magnitude, kind="stable")[:target])
+def _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data) -> dict[int, tuple]:
+    """Per layer id: the kept pattern (with the layer's unit names) and its values."""
+    candidates = [_candidates(layer) for layer in chosen]
+    shapes = [shape for shape, _, _ in candidates]
+    scores = _scores(model, chosen, candidates, criterion, seed, data)
+    if distribution == "global":
+        keeps = global_keep(scores, shapes, density)
     else:
-        keep = _keep_tiles(shape, linear, magnitude, target, block)
-    return SparsityPattern._from_linear(linear[keep], shape), values[keep]
+        keeps = []
+        for (shape, linear, _), score, target in zip(candidates, scores, keep_counts(shapes, density, distribution, erk_power)):
+            if block is None:
+                keeps.append(top_entries(score, target))
+            else:
+                keeps.append(_keep_tiles(shape, linear, score, target, block))
+    plan = {}
+    for layer, (shape, linear, values), keep in zip(chosen, candidates, keeps):
+        pattern = SparsityPattern._from_linear(linear[keep], shape)
+        if isinstance(layer, SparseDense):
+            pattern = pattern.with_names(layer.pattern.input_names, layer.pattern.output_names)
+        plan[id(layer)] = (pattern, values[keep])
+    return plan
+
+
+def _scores(model, chosen, candidates, criterion, seed, data) -> list[np.ndarray]:
+    """float64 score of every candidate entry, higher kept first."""
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return [rng.random(values.size) for _, _, values in candidates]
+    magnitude = [np.abs(values.astype(np.float64)) for _, _, values in candidates]
+    if criterion == "magnitude":
+        return magnitude
+    gradients = snip_gradients(model, chosen, data)
+    return [m * np.abs(g.astype(np.float64)) for m, g in zip(magnitude, gradients)]
+
+
+def _check_snip(model: keras.Model, data: Any) -> None:
+    if data is None:
+        raise ValueError("`criterion='snip'` scores |w * dL/dw| on a batch: pass `data=(x, y)`. Received: data=None")
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        raise ValueError(
+            "`criterion='snip'` needs the model's loss: call `model.compile(loss=...)` first. "
+            f"Received: model '{model.name}' not compiled with a loss"
+        )
+
+
+def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], data: Any) -> list[np.ndarray]:
+    """``dL/dw`` of each layer's candidate entries (kernel ravelled, or values) on one batch.
+
+    ``L`` is the compiled loss of ``model``, through
+    ``model.compute_loss`` with ``training=True``, inside a
+    ``keras.StatelessScope`` so that no metric, batch-norm statistic or
+    seed moves.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    variables = [layer.values if isinstance(layer, SparseDense) else layer.kernel for layer in chosen]
+    with tf.GradientTape() as tape, keras.StatelessScope():
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [keras.ops.convert_to_numpy(g).ravel() for g in grads]
 
 
 def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:

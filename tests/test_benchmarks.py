@@ -42,3 +42,21 @@ def test_scale_writes_table_json_and_plot_and_merges_runs(tmp_path):
     table = (tmp_path / "scale.md").read_text()
     assert "Machine: " in table and "TensorFlow" in table and "| 5,000 |" in table and "| 10,000 |" in table
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_sparse_training_quick_mode_writes_every_method_table_and_plot(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sparse_training.py"), "--quick", "--out", str(tmp_path),
+         "--plot-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "sparse_training.json").read_text())
+    methods = {r["method"] for r in results["summary"]}
+    assert methods == {"Dense", "Small-Dense", "Static uniform", "Static ERK", "SNIP", "SET", "RigL uniform",
+                       "RigL ERK", "SRigL", "GradualPruning", "One-shot + fine-tune"}
+    sparse = [r for r in results["summary"] if r["method"] not in ("Dense", "Small-Dense")]
+    dense_params = next(r["params"] for r in results["summary"] if r["method"] == "Dense")
+    assert all(r["params"] < dense_params and 0 < r["flops_vs_dense"] for r in sparse)
+    assert {r["method"] for r in results["teacher"]} == {"Static", "SET", "RigL", "SRigL"}
+    assert "| SRigL |" in (tmp_path / "SPARSE_TRAINING.md").read_text()
+    assert (tmp_path / "sparse-training.png").stat().st_size > 0

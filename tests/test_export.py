@@ -39,7 +39,7 @@ CASES = {
     "gather-forced": (sl.patterns.random((16, 8), density=0.2, seed=2), "gather", "gather"),
     "auto-sparse": (sl.patterns.random((64, 32), density=0.05, seed=3), "auto", "ell"),
     "auto-uneven": (_uneven(), "auto", "gather"),
-    "auto-dense": (sl.patterns.random((16, 8), density=0.3, seed=4), "auto", "dense"),
+    "auto-dense": (sl.patterns.random((16, 8), density=0.7, seed=4), "auto", "dense"),  # dense is the smaller artifact
     "empty": (sl.SparsityPattern.from_dense(np.zeros((6, 3))), "auto", "ell"),
 }
 
@@ -130,6 +130,30 @@ def test_size_grows_with_nnz_not_with_the_dense_kernel(tmp_path):
         path = _export(model, tmp_path, format)
         assert os.path.getsize(path) < 2**20, (format, os.path.getsize(path))
         assert sl.export.check_export(model, path, x) <= 1e-5
+
+
+def test_default_export_size_follows_nnz_and_densified_is_one_option_away(tmp_path):
+    """512 x 512 at 10%: by default ~26k entries; sl.export.densified() stores the 1 MiB dense kernel."""
+    pattern = sl.patterns.random((512, 512), density=0.10, seed=0)
+    layer = sl.SparseDense(pattern)
+    model = _model(layer, (512,))
+    x = np.random.default_rng(0).normal(size=(3, 512)).astype("float32")
+    for format in FORMATS:  # noqa: A001
+        with exporting(format):
+            assert layer._select_kernel().name == "ell"
+            with sl.export.densified():
+                assert layer._select_kernel().name == "dense"
+        small = _export(model, tmp_path, format)
+        small_size = os.path.getsize(small)
+        assert sl.export.check_export(model, small, x) <= 1e-5
+        fast = os.path.join(tmp_path, "fast" + FORMATS[format])
+        with sl.export.densified():
+            model.export(fast, format=format, verbose=False)
+        assert sl.export.check_export(model, fast, x) <= 1e-5
+        dense_bytes = 512 * 512 * 4
+        assert os.path.getsize(fast) >= dense_bytes
+        # About 12 bytes per entry (int32 index, int32 value position, float32 value) plus padding.
+        assert small_size < 16 * pattern.nnz < dense_bytes, (format, small_size)
 
 
 def test_check_export_rejects_an_artifact_of_another_model(tmp_path):
@@ -228,7 +252,7 @@ def test_deploying_page_examples_run(tmp_path, monkeypatch):
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying.md"
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
@@ -267,6 +291,9 @@ def test_export_benchmark_quick_mode_writes_table_and_plot(tmp_path):
     kernels = {(r[0].strip(), r[2].strip()): r[3].strip() for r in rows[2:]}
     assert kernels[("random 1.0%", "onnx")] == "ell"
     assert kernels[("random 1.0%", "litert sparse weights")] == "dense"
-    assert kernels[("random 30.0%", "litert")] == "dense"
+    assert kernels[("random 30.0%", "litert densified")] == "dense"
+    sizes = {(r[0].strip(), r[2].strip()): float(r[7].replace(",", "")) for r in rows[2:]}
+    # 256 x 256 at 30%: the default (nnz-sized or dense, the smaller) never exceeds the densified artifact.
+    assert sizes[("random 30.0%", "onnx")] <= sizes[("random 30.0%", "onnx densified")] * 1.05
     assert {kernels[("banded +-16", "onnx")], kernels[("block diagonal 32 x (8x8)", "litert")]} == {"banded", "block"}
     assert (tmp_path / "export.png").stat().st_size > 0

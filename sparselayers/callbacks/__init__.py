@@ -1,4 +1,8 @@
-"""Dynamic sparse training: the pattern of every `SparseDense` evolves during `fit`.
+"""Dynamic sparse training and gradual pruning: the pattern of every `SparseDense` evolves during `fit`.
+
+:class:`GradualPruning` prunes by magnitude on a polynomial schedule (its
+own module, :mod:`sparselayers.callbacks.gradual_pruning`, documents it);
+the rest of this page is about :class:`SET` and :class:`RigL`.
 
 :class:`SET` (Mocanu et al., 2018) and :class:`RigL` (Evci et al., 2020) are
 Keras callbacks. Unlike mask-based implementations, the layers keep truly
@@ -82,8 +86,9 @@ Semantics, shared by both callbacks:
 
 
 from sparselayers.callbacks.dynamic import cosine_drop_fraction, optimizer_slots, random_positions, top_gradient_positions
+from sparselayers.callbacks.gradual_pruning import GradualPruning
 from sparselayers.callbacks.rigl import RigL
 from sparselayers.callbacks.set import SET
 from sparselayers.sparse_dense import sparse_dense_layers
 
-__all__ = ["RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers"]
+__all__ = ["GradualPruning", "RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers"]

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers._validation import _short, check_int
+from sparselayers.callbacks.fan_in import drop_within_units, unit_counts
 from sparselayers.pattern_state import reset_compiled_functions
 from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -205,6 +206,8 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     #: Whether updates need the batch of the step (RigL's gradient).
     _needs_batch = False
+    #: Drop and grow within each output unit (set by RigL's and SET's ``constant_fan_in``).
+    constant_fan_in = False
 
     def __init__(
         self,
@@ -386,9 +389,15 @@ class _DynamicSparsity(keras.callbacks.Callback):
         return None
 
     def _grow(
-        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+        self,
+        layer: SparseDense,
+        kept: np.ndarray,
+        n: int,
+        rng: np.random.Generator,
+        prepared: Any,
+        per_unit: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``n`` sorted row-major positions outside the sorted ``kept``."""
+        """``n`` sorted row-major positions outside the sorted ``kept``; ``per_unit[j]`` in column ``j`` if given."""
         raise NotImplementedError
 
     def _record(self, step: int, layer: SparseDense, fraction: float, dropped: int, new: int) -> None:
@@ -398,16 +407,20 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     def _update_layer(self, layer: SparseDense, number: int, step: int, fraction: float, prepared: Any) -> bool:
         pattern = layer.pattern
-        n = round(fraction * pattern.nnz)
+        per_unit = unit_counts(pattern, fraction) if self.constant_fan_in else None
+        n = round(fraction * pattern.nnz) if per_unit is None else int(per_unit.sum())
         if n == 0:
             self._record(step, layer, fraction, 0, 0)
             return False
         values = keras.ops.convert_to_numpy(layer.values)
-        smallest_first = np.argsort(np.abs(values), kind="stable")  # ties: earlier entry first
         old_linear = pattern.linear  # computed on each access: once here
-        kept = np.sort(old_linear[smallest_first[n:]])
+        if per_unit is None:
+            smallest_first = np.argsort(np.abs(values), kind="stable")  # ties: earlier entry first
+            kept = np.sort(old_linear[smallest_first[n:]])
+        else:
+            kept = drop_within_units(pattern, values, per_unit)
         rng = np.random.default_rng([self._seed, step, number])
-        grown = self._grow(layer, kept, n, rng, prepared)
+        grown = self._grow(layer, kept, n, rng, prepared, per_unit)
         linear = np.sort(np.concatenate([kept, grown]))  # disjoint; np.union1d hashes, 100x slower
         # Where each new entry was in the old canonical order, if it was there.
         old_index = np.minimum(np.searchsorted(old_linear, linear), pattern.nnz - 1)

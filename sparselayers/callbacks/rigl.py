@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparselayers._validation import check_int
+from sparselayers._validation import check_bool, check_int
 from sparselayers.callbacks.dynamic import _DynamicSparsity, _recording, random_positions, top_gradient_positions
+from sparselayers.callbacks.fan_in import random_within_units, top_gradient_within_units
 from sparselayers.ops.context import observing_layers
 from sparselayers.sparse_dense import SparseDense
 
@@ -34,6 +35,11 @@ class RigL(_DynamicSparsity):
             positions have a nonzero gradient; None draws a fresh one.
         tile_elements: dense gradient entries scored at once (at least one
             column of ``input_dim``); bounds an update's extra memory.
+        constant_fan_in: drop and grow within each output unit, so that
+            every unit keeps its fan-in (SRigL, Lasby et al. 2024; see
+            :mod:`sparselayers.callbacks.fan_in`): a unit of fan-in ``k``
+            moves ``round(f(t) * k)`` entries, grown where its column of
+            the dense gradient is largest.
 
     Attributes:
         updates: one dict per layer and update: ``step``, ``layer`` (its
@@ -71,9 +77,11 @@ class RigL(_DynamicSparsity):
         seed: int | None = None,
         *,
         tile_elements: int = 2**22,
+        constant_fan_in: bool = False,
     ):
         super().__init__(update_freq, drop_fraction, end_step, layers, seed)
         self.tile_elements = check_int(tile_elements, "tile_elements", minimum=1)
+        self.constant_fan_in = check_bool(constant_fan_in, "constant_fan_in")
 
     def _prepare(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
         if self._batch is None:
@@ -113,8 +121,16 @@ class RigL(_DynamicSparsity):
         return gradients
 
     def _grow(
-        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+        self,
+        layer: SparseDense,
+        kept: np.ndarray,
+        n: int,
+        rng: np.random.Generator,
+        prepared: Any,
+        per_unit: np.ndarray | None = None,
     ) -> np.ndarray:
+        if per_unit is not None:
+            return self._grow_within_units(layer, kept, per_unit, rng, prepared)
         grown = np.zeros(0, np.int64)
         if id(layer) in prepared:
             x, dy = prepared[id(layer)]
@@ -123,4 +139,18 @@ class RigL(_DynamicSparsity):
             taken = np.sort(np.concatenate([kept, grown]))
             rest = random_positions(layer.pattern.shape, taken, n - grown.size, rng)
             grown = np.sort(np.concatenate([grown, rest]))
+        return grown
+
+    def _grow_within_units(
+        self, layer: SparseDense, kept: np.ndarray, per_unit: np.ndarray, rng: np.random.Generator, prepared: Any
+    ) -> np.ndarray:
+        units = layer.pattern.shape[1]
+        grown = np.zeros(0, np.int64)
+        if id(layer) in prepared:
+            x, dy = prepared[id(layer)]
+            grown = top_gradient_within_units(x, dy, kept, per_unit, self.tile_elements)
+        missing = per_unit - np.bincount(grown % units, minlength=units)
+        if missing.any():
+            taken = np.sort(np.concatenate([kept, grown]))
+            grown = np.sort(np.concatenate([grown, random_within_units(layer.pattern.shape, taken, missing, rng)]))
         return grown

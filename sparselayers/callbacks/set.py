@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from sparselayers._validation import check_bool
 from sparselayers.callbacks.dynamic import _DynamicSparsity, random_positions
+from sparselayers.callbacks.fan_in import random_within_units
 from sparselayers.sparse_dense import SparseDense
 
 
@@ -25,6 +28,9 @@ class SET(_DynamicSparsity):
         layers: names (or paths) of the SparseDense layers to evolve; default
             every SparseDense that can.
         seed: seed of the random draws; None draws a fresh one.
+        constant_fan_in: drop and grow within each output unit, so that
+            every unit keeps its fan-in (as SRigL; see
+            :mod:`sparselayers.callbacks.fan_in`).
 
     Attributes:
         updates: one dict per layer and update: ``step``, ``layer`` (its
@@ -52,7 +58,28 @@ class SET(_DynamicSparsity):
     (True, True)
     """
 
+    def __init__(
+        self,
+        update_freq: int = 100,
+        drop_fraction: float = 0.3,
+        end_step: int | None = None,
+        layers: Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        constant_fan_in: bool = False,
+    ):
+        super().__init__(update_freq, drop_fraction, end_step, layers, seed)
+        self.constant_fan_in = check_bool(constant_fan_in, "constant_fan_in")
+
     def _grow(
-        self, layer: SparseDense, kept: np.ndarray, n: int, rng: np.random.Generator, prepared: Any
+        self,
+        layer: SparseDense,
+        kept: np.ndarray,
+        n: int,
+        rng: np.random.Generator,
+        prepared: Any,
+        per_unit: np.ndarray | None = None,
     ) -> np.ndarray:
+        if per_unit is not None:
+            return random_within_units(layer.pattern.shape, kept, per_unit, rng)
         return random_positions(layer.pattern.shape, kept, n, rng)

@@ -111,8 +111,8 @@ def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
 #: an export form (:mod:`sparselayers.ops.export_kernels`) reading the same
 #: values with ops both formats express. TF's CSR ops have none.
 EXPORTABLE = ("block", "banded", "dense", "gather")
-#: Density from which an exported layer multiplies by its densified kernel,
-#: as in training. At batch 1 (``benchmarks/export.py``, 2048 x 2048, one
+#: Density from which an export inside ``sl.export.densified()`` multiplies
+#: by its densified kernel, as in training. At batch 1 (``benchmarks/export.py``, 2048 x 2048, one
 #: thread) the ELL form beat the dense artifact 2.3x or more up to 1% (LiteRT
 #: and onnxruntime), tied at 3%, and at 5% tied on LiteRT but was 2.3x
 #: slower on onnxruntime, if 10x smaller. From here on the artifact stores
@@ -131,23 +131,31 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
 
     SavedModel keeps ``preferred``: TensorFlow serves every kernel. For
     LiteRT and ONNX, a block or banded kernel keeps its structure, and a
-    kernel the user forced keeps its computation (dense or gather); the
-    automatic choice for other patterns is ``"dense"`` from a density of
-    :data:`EXPORT_DENSE_MIN_DENSITY`, else ``"ell"``, or ``"gather"`` when
-    the columns are too uneven for ELL (:data:`ELL_MAX_PADDING`). A LiteRT
-    export with ``optimizations=[tf.lite.Optimize.EXPERIMENTAL_SPARSITY]``
-    gets ``"dense"`` at every density: the converter then stores the folded
-    kernel in a sparse format that LiteRT multiplies by sparse kernels. A forced
-    kernel that the format cannot express raises ValueError before
+    kernel the user forced keeps its computation (dense or gather). Other
+    patterns get, by default, a form whose artifact size follows ``nnz``:
+    ``"ell"``, or ``"gather"`` when the columns are too uneven for ELL
+    (:data:`ELL_MAX_PADDING`); ``"dense"`` only where the dense kernel is
+    the smaller artifact (4 bytes per cell against about 8 per ELL slot:
+    from a density of about 1/2). Inside
+    :func:`sparselayers.export.densified` the latency-first layout applies
+    instead: ``"dense"`` from a density of :data:`EXPORT_DENSE_MIN_DENSITY`.
+    A LiteRT export with
+    ``optimizations=[tf.lite.Optimize.EXPERIMENTAL_SPARSITY]`` gets
+    ``"dense"`` at every density: the converter then stores the folded
+    kernel in a sparse format that LiteRT multiplies by sparse kernels. A
+    forced kernel that the format cannot express raises ValueError before
     conversion.
 
     >>> import sparselayers as sl
     >>> from sparselayers.ops.context import exporting
     >>> with exporting("onnx"):
-    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.02, seed=0), "csr")
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.1, seed=0), "dense")
     'ell'
+    >>> with exporting("onnx"), sl.export.densified():
+    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.1, seed=0), "dense")
+    'dense'
     """
-    from sparselayers.ops.context import export_format, export_options
+    from sparselayers.ops.context import export_densified, export_format, export_options
 
     format = export_format()  # noqa: A001
     if format in (None, "tf_saved_model"):
@@ -162,14 +170,21 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
         return preferred
     if preferred in ("block", "banded") and pattern.nnz:
         return preferred
+    units = pattern.shape[1]
+    ell_slots = units * pattern.fan_in.max(initial=0)
+    sparse = "ell" if ell_slots <= ELL_MAX_PADDING * (pattern.nnz + units) else "gather"
+    # Artifact bytes (benchmarks/export.py): ELL an int32 row and a float32
+    # weight per slot (converters fold the gather of the frozen values); gather
+    # an int32 row and column and a float32 value per entry; dense a float32
+    # per cell.
+    sparse_bytes = 8 * ell_slots if sparse == "ell" else 12 * pattern.nnz
     if fits_dense(pattern) and (
-        pattern.density >= EXPORT_DENSE_MIN_DENSITY
+        4 * pattern.shape[0] * units < sparse_bytes
+        or (export_densified() and pattern.density >= EXPORT_DENSE_MIN_DENSITY)
         or (format == "litert" and _sparsity_requested(export_options()))
     ):
         return "dense"
-    if pattern.shape[1] * pattern.fan_in.max(initial=0) <= ELL_MAX_PADDING * (pattern.nnz + pattern.shape[1]):
-        return "ell"
-    return "gather"
+    return sparse
 
 
 def _sparsity_requested(options: dict) -> bool:

@@ -43,6 +43,28 @@ def exporting(format: str = "export", **options: Any) -> Iterator[None]:  # noqa
         _state.export_format, _state.export_options = previous
 
 
+@contextlib.contextmanager
+def densified_export() -> Iterator[None]:
+    """Within this block, LiteRT and ONNX exports multiply scattered patterns by their densified kernel.
+
+    From :data:`~sparselayers.ops.choose.EXPORT_DENSE_MIN_DENSITY` on: the
+    latency-first layout at batch 1, whose artifact stores
+    ``input_dim * units`` floats whatever the density. Public as
+    :func:`sparselayers.export.densified`.
+    """
+    previous = getattr(_state, "densified", False)
+    _state.densified = True
+    try:
+        yield
+    finally:
+        _state.densified = previous
+
+
+def export_densified() -> bool:
+    """True inside :func:`densified_export`."""
+    return getattr(_state, "densified", False)
+
+
 def export_format() -> str | None:
     """The format being exported to, or None outside an export.
 

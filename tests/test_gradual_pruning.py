@@ -1,0 +1,179 @@
+"""`sl.callbacks.GradualPruning` and `sl.strip_pruning`: schedule against the formula, exact nnz, exact outputs."""
+
+import keras
+import numpy as np
+import pytest
+
+import sparselayers as sl
+from sparselayers.allocation import erk_densities
+from tests.reference import forward
+
+
+def formula(t, d_f, d_i, begin, end, power):
+    """Zhu & Gupta's schedule, written out."""
+    t = min(max(t, begin), end)
+    return float(np.clip(d_f + (d_i - d_f) * (1 - (t - begin) / (end - begin)) ** power, 0, 1))
+
+
+def model_of(widths, seed=0, **compile_kwargs):
+    keras.utils.set_random_seed(seed)
+    dense = keras.Sequential(
+        [keras.Input((widths[0],))]
+        + [keras.layers.Dense(w, activation="relu" if i < len(widths) - 2 else None, name=f"d{i}") for i, w in enumerate(widths[1:])]
+    )
+    model = sl.sparsify(dense, density=1.0)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **compile_kwargs)
+    return model
+
+
+def data(n_in, n_out, n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in)).astype("float32")
+    return x, (x[:, :n_out] * 2.0 - x[:, -n_out:]).astype("float32")
+
+
+def by_name(update):
+    return {path.split("/")[-1]: nnz for path, nnz in update["layers"].items()}
+
+
+def reference_outputs(model, x):
+    """Float64 forward pass through the layers' dense kernels (pruned entries zero)."""
+    h = np.asarray(x, np.float64)
+    for layer in model.layers:
+        h = forward(h, layer.pattern, layer.values.numpy(), layer.bias.numpy())
+        if layer.activation is keras.activations.relu:
+            h = np.maximum(h, 0)
+    return h
+
+
+@pytest.mark.parametrize("begin, end, frequency, power", [(0, 12, 3, 3), (2, 11, 4, 2), (5, 6, 1, 1)])
+def test_logged_densities_follow_the_formula_and_nnz_is_exact(begin, end, frequency, power):
+    model = model_of([10, 8, 4])
+    x, y = data(10, 4)
+    pruning = sl.callbacks.GradualPruning(0.2, begin_step=begin, end_step=end, frequency=frequency, power=power)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[pruning])  # 24 steps
+    steps = [u["step"] for u in pruning.updates]
+    expected_steps = sorted({t for t in range(begin, end + 1) if (t - begin) % frequency == 0} | {end})
+    assert steps == expected_steps
+    sizes = {"d0": 80, "d1": 32}
+    for update in pruning.updates:
+        density = formula(update["step"], 0.2, 1.0, begin, end, power)
+        assert update["density"] == pytest.approx(density, abs=1e-12)
+        for name, size in sizes.items():
+            assert by_name(update)[name] == round(density * size)
+    # Pruned entries are exactly zero after training; strip_pruning keeps exactly the rest.
+    stripped = sl.strip_pruning(model)
+    for name, size in sizes.items():
+        assert stripped.get_layer(name).pattern.nnz == round(0.2 * size)
+        assert np.count_nonzero(model.get_layer(name).values.numpy()) <= round(0.2 * size)
+    np.testing.assert_allclose(stripped(x).numpy(), reference_outputs(model, x), atol=1e-5)
+    np.testing.assert_allclose(stripped(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_pruned_entries_stay_zero_through_every_step():
+    model = model_of([12, 6])
+    x, y = data(12, 6)
+    layer = model.get_layer("d0")
+    pruning = sl.callbacks.GradualPruning(0.25, begin_step=0, end_step=4, frequency=2)
+    seen = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            mask = sl.pruning.PRUNING_MASKS[layer][1]
+            seen.append(np.abs(layer.values.numpy()[~mask]).max(initial=0.0))
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruning, Watch()])
+    assert len(seen) == 12 and max(seen) == 0.0
+    assert sl.pruning.PRUNING_MASKS[layer][1].sum() == round(0.25 * 72)
+
+
+def test_steps_per_execution_and_jit_compile():
+    for kwargs in [{"steps_per_execution": 3}, {"jit_compile": True}]:
+        model = model_of([10, 4], **kwargs)
+        x, y = data(10, 4)
+        pruning = sl.callbacks.GradualPruning(0.3, end_step=9, frequency=3)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruning])  # 12 steps
+        assert [u["step"] for u in pruning.updates] == [0, 3, 6, 9]
+        layer = model.get_layer("d0")
+        mask = sl.pruning.PRUNING_MASKS[layer][1]
+        assert mask.sum() == 12 and not layer.values.numpy()[~mask].any()
+
+
+def test_erk_and_global_distributions():
+    model = model_of([30, 20, 4], seed=1)
+    x, y = data(30, 4)
+    erk = sl.callbacks.GradualPruning(0.1, end_step=4, frequency=2, distribution="erk")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[erk])
+    final = by_name(erk.updates[-1])
+    densities = erk_densities([(30, 20), (20, 4)], 0.1)
+    assert final == {"d0": round(densities[0] * 600), "d1": round(densities[1] * 80)}
+
+    model = model_of([30, 20, 4], seed=1)
+    glob = sl.callbacks.GradualPruning(0.1, end_step=4, frequency=2, distribution="global")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[glob])
+    assert glob.updates[-1]["nnz"] == round(0.1 * 680)
+    kept = np.concatenate([sl.pruning.PRUNING_MASKS[model.get_layer(n)][1] for n in ("d0", "d1")])
+    assert kept.sum() == round(0.1 * 680)
+
+
+def test_a_second_fit_continues_from_the_kept_entries_and_the_stripped_model_saves_small(tmp_path):
+    model = model_of([16, 16])
+    x, y = data(16, 16)
+    first = sl.callbacks.GradualPruning(0.5, end_step=2, frequency=1)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[first])
+    second = sl.callbacks.GradualPruning(0.1, end_step=14, frequency=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[second])  # steps 12..24
+    assert second.updates[0]["density"] == pytest.approx(formula(12, 0.1, 0.5, 0, 14, 3))
+    stripped = sl.strip_pruning(model)
+    assert stripped.get_layer("d0").pattern.nnz == round(0.1 * 256)
+    # After fit the mask no longer constrains training: the layer is free again.
+    assert model.get_layer("d0").values.constraint is None
+    model.save(tmp_path / "full.keras")
+    stripped.save(tmp_path / "small.keras")
+    assert (tmp_path / "small.keras").stat().st_size < (tmp_path / "full.keras").stat().st_size
+
+
+def test_strip_pruning_without_a_callback_drops_exact_zeros_and_keeps_names():
+    pattern = sl.SparsityPattern.from_edges(["a", "b", "c", "a"], ["u", "u", "v", "v"], inputs=["a", "b", "c"])
+    layer = sl.SparseDense(pattern, name="named")
+    model = keras.Sequential([keras.Input((3,)), layer, keras.layers.Dense(2, name="head")])
+    layer.values.assign([1.0, 0.0, 2.0, 0.0])
+    stripped = sl.strip_pruning(model)
+    new = stripped.get_layer("named")
+    assert new.pattern.nnz == 2 and new.pattern.input_names == ("a", "b", "c")
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(stripped(x).numpy(), model(x).numpy(), atol=1e-6)
+    assert type(stripped.get_layer("head")) is keras.layers.Dense
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, text",
+    [
+        ((1.5,), {}, ValueError, r"`final_density` must be a number in \[0, 1\]. Received: final_density=1.5"),
+        (("0.1",), {}, ValueError, "`final_density` must be a number in"),
+        ((0.1,), {"initial_density": -0.1}, ValueError, "`initial_density` must be a number in"),
+        ((0.1,), {"begin_step": -1}, ValueError, "`begin_step` must be >= 0"),
+        ((0.1,), {"begin_step": 5, "end_step": 5}, ValueError, "`end_step` must be > begin_step=5. Received: end_step=5"),
+        ((0.1,), {"frequency": 0}, ValueError, "`frequency` must be >= 1"),
+        ((0.1,), {"frequency": 2.5}, TypeError, "`frequency` must be an integer"),
+        ((0.1,), {"power": 0}, ValueError, "`power` must be a number > 0. Received: power=0"),
+        ((0.1,), {"distribution": "erdos"}, ValueError, "`distribution` must be one of"),
+        ((0.1,), {"layers": "d0"}, TypeError, "`layers` must be a list of layer names"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(args, kwargs, error, text):
+    with pytest.raises(error, match=text):
+        sl.callbacks.GradualPruning(*args, **kwargs)
+
+
+def test_bad_models_raise_at_the_start_of_fit():
+    x, y = data(6, 2, n=16)
+    dense = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    dense.compile(loss="mse")
+    with pytest.raises(ValueError, match=r"needs a model with a SparseDense layer.*sl.sparsify\(model, density=1.0\)"):
+        dense.fit(x, y, verbose=0, callbacks=[sl.callbacks.GradualPruning(0.1, end_step=2)])
+    model = model_of([6, 2])
+    with pytest.raises(ValueError, match=r"`layers` must name SparseDense layers of the model"):
+        model.fit(x, y, verbose=0, callbacks=[sl.callbacks.GradualPruning(0.1, end_step=2, layers=["nope"])])
+    with pytest.raises(ValueError, match=r"must be > begin_step=10"):
+        model.fit(x, y, verbose=0, callbacks=[sl.callbacks.GradualPruning(0.1, begin_step=10)])
