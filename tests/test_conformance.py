@@ -34,6 +34,8 @@ LAYERS = {
     "gather": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=2), kernel="gather"),
     "sparse_dense_matmul": lambda: sl.SparseDense(
         sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=3), kernel="sparse_dense_matmul"),
+    "compiled_csr": lambda: sl.SparseDense(
+        sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=7), kernel="compiled_csr"),
     "auto-random": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 64), density=0.02, seed=4)),
     "towers": lambda: sl.Towers(5, hidden_units=[3, 2], output_units=2),
 }
