@@ -5,6 +5,9 @@ fallback, and :mod:`sparselayers.ops.compiled.kernels` for the kernels.
 """
 
 from sparselayers.ops.compiled.build import ENABLED_ENV, available, enabled
-from sparselayers.ops.compiled.kernels import CompiledCSRKernel, accelerated, compiled_allowed
+from sparselayers.ops.compiled.kernels import COMPILED, CompiledCSRKernel, accelerated, compiled_allowed, pure_tf_kernel
 
-__all__ = ["ENABLED_ENV", "CompiledCSRKernel", "accelerated", "available", "compiled_allowed", "enabled"]
+__all__ = [
+    "COMPILED", "ENABLED_ENV", "CompiledCSRKernel", "accelerated", "available", "compiled_allowed", "enabled",
+    "pure_tf_kernel",
+]

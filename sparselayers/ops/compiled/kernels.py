@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.saved_model import save_context
@@ -16,7 +14,7 @@ _OP_DTYPES = (tf.float32, tf.float64)
 
 #: The compiled kernel ``kernel="auto"`` takes, when built, in place of the
 #: static rule's pure-TF choice (see ``docs/kernels.md`` for the figures).
-ACCELERATES = {"csr": "compiled_csr", "csr_dense_grad": "compiled_csr"}
+ACCELERATES = {"csr": "compiled_csr", "csr_dense_grad": "compiled_csr", "banded": "compiled_csr"}
 
 
 def accelerated(name: str) -> str:
@@ -65,12 +63,18 @@ class CompiledCSRKernel(Kernel):
 
     name = "compiled_csr"
     supports_jit = False
-    #: The pure-TF kernel computing the same product where the ops are not allowed.
-    twin: ClassVar[str] = "csr"
 
     def __init__(self, pattern):
         super().__init__(pattern)
         self._tensors: tuple[tf.Tensor, ...] | None = None
+
+    @staticmethod
+    def twin_for(pattern) -> str:
+        """The pure-TF kernel computing the same product where the ops are not allowed:
+        ``"banded"`` for the bands the static rule gives it, else ``"csr"``."""
+        from sparselayers.ops.choose import choose_kernel
+
+        return "banded" if choose_kernel(pattern) == "banded" else "csr"
 
     @property
     def available(self) -> bool:
@@ -80,7 +84,7 @@ class CompiledCSRKernel(Kernel):
     def _twin(self) -> Kernel:
         from sparselayers.ops import get_kernel
 
-        return get_kernel(self.twin, self.pattern)
+        return get_kernel(self.twin_for(self.pattern), self.pattern)
 
     def _pattern_tensors(self) -> tuple[tf.Tensor, ...]:
         if self._tensors is None:
@@ -120,3 +124,12 @@ class CompiledCSRKernel(Kernel):
             return y_t, grad
 
         return tf.cast(tf.transpose(product_t(tf.transpose(x), values)), dtype)
+
+
+#: The compiled kernels by name.
+COMPILED: dict[str, type[CompiledCSRKernel]] = {CompiledCSRKernel.name: CompiledCSRKernel}
+
+
+def pure_tf_kernel(name: str, pattern) -> str:
+    """``name``, or for a compiled kernel its pure-TF twin on ``pattern``: what XLA and export start from."""
+    return COMPILED[name].twin_for(pattern) if name in COMPILED else name
