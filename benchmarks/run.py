@@ -38,7 +38,8 @@ from sparselayers import baselines  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_METHODS = [
-    "auto", "block", "banded", "csr", "csr_gather", "csr_dense_grad", "dense", "gather", "sparse_dense_matmul",
+    "auto", "block", "banded", "csr", "csr_gather", "csr_dense_grad", "compiled_csr", "dense", "gather",
+    "sparse_dense_matmul",
 ]
 # The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
 GATHER_MAX_PRODUCTS = 2**27

@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers import seams
+from sparselayers._cache import CACHE_DIR_ENV, _cache_folder
 from sparselayers._validation import check_int
 from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import DENSE_PRODUCT_KERNELS, fits_dense
@@ -56,8 +57,6 @@ from sparselayers.ops.context import observing_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.structure import detect_blocks
 
-#: Environment variable: the folder holding ``autotune.json``.
-CACHE_DIR_ENV = "SPARSELAYERS_CACHE_DIR"
 #: Environment variable: ``0`` (or ``false``, ``no``, ``off``) disables the cache.
 CACHE_ENABLED_ENV = "SPARSELAYERS_AUTOTUNE_CACHE"
 CACHE_FILE = "autotune.json"
@@ -378,6 +377,8 @@ def _eligible(
             if name in DENSE_PRODUCT_KERNELS and not fits_dense(pattern):
                 raise ValueError(f"the {name} kernel's dense product would not fit in memory")
             kernel = get_kernel(name, pattern)
+            if getattr(kernel, "available", True) is False:
+                raise ValueError("the compiled kernels are not built here (see docs/kernels.md)")
             kernel.check_batch(batch)
             needed = _transient_bytes(kernel, name, pattern, batch, itemsize)
             if available is not None and needed > MEMORY_FRACTION * available:
@@ -582,16 +583,8 @@ def cache_path() -> pathlib.Path:
     return _cache_path(os.environ.get(CACHE_DIR_ENV), os.environ.get("XDG_CACHE_HOME", ""))
 
 
-@functools.lru_cache(maxsize=8)
 def _cache_path(folder: str | None, xdg: str) -> pathlib.Path:
-    if folder:
-        return pathlib.Path(folder).expanduser() / CACHE_FILE
-    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
-        return pathlib.Path(os.environ["LOCALAPPDATA"]) / "sparselayers" / "Cache" / CACHE_FILE
-    if sys.platform == "darwin":
-        return pathlib.Path.home() / "Library" / "Caches" / "sparselayers" / CACHE_FILE
-    base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
-    return base / "sparselayers" / CACHE_FILE
+    return _cache_folder(folder, xdg) / CACHE_FILE
 
 
 def batch_bucket(batch: int) -> int:

@@ -34,6 +34,8 @@ LAYERS = {
     "gather": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=2), kernel="gather"),
     "sparse_dense_matmul": lambda: sl.SparseDense(
         sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=3), kernel="sparse_dense_matmul"),
+    "compiled_csr": lambda: sl.SparseDense(
+        sl.patterns.random((INPUT_DIM, 16), density=0.2, seed=7), kernel="compiled_csr"),
     "auto-random": lambda: sl.SparseDense(sl.patterns.random((INPUT_DIM, 64), density=0.02, seed=4)),
     "towers": lambda: sl.Towers(5, hidden_units=[3, 2], output_units=2),
 }
@@ -217,9 +219,11 @@ SERVE = textwrap.dedent(
 
 def test_saved_model_export_serves_without_sparselayers(tmp_path):
     x, _ = data(7)
-    paths = {}
+    paths, twins = {}, set()
     for name in NAMES:
         model = make_model(name)
+        if getattr(model.layers[1], "kernel_name", "").startswith("compiled_"):
+            twins.add(name)  # exported with its pure-TF twin: equal up to float rounding
         path = str(tmp_path / name)
         model.export(path, verbose=False)
         np.save(path + ".x.npy", x)
@@ -231,7 +235,8 @@ def test_saved_model_export_serves_without_sparselayers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(errors) == set(NAMES)
-    assert max(errors.values()) == 0.0, errors
+    assert max(errors[name] for name in set(NAMES) - twins) == 0.0, errors
+    assert max((errors[name] for name in twins), default=0.0) < 1e-5, errors
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -101,7 +101,9 @@ def fits_dense(pattern: SparsityPattern) -> bool:
 def choose_jit_kernel(pattern: SparsityPattern, preferred: str) -> str:
     """A kernel XLA can compile: ``preferred`` if it can, else dense or gather."""
     from sparselayers.ops import KERNELS
+    from sparselayers.ops.compiled import pure_tf_kernel
 
+    preferred = pure_tf_kernel(preferred, pattern)
     if KERNELS[preferred].supports_jit:
         return preferred
     return "dense" if fits_dense(pattern) else "gather"
@@ -157,9 +159,11 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     """
     from sparselayers.ops.context import export_densified, export_format, export_options
 
+    from sparselayers.ops.compiled import pure_tf_kernel
+
     format = export_format()  # noqa: A001
     if format in (None, "tf_saved_model"):
-        return preferred
+        return pure_tf_kernel(preferred, pattern)
     if forced:
         if preferred not in EXPORTABLE:
             raise ValueError(
@@ -168,6 +172,7 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
                 f"Received: kernel='{preferred}'"
             )
         return preferred
+    preferred = pure_tf_kernel(preferred, pattern)
     if preferred in ("block", "banded") and pattern.nnz:
         return preferred
     units = pattern.shape[1]

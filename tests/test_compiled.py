@@ -1,0 +1,256 @@
+"""The compiled kernels: against the float64 reference, their build and cache, their fallback, their seams.
+
+``tests/test_ops.py`` and ``tests/test_conformance.py`` run every kernel of
+``sl.ops.KERNELS`` through their checks, the compiled ones included; this
+file adds what is particular to them. The library is built once per test
+session, into the session's temporary cache (``tests/conftest.py``).
+"""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sparselayers as sl
+from sparselayers.ops.compiled import build
+from tests import reference
+from tests.test_ops import check_kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILED = sorted(sl.ops.compiled.COMPILED)
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The library path; CI has a compiler, so a failed build fails here instead of hiding behind the twin."""
+    try:
+        build.compiler()
+    except build.BuildError:
+        pytest.skip("no C++ compiler on this machine")
+    assert build.available(), "the compiled kernels did not build (see the log)"
+    return build.library_path()
+
+
+def patterns():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 29)) < 0.15
+    mask[5] = False  # an empty row
+    mask[:, 11] = False  # an empty column
+    return {
+        "random odd": sl.SparsityPattern.from_dense(mask),
+        "empty": sl.SparsityPattern.from_dense(np.zeros((6, 5), bool)),
+        "full": sl.SparsityPattern.from_dense(np.ones((9, 7), bool)),
+        "one hub column": sl.SparsityPattern.from_dense(np.eye(13, 3, k=-1, dtype=bool) | (np.arange(3) == 1)),
+        "banded": sl.patterns.banded((31, 23), lower=3, upper=2),
+        "block diagonal": sl.patterns.block_diagonal([(3, 5), (7, 2), (1, 1)]),
+    }
+
+
+@pytest.mark.parametrize("name", COMPILED)
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
+@pytest.mark.parametrize("batch", [0, 1, 2, 7, 33])
+def test_forward_and_gradients_match_the_float64_reference(built, name, dtype, tol, batch):
+    for label, pattern in patterns().items():
+        try:
+            check_kernel(name, pattern, batch=batch, dtype=dtype, tol=tol)
+        except AssertionError as error:
+            raise AssertionError(f"{label}: {error}") from error
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_the_compiled_ops_run_in_the_default_context(built, name):
+    pattern = patterns()["random odd"]
+    kernel = sl.ops.get_kernel(name, pattern)
+    x, values = tf.ones((3, pattern.shape[0])), tf.ones(pattern.nnz)
+    traced = tf.function(lambda x, v: kernel(x, v)).get_concrete_function(x, values)
+    assert any(op.type.startswith("Sparselayers") for op in traced.graph.get_operations())
+    with sl.ops.context.exporting("tf_saved_model"):
+        exported = tf.function(lambda x, v: kernel(x, v)).get_concrete_function(x, values)
+    assert not any(op.type.startswith("Sparselayers") for op in exported.graph.get_operations())
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_a_layer_beyond_2_to_the_31_cells(built, name):
+    rows, cols = 65536, 32769  # 2**31 + 2**16 cells, few entries
+    rng = np.random.default_rng(1)
+    indices = np.unique(np.stack([rng.integers(0, rows, 300), rng.integers(0, cols, 300)], 1), axis=0)
+    pattern = sl.SparsityPattern(indices, (rows, cols))
+    assert rows * cols > 2**31
+    x = np.zeros((3, rows), "float32")
+    x[:, indices[:, 0]] = rng.normal(size=(3, len(indices)))
+    values = rng.normal(size=pattern.nnz).astype("float32")
+    upstream = np.zeros((3, cols), "float32")
+    upstream[:, indices[:, 1]] = rng.normal(size=(3, len(indices)))
+    kernel = sl.ops.get_kernel(name, pattern)
+    xt, vt = tf.constant(x), tf.constant(values)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, vt])
+        loss = tf.reduce_sum(kernel(xt, vt) * upstream)
+    d_x, d_values = tape.gradient(loss, [xt, vt])
+    # The reference, restricted to the rows and columns that hold entries.
+    used_rows, row_of = np.unique(indices[:, 0], return_inverse=True)
+    used_cols, col_of = np.unique(indices[:, 1], return_inverse=True)
+    small = sl.SparsityPattern(np.stack([row_of.ravel(), col_of.ravel()], 1), (len(used_rows), len(used_cols)))
+    order = np.lexsort((col_of.ravel(), row_of.ravel()))
+    assert np.array_equal(small.indices, np.stack([row_of.ravel(), col_of.ravel()], 1)[order])
+    ref_dx, ref_dv, _ = reference.gradients(x[:, used_rows], small, values[order], upstream[:, used_cols])
+    np.testing.assert_allclose(d_x.numpy()[:, used_rows], ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_values.numpy()[order], ref_dv, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_takes_the_compiled_kernel_when_built(built):
+    pattern = sl.patterns.random((400, 300), density=0.01, seed=0)
+    assert sl.ops.choose_kernel(pattern) == "csr"
+    layer = sl.SparseDense(pattern)
+    assert layer.kernel_name == "compiled_csr"
+    assert layer.jit_kernel_name == sl.ops.choose_jit_kernel(pattern, "csr")
+
+
+def _serve_script(paths):
+    return textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np, tensorflow as tf
+        out = {{}}
+        for name, path in json.loads({json.dumps(json.dumps(paths))}).items():
+            served = tf.saved_model.load(path)
+            fn = served.signatures["serving_default"]
+            x = tf.constant(np.load(path + ".x.npy"))
+            (y,) = fn(x).values()
+            out[name] = float(np.abs(y.numpy() - np.load(path + ".y.npy")).max())
+        assert "sparselayers" not in sys.modules
+        assert not any(name.startswith("Sparselayers") for name in tf.raw_ops.__dict__)
+        print(json.dumps(out))
+        """
+    )
+
+
+def test_saved_models_never_hold_the_compiled_op(built, tmp_path):
+    pattern = sl.patterns.random((40, 30), density=0.1, seed=2)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((40,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(sl.SparseDense(pattern, kernel="compiled_csr")(inputs)))
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 40)).astype("float32")
+    model.fit(x, np.ones((8, 2), "float32"), verbose=0)  # traced and run with the compiled op
+    model.predict(x, verbose=0)
+    expected = model(x).numpy()
+    paths = {"keras export": str(tmp_path / "export"), "tf.saved_model.save": str(tmp_path / "saved")}
+    model.export(paths["keras export"], verbose=False)
+    tf.saved_model.save(model, paths["tf.saved_model.save"])
+    for path in paths.values():
+        np.save(path + ".x.npy", x)
+        np.save(path + ".y.npy", expected)
+        assert b"Sparselayers" not in (pathlib.Path(path) / "saved_model.pb").read_bytes()
+    done = subprocess.run([sys.executable, "-c", _serve_script(paths)], capture_output=True, text=True, env=ENV,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == set(paths) and max(errors.values()) < 1e-5, errors
+
+
+def test_switched_off_the_kernels_compute_with_their_twins(tmp_path):
+    script = textwrap.dedent(
+        """
+        import numpy as np, tensorflow as tf, sparselayers as sl
+        from sparselayers.ops.compiled import build
+        p = sl.patterns.random((50, 40), density=0.05, seed=0)
+        layer = sl.SparseDense(p, kernel="compiled_csr", use_bias=False)
+        x = np.random.default_rng(0).normal(size=(4, 50)).astype("float32")
+        y = layer(x).numpy()
+        w = p.to_dense(layer.values.numpy())
+        assert np.allclose(y, x @ w, atol=1e-5), "wrong product"
+        assert sl.SparseDense(p).kernel_name == sl.ops.choose_kernel(p)
+        assert not build.available() and build.library_path() is None
+        assert not any(name.startswith("Sparselayers") for name in tf.raw_ops.__dict__)
+        assert not list((__import__("pathlib").Path(sl._cache.cache_folder()) / "compiled").glob("*.so"))
+        print("fallback ok")
+        """
+    )
+    env = {**ENV, build.ENABLED_ENV: "0", "SPARSELAYERS_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fallback ok" in done.stdout
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """build's per-process decision, forgotten for the test and restored after it."""
+    monkeypatch.setattr(build, "_state", {})
+
+
+def test_a_broken_compiler_ends_on_the_fallback_with_one_log_line(fresh_state, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", shutil.which("false") or "false")
+    monkeypatch.setenv("SPARSELAYERS_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sparselayers.compiled"):
+        assert build.library() is None
+        assert build.library() is None  # decided once
+    lines = [r for r in caplog.records if r.name == "sparselayers.compiled"]
+    assert len(lines) == 1 and "pure-TensorFlow" in lines[0].getMessage() and build.ENABLED_ENV in lines[0].getMessage()
+    pattern = sl.patterns.random((20, 10), density=0.2, seed=0)
+    check_kernel("compiled_csr", pattern, batch=3)  # computes with the twin
+
+
+def test_a_compiler_that_fails_to_compile_leaves_no_file(monkeypatch, tmp_path):
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'error: no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(build.BuildError, match="failed to compile"):
+        build.cached_library(tmp_path / "cache")
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]
+
+
+def _copying_compiler(tmp_path, library, delay=0.0):
+    """A stand-in compiler: answers --version, waits, copies the real library to -o and counts its builds."""
+    fake = tmp_path / "copying-cxx"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import shutil, sys, time
+        if sys.argv[1:] == ["--version"]:
+            print("copying compiler 1.0"); sys.exit(0)
+        with open({str(tmp_path / "builds")!r}, "a") as log:
+            log.write("build\\n")
+        time.sleep({delay})
+        shutil.copyfile({str(library)!r}, sys.argv[sys.argv.index("-o") + 1])
+        """))
+    fake.chmod(0o755)
+    return fake
+
+
+def test_an_unwritable_cache_folder_builds_privately(built, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CXX", str(_copying_compiler(tmp_path, built)))
+    with caplog.at_level(logging.WARNING, logger="sparselayers.compiled"):
+        path = build.cached_library(blocker / "compiled")
+    assert path.is_file() and path.read_bytes() == pathlib.Path(built).read_bytes()
+    assert not str(path).startswith(str(blocker))
+    assert any("cannot write" in r.getMessage() for r in caplog.records)
+
+
+def test_two_processes_building_at_once_compile_once(built, tmp_path):
+    fake = _copying_compiler(tmp_path, built, delay=1.0)
+    folder = tmp_path / "cache"
+    script = "from sparselayers.ops.compiled import build; import sys; print(build.cached_library(__import__('pathlib').Path(sys.argv[1])))"
+    env = {**ENV, "CXX": str(fake)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(paths) == 1
+    (path,) = paths
+    assert pathlib.Path(path).read_bytes() == pathlib.Path(built).read_bytes()
+    assert (tmp_path / "builds").read_text().count("build") == 1
+    assert sorted(p.suffix for p in folder.iterdir()) == [".lock", ".so"]  # no temporary left
