@@ -26,6 +26,9 @@ from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
+from sparselayers.distribute import keras_mwms_fix as _keras_mwms_fix  # noqa: E402
+
+_keras_mwms_fix.install()  # model.fit under MultiWorkerMirroredStrategy (keras-team/keras#20585)
 
 __version__ = "0.1.0"
 

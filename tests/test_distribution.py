@@ -1,16 +1,13 @@
 """tf.distribute strategies, each in fresh processes (device setup is per process)."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+from tests.cluster import ENV, run_cluster
 
 COMMON = textwrap.dedent(
     """
@@ -66,8 +63,6 @@ WORKER = COMMON + textwrap.dedent(
     with strategy.scope():
         model = build()
         optimizer = keras.optimizers.SGD(0.1)
-    if sys.argv[1] == "fit":
-        model.fit(x, y, batch_size=64, epochs=2, verbose=0)
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
 
     @tf.function
@@ -87,44 +82,9 @@ WORKER = COMMON + textwrap.dedent(
 )
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(mode):
-    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    workers = []
-    for index in range(2):
-        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(subprocess.Popen([sys.executable, "-c", WORKER, mode], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env={**ENV, "TF_CONFIG": config}))
-    results = []
-    try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=300)
-            assert worker.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for worker in workers:
-            worker.kill()
-    return results
-
-
 def test_multi_worker_mirrored_strategy_custom_loop_on_loopback():
-    first, second = run_workers("loop")
+    first, second = run_cluster(WORKER, ["loop"], timeout=300)
     assert len(first["loss"]) == 2 * 4  # two epochs of 256 / 64 global batches
     assert first["loss"][-1] < first["loss"][0]
     assert first["loss"] == pytest.approx(second["loss"])
     assert first["checksum"] == pytest.approx(second["checksum"])  # the workers hold one synchronised model
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keras 3 model.fit fails under MultiWorkerMirroredStrategy with any layer, keras.layers.Dense "
-    "included ('Attempt to convert a value (PerReplica...)'; keras-team/keras#20585). Strict: this test "
-    "turns red once Keras fixes it, so the docs can drop the custom-loop advice.",
-)
-def test_multi_worker_mirrored_strategy_model_fit_on_loopback():
-    run_workers("fit")

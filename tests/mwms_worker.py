@@ -1,0 +1,74 @@
+"""One process of the multi-worker tests (tests/test_multi_worker.py): ``python mwms_worker.py MODE``.
+
+MODE ``single`` trains without a strategy (the reference); ``cluster`` is a
+worker of the loopback cluster its ``TF_CONFIG`` names. Prints one JSON line.
+"""
+
+import json
+import logging
+import sys
+
+
+def sparse_model(keras, sl):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32,))
+    h = sl.SparseDense(sl.patterns.block_diagonal([(8, 8)] * 4), activation="tanh")(inputs)
+    h = sl.SparseDense(sl.patterns.random((32, 16), density=0.2, seed=0), kernel="csr")(h)
+    model = keras.Model(inputs, sl.Towers(4, hidden_units=[3])(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    return model
+
+
+def dense_model(keras, sl):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(4)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def state(model, sl):
+    return {
+        "weights": [w.tolist() for w in model.get_weights()],
+        "patterns": [layer.pattern.linear.tolist() for layer in sl.callbacks.sparse_dense_layers(model)],
+    }
+
+
+def main(mode):
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    import sparselayers as sl
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("sparselayers").addHandler(handler)
+    if mode == "single":
+        strategy = tf.distribute.get_strategy()
+    else:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 32)).astype("float32")
+    y = (np.tanh(x[:, :4]) + 0.1 * rng.normal(size=(256, 4))).astype("float32")
+    result = {}
+    runs = {
+        "dense": (dense_model, None),
+        "sparse": (sparse_model, None),
+        "rigl": (sparse_model, sl.callbacks.RigL(update_freq=2, drop_fraction=0.3, end_step=14, seed=0)),
+        "set": (sparse_model, sl.callbacks.SET(update_freq=2, drop_fraction=0.3, end_step=14)),  # seed=None
+    }
+    for name, (build, callback) in runs.items():
+        with strategy.scope():
+            model = build(keras, sl)
+        history = model.fit(x, y, batch_size=64, epochs=4, shuffle=False, verbose=0,
+                            callbacks=[callback] if callback else [])
+        result[name] = {**state(model, sl), "loss": history.history["loss"]}
+        if callback is not None:
+            result[name]["updates"] = callback.updates
+    result["announcements"] = [r.getMessage() for r in records]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
