@@ -1,7 +1,10 @@
-"""One process of the multi-worker tests (tests/test_multi_worker.py): ``python mwms_worker.py MODE``.
+"""One process of the multi-worker tests (tests/test_multi_worker.py): ``python mwms_worker.py MODE [ARGS]``.
 
 MODE ``single`` trains without a strategy (the reference); ``cluster`` is a
-worker of the loopback cluster its ``TF_CONFIG`` names. Prints one JSON line.
+worker of the loopback cluster its ``TF_CONFIG`` names; ``resume BACKUP_DIR
+DIE_AT_EPOCH`` is a worker that trains RigL with ``BackupAndRestore`` and, if
+it is worker 1 and ``DIE_AT_EPOCH`` > 0, dies at the start of that epoch.
+Prints one JSON line.
 """
 
 import json
@@ -33,7 +36,38 @@ def state(model, sl):
     }
 
 
-def main(mode):
+def resume(backup, die_at_epoch, x, y, strategy, tf, keras, sl):
+    """Worker 1 dies at the start of epoch ``die_at_epoch`` (0: nobody dies); the others wait."""
+    import os
+    import time
+
+    task = strategy.cluster_resolver.task_id
+
+    death = os.path.join(backup, "death")
+
+    class Die(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if task == 1 and epoch == die_at_epoch:
+                with open(death, "w") as file:
+                    file.write(repr(time.time()))
+                os._exit(17)  # as a lost machine: no cleanup, no message to the peers
+
+    with strategy.scope():
+        model = sparse_model(keras, sl)
+    rigl = sl.callbacks.RigL(update_freq=2, drop_fraction=0.3, end_step=14, seed=0)
+    # One backup directory per worker: Keras 3 writes it from every worker.
+    restore = keras.callbacks.BackupAndRestore(os.path.join(backup, f"worker{task}"))
+    try:
+        model.fit(x, y, batch_size=64, epochs=4, shuffle=False, verbose=0, callbacks=[restore, rigl, Die()])
+    except tf.errors.OpError as error:  # the survivor of a lost peer
+        with open(death) as file:
+            waited = time.time() - float(file.read())
+        print(json.dumps({"error": type(error).__name__, "waited": waited, "message": error.message[:300]}))
+        sys.exit(1)
+    return {"rigl": {**state(model, sl), "updates": rigl.updates}}
+
+
+def main(mode, *args):
     import numpy as np
     import tensorflow as tf
     import keras
@@ -46,11 +80,15 @@ def main(mode):
     if mode == "single":
         strategy = tf.distribute.get_strategy()
     else:
+        # A collective that waits longer for a peer raises DeadlineExceededError.
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 32)).astype("float32")
     y = (np.tanh(x[:, :4]) + 0.1 * rng.normal(size=(256, 4))).astype("float32")
+    if mode == "resume":
+        print(json.dumps(resume(args[0], int(args[1]), x, y, strategy, tf, keras, sl)))
+        return
     result = {}
     runs = {
         "dense": (dense_model, None),
@@ -71,4 +109,4 @@ def main(mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -67,3 +67,39 @@ def test_workaround_is_announced_once_naming_the_upstream_issue(fit_runs):
         assert len(worker["announcements"]) == 1
         assert "keras-team/keras#20585" in worker["announcements"][0]
     assert single["announcements"] == []  # no strategy: Keras' own code ran
+
+
+def without_names(updates):
+    return [{key: value for key, value in update.items() if key != "layer"} for update in updates]
+
+
+def run_resumable(backup, die_at_epoch):
+    ports = free_ports(2)
+    return run_processes(
+        [[sys.executable, WORKER, "resume", str(backup), str(die_at_epoch)]] * 2,
+        [{"TF_CONFIG": tf_config(ports, index)} for index in range(2)],
+        timeout=240,
+    )
+
+
+def test_lost_worker_restart_resumes_from_the_backup_and_ends_as_an_uninterrupted_run(fit_runs, tmp_path):
+    dead, survivor = run_resumable(tmp_path, die_at_epoch=2)[::-1]
+    assert dead[0] == 17, dead[2][-3000:]  # worker 1 vanished at the start of epoch 2
+    assert survivor[0] != 0, survivor[2][-3000:]
+    failure = last_json(survivor[1])
+    # The survivor does not hang: its next collective fails once the peer's
+    # heartbeats stop (or, for a peer that hangs, after the collective timeout).
+    assert failure["error"] in ("UnavailableError", "DeadlineExceededError"), failure
+    assert failure["waited"] < 120
+
+    restarted = run_resumable(tmp_path, die_at_epoch=0)
+    for code, _, err in restarted:
+        assert code == 0, err[-3000:]
+    first, second = (last_json(out)["rigl"] for _, out, _ in restarted)
+    uninterrupted = fit_runs[2]["rigl"]
+    # Epochs 0 and 1 (steps 1-8) came from the backup: the schedule goes on at step 10.
+    later = [u for u in uninterrupted["updates"] if u["step"] > 8]
+    assert first["updates"] == second["updates"]
+    assert without_names(first["updates"]) == without_names(later)  # layer names count models per process
+    assert first["patterns"] == second["patterns"] == uninterrupted["patterns"]
+    assert largest_difference(first, uninterrupted) < 1e-5

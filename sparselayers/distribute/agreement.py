@@ -11,6 +11,7 @@ both, by collectives every worker runs in the same order.
 from __future__ import annotations
 
 from collections.abc import Callable
+import weakref
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,24 @@ def multi_worker(strategy: Any) -> bool:
     )
 
 
-def _all_reduce_sum(strategy: Any, value: tf.Tensor) -> tf.Tensor:
-    # Every local replica contributes this worker's value once; the sum over
-    # all replicas counts each worker len(worker_devices) times.
-    local = len(strategy.extended.worker_devices)
-    total = strategy.reduce("SUM", strategy.run(lambda: tf.identity(value)), axis=None)
-    return total / local if local > 1 else total
+_sums: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _all_reduce_sum(strategy: Any) -> Callable[[tf.Tensor], tf.Tensor]:
+    # Traced once per strategy (and shape): run eagerly, the strategy warns of
+    # its overhead at every call.
+    if strategy not in _sums:
+        local = len(strategy.extended.worker_devices)
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def total(value):
+            # Every local replica contributes this worker's value once: the sum
+            # over all replicas counts each worker `local` times.
+            summed = strategy.reduce("SUM", strategy.run(tf.identity, args=(value,)), axis=None)
+            return summed / local if local > 1 else summed
+
+        _sums[strategy] = total
+    return _sums[strategy]
 
 
 def worker_sum(strategy: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
@@ -55,7 +68,7 @@ def worker_sum(strategy: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
     """
     if not multi_worker(strategy):
         return None
-    return lambda value: _all_reduce_sum(strategy, value)
+    return _all_reduce_sum(strategy)
 
 
 def global_batch_share(strategy: Any, local_batch: int) -> float:
