@@ -48,6 +48,16 @@ def test_fit_on_two_workers_matches_one_process(fit_runs, name):
     assert single["loss"][-1] < single["loss"][0]
 
 
+def test_fit_from_memmap_and_hdf5_files_reads_one_share_per_worker(fit_runs):
+    first, second = (run["pipeline"] for run in fit_runs[:2])
+    reference = fit_runs[2]["sparse"]  # fit(x, y, batch_size=64, shuffle=False) in memory, on one process
+    assert not set(first["rows"]) & set(second["rows"])  # each worker read only its share...
+    assert sorted(first["rows"] + second["rows"]) == list(range(256))  # ...and together, every row
+    assert first["patterns"] == second["patterns"] == reference["patterns"]
+    assert largest_difference(first, second) == 0.0
+    assert largest_difference(first, reference) < 1e-5
+
+
 def test_rigl_grows_by_the_global_gradient_on_every_worker(fit_runs):
     first, second, single = (run["rigl"] for run in fit_runs)
     assert sum(update["new"] for update in single["updates"]) > 0  # the pattern did evolve
