@@ -35,6 +35,7 @@ def sharded_batches(
     seed: int = 0,
     dtype: str = "float32",
     prefetch: int = 2,
+    repeat: bool = False,
 ) -> tf.data.Dataset | tf.distribute.DistributedDataset:
     """Batches of rows of ``x`` (and ``y``) read on demand, each worker reading its own share.
 
@@ -62,6 +63,11 @@ def sharded_batches(
         dtype: the dtype batches are cast to (the file's dtype is read: an
             ``int8`` genotype file moves 1 byte per entry from disk).
         prefetch: batches read ahead per replica, in a background thread.
+        repeat: repeat the epochs forever (shuffled anew each epoch); pass
+            ``steps_per_epoch=rows // global_batch_size`` to ``fit``. On a
+            cluster this saves a cross-worker check per batch: on a finite
+            dataset, every worker's iterator asks the others whether they
+            still have data (an all-reduce per step).
 
     Returns:
         A ``tf.data.Dataset`` of ``(x, y)`` (or ``x``) batches; under a
@@ -131,6 +137,8 @@ def sharded_batches(
         pairs = order.flat_map(lambda k: tf.data.Dataset.range(local_replicas).map(lambda r: (k, r)))
         # flat_map hides the length, which fit needs to count its steps.
         pairs = pairs.apply(tf.data.experimental.assert_cardinality(steps * local_replicas))
+        if repeat:
+            pairs = pairs.repeat()
         return pairs.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
             prefetch * local_replicas
         )
