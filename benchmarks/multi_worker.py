@@ -188,14 +188,14 @@ def write_report(rounds: list[dict], described: str, settings: str, args: argpar
         f"Machine: {described}.",
         "",
         f"`python benchmarks/multi_worker.py` ({settings}). Rows per second, median over rounds; "
-        "per worker = the rows of its own share, cluster = all rows. Reads: one epoch of "
+        "slower worker = the rows of its own share per second of the slower worker, cluster = the sum over workers. Reads: one epoch of "
         "`sl.distribute.data.sharded_batches` after an untimed one (warm page cache). Train: "
         "`fit` of SparseDense(2,000 -> 256, 1%) -> Dense(1) with Adam on the memmap pipeline, one "
         "timed epoch after an untimed one. Both workers share this machine's cores with each other "
         "and, during this run, with other engineers' jobs: the two-worker figures measure overhead "
         "(collectives over loopback, two processes on 2 cores), not the scaling of separate machines.",
         "",
-        "| | 1 process | 2 workers: per worker | 2 workers: cluster | cluster / 1 process |",
+        "| | 1 process | 2 workers: slower worker | 2 workers: cluster | cluster / 1 process |",
         "|---|---:|---:|---:|---:|",
     ]
     for key in keys:

@@ -30,15 +30,19 @@ def tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
-def run_processes(commands: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str, str]]:
+def run_processes(
+    commands: list[list[str]], envs: list[dict], timeout: float, cwds: list[str] | None = None
+) -> list[tuple[int, str, str]]:
     """Runs the commands side by side; returns ``(returncode, stdout, stderr)`` of each.
 
     Every process is killed at ``timeout`` seconds after the start or when
     this function leaves by an exception, so none outlives a test.
     """
     processes = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **env})
-        for command, env in zip(commands, envs)
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **env}, cwd=cwd
+        )
+        for command, env, cwd in zip(commands, envs, cwds or [None] * len(commands))
     ]
     results = []
     deadline = time.monotonic() + timeout

@@ -6,12 +6,14 @@ same script, and several tests read one launch's results.
 
 import json
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.cluster import ROOT, free_ports, run_processes, tf_config
+from tests.cluster import ENV, ROOT, free_ports, run_processes, tf_config
 
 WORKER = os.path.join(ROOT, "tests", "mwms_worker.py")
 
@@ -113,3 +115,38 @@ def test_lost_worker_restart_resumes_from_the_backup_and_ends_as_an_uninterrupte
     assert without_names(first["updates"]) == without_names(later)  # layer names count models per process
     assert first["patterns"] == second["patterns"] == uninterrupted["patterns"]
     assert largest_difference(first, uninterrupted) < 1e-5
+
+
+def docs_scripts():
+    """The scripts of docs/distributed.md, by the file name on their first line."""
+    page = open(os.path.join(ROOT, "docs", "distributed.md")).read()
+    blocks = re.findall(r"```python\n# (\w+\.py)\n(.+?)```", page, flags=re.S)
+    return dict(blocks)
+
+
+def printed(out, label):
+    return [line[len(label) + 1 :] for line in out.splitlines() if line.startswith(label + " ")][-1]
+
+
+@pytest.mark.parametrize("script", ["train_fit.py", "train_loop.py"])
+def test_docs_script_on_two_workers_agrees_with_one_process(script, tmp_path):
+    scripts = docs_scripts()
+    folders = [tmp_path / "cluster", tmp_path / "single"]
+    for folder in folders:
+        folder.mkdir()
+        for name, text in scripts.items():
+            (folder / name).write_text(text)
+        subprocess.run([sys.executable, "make_toy_data.py"], cwd=folder, check=True, timeout=120, env=ENV)
+    ports = free_ports(2)
+    results = run_processes(
+        [[sys.executable, script]] * 3,
+        [{"TF_CONFIG": tf_config(ports, 0)}, {"TF_CONFIG": tf_config(ports, 1)}, {}],
+        timeout=300,
+        cwds=[str(folders[0])] * 2 + [str(folders[1])],
+    )
+    for name, (code, _, err) in zip(("worker 0", "worker 1", "single process"), results):
+        assert code == 0, f"{name} of {script} exited with {code}:\n{err[-4000:]}"
+    fingerprints = [printed(out, "pattern fingerprint") for _, out, _ in results]
+    losses = [float(printed(out, "final loss")) for _, out, _ in results]
+    assert fingerprints[0] == fingerprints[1] == fingerprints[2]
+    assert losses[0] == pytest.approx(losses[2], rel=1e-4)

@@ -7,3 +7,8 @@
 * :mod:`~sparselayers.distribute.data`: ``tf.data`` input from matrices that
   do not fit in memory (NumPy memmap, HDF5), sharded per worker.
 """
+
+from sparselayers.distribute import agreement, data, keras_mwms_fix
+from sparselayers.distribute.data import sharded_batches
+
+__all__ = ["agreement", "data", "keras_mwms_fix", "sharded_batches"]
