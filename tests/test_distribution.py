@@ -1,13 +1,14 @@
-"""tf.distribute strategies, each in fresh processes (device setup is per process)."""
+"""tf.distribute strategies, each in fresh processes (device setup is per process).
+
+MultiWorkerMirroredStrategy, with two worker processes: tests/test_multi_worker.py.
+"""
 
 import json
 import subprocess
 import sys
 import textwrap
 
-import pytest
-
-from tests.cluster import ENV, run_cluster
+from tests.cluster import ENV
 
 COMMON = textwrap.dedent(
     """
@@ -54,37 +55,3 @@ def test_mirrored_strategy_matches_one_device():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["moved"] > 1e-2  # training changed the weights...
     assert result["diff"] < 1e-5  # ...identically on one device and on two replicas
-
-
-WORKER = COMMON + textwrap.dedent(
-    """
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    assert strategy.num_replicas_in_sync == 2
-    with strategy.scope():
-        model = build()
-        optimizer = keras.optimizers.SGD(0.1)
-    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
-
-    @tf.function
-    def step(xb, yb):
-        def replica_step(xb, yb):
-            with tf.GradientTape() as tape:
-                error = model(xb, training=True) - yb
-                loss = tf.reduce_sum(tf.reduce_mean(error**2, axis=1)) / 64.0  # global batch 64
-            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-            return loss
-        return strategy.reduce("SUM", strategy.run(replica_step, args=(xb, yb)), axis=None)
-
-    losses = [float(step(xb, yb)) for _ in range(2) for xb, yb in dataset]
-    checksum = [float(np.sum(w)) for w in model.get_weights()]
-    print(json.dumps({"loss": losses, "checksum": checksum}))
-    """
-)
-
-
-def test_multi_worker_mirrored_strategy_custom_loop_on_loopback():
-    first, second = run_cluster(WORKER, ["loop"], timeout=300)
-    assert len(first["loss"]) == 2 * 4  # two epochs of 256 / 64 global batches
-    assert first["loss"][-1] < first["loss"][0]
-    assert first["loss"] == pytest.approx(second["loss"])
-    assert first["checksum"] == pytest.approx(second["checksum"])  # the workers hold one synchronised model
