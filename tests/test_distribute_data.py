@@ -68,3 +68,12 @@ def test_batch_size_must_split_over_the_replicas():
     two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
     with pytest.raises(ValueError, match="multiple of the 2 replicas in sync. Received: global_batch_size=3"):
         sharded_batches(np.zeros((8, 2)), global_batch_size=3, strategy=two_replicas)
+
+
+def test_repeat_goes_on_with_the_epochs_a_finite_dataset_gives():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    finite = sharded_batches(x, global_batch_size=4, shuffle=True, seed=5)
+    endless = iter(sharded_batches(x, global_batch_size=4, shuffle=True, seed=5, repeat=True))
+    for _ in range(3):
+        for batch in finite:
+            np.testing.assert_array_equal(next(endless).numpy(), batch.numpy())
