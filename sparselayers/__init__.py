@@ -26,6 +26,9 @@ from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
+from sparselayers import distribute  # noqa: E402
+
+distribute.keras_mwms_fix.install()  # model.fit under MultiWorkerMirroredStrategy (keras-team/keras#20585)
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,7 @@ __all__ = [
     "Towers",
     "autotune",
     "callbacks",
+    "distribute",
     "export",
     "initializers",
     "knowledge",

@@ -1,16 +1,14 @@
-"""tf.distribute strategies, each in fresh processes (device setup is per process)."""
+"""tf.distribute strategies, each in fresh processes (device setup is per process).
+
+MultiWorkerMirroredStrategy, with two worker processes: tests/test_multi_worker.py.
+"""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+from tests.cluster import ENV
 
 COMMON = textwrap.dedent(
     """
@@ -57,74 +55,3 @@ def test_mirrored_strategy_matches_one_device():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["moved"] > 1e-2  # training changed the weights...
     assert result["diff"] < 1e-5  # ...identically on one device and on two replicas
-
-
-WORKER = COMMON + textwrap.dedent(
-    """
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    assert strategy.num_replicas_in_sync == 2
-    with strategy.scope():
-        model = build()
-        optimizer = keras.optimizers.SGD(0.1)
-    if sys.argv[1] == "fit":
-        model.fit(x, y, batch_size=64, epochs=2, verbose=0)
-    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
-
-    @tf.function
-    def step(xb, yb):
-        def replica_step(xb, yb):
-            with tf.GradientTape() as tape:
-                error = model(xb, training=True) - yb
-                loss = tf.reduce_sum(tf.reduce_mean(error**2, axis=1)) / 64.0  # global batch 64
-            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-            return loss
-        return strategy.reduce("SUM", strategy.run(replica_step, args=(xb, yb)), axis=None)
-
-    losses = [float(step(xb, yb)) for _ in range(2) for xb, yb in dataset]
-    checksum = [float(np.sum(w)) for w in model.get_weights()]
-    print(json.dumps({"loss": losses, "checksum": checksum}))
-    """
-)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(mode):
-    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    workers = []
-    for index in range(2):
-        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(subprocess.Popen([sys.executable, "-c", WORKER, mode], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env={**ENV, "TF_CONFIG": config}))
-    results = []
-    try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=300)
-            assert worker.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for worker in workers:
-            worker.kill()
-    return results
-
-
-def test_multi_worker_mirrored_strategy_custom_loop_on_loopback():
-    first, second = run_workers("loop")
-    assert len(first["loss"]) == 2 * 4  # two epochs of 256 / 64 global batches
-    assert first["loss"][-1] < first["loss"][0]
-    assert first["loss"] == pytest.approx(second["loss"])
-    assert first["checksum"] == pytest.approx(second["checksum"])  # the workers hold one synchronised model
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keras 3 model.fit fails under MultiWorkerMirroredStrategy with any layer, keras.layers.Dense "
-    "included ('Attempt to convert a value (PerReplica...)'; keras-team/keras#20585). Strict: this test "
-    "turns red once Keras fixes it, so the docs can drop the custom-loop advice.",
-)
-def test_multi_worker_mirrored_strategy_model_fit_on_loopback():
-    run_workers("fit")

@@ -7,7 +7,7 @@ import itertools
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from sparselayers._validation import _short, check_int
 from sparselayers.callbacks.fan_in import drop_within_units, unit_counts
+from sparselayers.distribute import agreement
 from sparselayers.pattern_state import reset_compiled_functions
 from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -69,7 +70,12 @@ def random_positions(
 
 
 def top_gradient_positions(
-    x: tf.Tensor, dy: tf.Tensor, kept: np.ndarray, n: int, tile_elements: int
+    x: tf.Tensor,
+    dy: tf.Tensor,
+    kept: np.ndarray,
+    n: int,
+    tile_elements: int,
+    tile_sum: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> np.ndarray:
     """Up to ``n`` positions outside ``kept`` where ``|x.T @ dy|`` is largest and nonzero.
 
@@ -82,6 +88,9 @@ def top_gradient_positions(
         kept: sorted row-major positions never chosen.
         n: how many positions to choose at most.
         tile_elements: gradient entries per tile (at least one column).
+        tile_sum: sums a tile of ``x.T @ dy`` over the workers of a cluster
+            (:func:`sparselayers.distribute.agreement.worker_sum`), so
+            every worker scores the global gradient; None on one worker.
 
     Returns:
         Sorted int64 row-major positions: the ``n`` best, fewer if fewer
@@ -96,7 +105,8 @@ def top_gradient_positions(
     best = np.zeros(0, np.int64)
     for start in range(0, units, width):
         stop = min(units, start + width)
-        tile = tf.abs(tf.matmul(x, dy[:, start:stop], transpose_a=True))
+        tile = tf.matmul(x, dy[:, start:stop], transpose_a=True)
+        tile = tf.abs(tile if tile_sum is None else tile_sum(tile))
         lo, hi = np.searchsorted(sorted_cols, [start, stop])
         inside = by_col[lo:hi]
         if inside.size:
@@ -299,6 +309,8 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._in_fit = True
         self._layers = self._select_layers()
         self._end = self._end_step()
+        # Workers of a cluster draw alike only from one seed: the chief's.
+        self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
         optimizer = self.model.optimizer
         self._step = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
 

@@ -11,6 +11,8 @@ that ELL-style kernels store without padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -53,13 +55,19 @@ def random_within_units(
 
 
 def top_gradient_within_units(
-    x: tf.Tensor, dy: tf.Tensor, kept: np.ndarray, per_unit: np.ndarray, tile_elements: int
+    x: tf.Tensor,
+    dy: tf.Tensor,
+    kept: np.ndarray,
+    per_unit: np.ndarray,
+    tile_elements: int,
+    tile_sum: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> np.ndarray:
     """Up to ``per_unit[j]`` rows per column ``j`` outside ``kept`` where ``|x.T @ dy|`` is largest and nonzero.
 
     Scores column tiles of at most ``max(tile_elements, input_dim)`` gradient
-    entries, as :func:`~sparselayers.callbacks.dynamic.top_gradient_positions`;
-    equal scores go to the lower row.
+    entries, as :func:`~sparselayers.callbacks.dynamic.top_gradient_positions`
+    (``tile_sum`` sums a tile over a cluster's workers there too); equal
+    scores go to the lower row.
     """
     input_dim, units = int(x.shape[1]), int(dy.shape[1])
     width = max(1, tile_elements // input_dim)
@@ -70,7 +78,8 @@ def top_gradient_within_units(
         k = int(per_unit[start:stop].max(initial=0))
         if k == 0:
             continue
-        tile = tf.abs(tf.matmul(dy[:, start:stop], x, transpose_a=True))  # (columns, input_dim)
+        tile = tf.matmul(dy[:, start:stop], x, transpose_a=True)  # (columns, input_dim)
+        tile = tf.abs(tile if tile_sum is None else tile_sum(tile))
         inside = (kept_cols >= start) & (kept_cols < stop)
         if inside.any():
             where = np.stack([kept_cols[inside] - start, kept_rows[inside]], axis=1)

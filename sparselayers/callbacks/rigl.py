@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers._validation import check_bool, check_int
+from sparselayers.distribute import agreement
 from sparselayers.callbacks.dynamic import _DynamicSparsity, _recording, random_positions, top_gradient_positions
 from sparselayers.callbacks.fan_in import random_within_units, top_gradient_within_units
 from sparselayers.ops.context import observing_layers
@@ -82,6 +83,7 @@ class RigL(_DynamicSparsity):
         super().__init__(update_freq, drop_fraction, end_step, layers, seed)
         self.tile_elements = check_int(tile_elements, "tile_elements", minimum=1)
         self.constant_fan_in = check_bool(constant_fan_in, "constant_fan_in")
+        self._tile_sum = None
 
     def _prepare(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
         if self._batch is None:
@@ -103,6 +105,10 @@ class RigL(_DynamicSparsity):
         else:
             data = parts[0]
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # On a cluster each worker holds its share of the global batch: the
+        # shares' gradients, weighted and summed over workers, are the global one.
+        self._tile_sum = agreement.worker_sum(strategy)
+        share = agreement.global_batch_share(strategy, int(tf.shape(keras.tree.flatten(x)[0])[0]))
         # StatelessScope: the probe must not move metrics, batch-norm
         # statistics or seed generators.
         with tf.GradientTape() as tape, keras.StatelessScope():
@@ -117,7 +123,7 @@ class RigL(_DynamicSparsity):
                 continue
             xs = [tf.cast(x_in, tf.float32) for x_in, _ in calls[id(layer)]]
             dys = [tf.cast(next(grads), tf.float32) for _ in calls[id(layer)]]
-            gradients[id(layer)] = (tf.concat(xs, axis=0), tf.concat(dys, axis=0))
+            gradients[id(layer)] = (tf.concat(xs, axis=0), tf.concat(dys, axis=0) * share)
         return gradients
 
     def _grow(
@@ -134,7 +140,7 @@ class RigL(_DynamicSparsity):
         grown = np.zeros(0, np.int64)
         if id(layer) in prepared:
             x, dy = prepared[id(layer)]
-            grown = top_gradient_positions(x, dy, kept, n, self.tile_elements)
+            grown = top_gradient_positions(x, dy, kept, n, self.tile_elements, self._tile_sum)
         if grown.size < n:
             taken = np.sort(np.concatenate([kept, grown]))
             rest = random_positions(layer.pattern.shape, taken, n - grown.size, rng)
@@ -148,7 +154,7 @@ class RigL(_DynamicSparsity):
         grown = np.zeros(0, np.int64)
         if id(layer) in prepared:
             x, dy = prepared[id(layer)]
-            grown = top_gradient_within_units(x, dy, kept, per_unit, self.tile_elements)
+            grown = top_gradient_within_units(x, dy, kept, per_unit, self.tile_elements, self._tile_sum)
         missing = per_unit - np.bincount(grown % units, minlength=units)
         if missing.any():
             taken = np.sort(np.concatenate([kept, grown]))
