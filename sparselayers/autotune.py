@@ -36,7 +36,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
