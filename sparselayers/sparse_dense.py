@@ -11,7 +11,7 @@ import scipy.sparse
 import tensorflow as tf
 
 from sparselayers import initializers as sparse_initializers
-from sparselayers import pattern_state, seams
+from sparselayers import evolution_step, pattern_state, seams
 from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
 from sparselayers.ops.export_kernels import export_kernel
@@ -256,6 +256,7 @@ class SparseDense(keras.layers.Layer):
             )
         self._state = pattern_state.PatternState()
         self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
+        self._step_checkpoint = evolution_step.StepCheckpoint(self)
 
     def _select_kernel(self, flat: tf.Tensor | None = None) -> Any:
         """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
@@ -327,6 +328,7 @@ class SparseDense(keras.layers.Layer):
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)
         pattern_state.save_pattern(self.pattern, store)
+        evolution_step.save(self, store)
 
     def load_own_variables(self, store: Any) -> None:
         stored = store["0"] if "0" in store else None
@@ -350,6 +352,7 @@ class SparseDense(keras.layers.Layer):
             self.set_pattern(saved_pattern)
         for key, variable in zip(expected, variables):
             variable.assign(store[key])
+        evolution_step.load(self, store)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SparseDense:

@@ -96,3 +96,69 @@ def test_rigl_attach_needs_the_compiled_loss():
     model = keras.Sequential([keras.Input((12,)), sl.SparseDense(sl.patterns.random((12, 3), density=0.3, seed=0))])
     with pytest.raises(ValueError, match=r"model.compile\(optimizer, loss=...\)"):
         sl.callbacks.RigL(**SCHEDULE).attach(model, optimizer=keras.optimizers.SGD())
+
+
+# Resumed runs: the callbacks' own step count -----------------------------------
+
+RESUME = dict(update_freq=2, drop_fraction=0.5, end_step=14, seed=0)
+
+
+def update_steps(callback):
+    return [(u["step"], u["layer"], u["drop_fraction"]) for u in callback.updates]
+
+
+def uninterrupted_updates(model, after, total):
+    """The updates an uninterrupted run makes after step ``after`` of ``total``, from the formulas."""
+    end, f = RESUME["end_step"], RESUME["drop_fraction"]
+    steps = [t for t in range(after + 1, min(total, end - 1) + 1) if t % RESUME["update_freq"] == 0]
+    paths = [layer.path for layer in sl.callbacks.sparse_dense_layers(model)]
+    return [(t, path, pytest.approx(f * (1 + np.cos(np.pi * t / end)) / 2)) for t in steps for path in paths]
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.config.set_dtype_policy("mixed_float16")
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+def check_resume(optimizer):
+    model = build(optimizer())
+    fit(model, sl.callbacks.SET(**RESUME), epochs=2)
+    assert int(model.optimizer.iterations) != 8  # the optimizer's count is not the step count
+    resumed = sl.callbacks.SET(**RESUME)
+    fit(model, resumed, epochs=4, initial_epoch=2)
+    assert update_steps(resumed) == uninterrupted_updates(model, 8, 16) != []
+    assert resumed.step == 16
+
+
+def test_schedule_resumes_under_gradient_accumulation():
+    check_resume(lambda: keras.optimizers.Adam(0.05, gradient_accumulation_steps=4))
+
+
+def test_schedule_resumes_when_loss_scaling_skips_steps(mixed_float16):
+    # Scaled by 2**40, float16 gradients overflow: the LossScaleOptimizer skips steps.
+    check_resume(lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.05), initial_scale=2.0**40))
+
+
+@pytest.mark.parametrize("name", CALLBACKS)
+def test_schedule_resumes_from_weights_without_optimizer_state(name, tmp_path):
+    saving = keras.callbacks.ModelCheckpoint(str(tmp_path / "m.weights.h5"), save_weights_only=True)
+    first = build()
+    first.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[CALLBACKS[name](**RESUME), saving])
+    fresh = build()
+    fresh.load_weights(tmp_path / "m.weights.h5")  # an unbuilt Adam: iterations stays 0
+    assert int(fresh.optimizer.iterations) == 0
+    assert patterns_of(fresh) == patterns_of(first)
+    resumed = CALLBACKS[name](**RESUME)
+    fit(fresh, resumed, epochs=4, initial_epoch=2)
+    assert update_steps(resumed) == uninterrupted_updates(fresh, 8, 16) != []
+
+
+def test_a_model_trained_without_the_callback_starts_at_zero_and_warns():
+    model = build()
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    callback = sl.callbacks.SET(**RESUME)
+    with pytest.warns(UserWarning, match="starts its schedule at step 0.*optimizer has run 4 steps"):
+        fit(model, callback, epochs=1)
+    assert [u[0] for u in update_steps(callback)][::2] == [2, 4]

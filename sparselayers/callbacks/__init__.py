@@ -18,8 +18,17 @@ Semantics, shared by both callbacks:
   whose ``name`` or ``path`` is listed in ``layers``. A layer with no room to
   evolve (``nnz == 0``, or every position connected, as the first layer of
   ``Towers``) is skipped with a warning; naming it in ``layers`` raises.
-* **Schedule.** Step ``t`` counts training steps; it continues from
-  ``model.optimizer.iterations``, so a resumed run keeps its schedule. At the
+* **Schedule.** Step ``t`` counts training steps: the callback's own count
+  (``callback.step``), not ``optimizer.iterations``, which loss scaling and
+  gradient accumulation decouple from the steps, and which a fresh optimizer
+  leaves at 0 after ``load_weights``. Each evolving layer carries the count
+  in its saved state (:mod:`sparselayers.evolution_step`: ``.keras``,
+  ``.weights.h5``, so ``ModelCheckpoint`` and ``BackupAndRestore``, and
+  ``tf.train.Checkpoint``), and a new ``fit`` or :meth:`~SET.attach`
+  continues from it, so a resumed run keeps its schedule. A model whose
+  layers carry no count starts at 0, with a warning if its optimizer has
+  already run steps (legacy ``.h5`` files and ``get_weights`` do not carry
+  it). At the
   end of step ``t``, when ``t % update_freq == 0`` and ``t < end_step``, every
   layer drops and grows ``n = round(f(t) * nnz)`` connections, with the
   cosine decay ``f(t) = drop_fraction * (1 + cos(pi * t / end_step)) / 2``.
@@ -69,12 +78,22 @@ Semantics, shared by both callbacks:
   only its own share, and Keras' ``fit`` does not run there anyway). The gradient is that of ``model.compute_loss`` with ``training=True``, in
   a ``keras.StatelessScope``: the probe moves no metric, batch-norm
   statistic or random seed.
+* **Custom training loops.** ``callback.attach(model)`` (or
+  ``attach(model, optimizer=opt)``), then ``callback.after_step(batch=(x, y))``
+  after each step of your loop: it counts the step and, at an update step,
+  drops and grows and returns the update's records (an empty list
+  otherwise). ``end_step`` is required; RigL needs the batch and a model
+  compiled with its loss. A ``tf.function`` traced before an update is stale
+  (it raises; with ``jit_compile=True`` it returns NaN): trace it again
+  when ``after_step`` returns records.
 * **Distribution and saving.** Updates assign the (mirrored) variables in
   cross-replica context, so every replica holds the same pattern. The
   pattern is saved with the values (``.keras``, ``.weights.h5``,
   ``tf.train.Checkpoint``), and the schedule and SET's draws depend only on
   the step and the seed: restoring a checkpoint written mid-training and calling
-  ``fit(..., initial_epoch=...)`` continues the run identically.
+  ``fit(..., initial_epoch=...)`` continues the run identically (with the
+  optimizer's state restored too; without it, the schedule and the pattern
+  continue, the moments restart).
 * **Not with** ``EarlyStopping(restore_best_weights=True)``: Keras restores
   those with ``model.set_weights``, which carries values but no pattern, so
   the best epoch's values would land on the last epoch's connections. Keep

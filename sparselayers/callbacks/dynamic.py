@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sparselayers import evolution_step
 from sparselayers._validation import _short, check_int
 from sparselayers.callbacks.fan_in import drop_within_units, unit_counts
 from sparselayers.distribute import agreement
@@ -327,8 +328,23 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._end = self._end_step()
         # Workers of a cluster draw alike only from one seed: the chief's.
         self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
+        self._step = max(evolution_step.get(layer) for layer in self._layers)
         optimizer = self._training_optimizer()
-        self._step = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        iterations = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        if self._step == 0 and iterations > 0:
+            warnings.warn(
+                f"{type(self).__name__} starts its schedule at step 0: the layers carry no step count, while "
+                f"the optimizer has run {iterations} steps. That is right for a model trained so far without "
+                "RigL or SET. To continue an earlier RigL/SET run instead, restore the model from a file or "
+                "checkpoint that carries the count (.keras, .weights.h5, tf.train.Checkpoint, written by this "
+                "version of sparselayers).",
+                stacklevel=3,
+            )
+
+    def _count_steps(self, steps: int) -> None:
+        self._step += steps
+        for layer in self._layers:
+            evolution_step.set_step(layer, self._step)
 
     def _training_optimizer(self) -> Any:
         return self._optimizer if self._optimizer is not None else getattr(self.model, "optimizer", None)
@@ -407,7 +423,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
                 "(and is not for fit, where the callback counts steps itself)."
             )
         previous = self._step
-        self._step += 1
+        self._count_steps(1)
         step = self._update_step(self._step, previous)
         if not step:
             return []
@@ -433,7 +449,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         previous = self._step
-        self._step += batch - self._batch_begin + 1
+        self._count_steps(batch - self._batch_begin + 1)
         step = self._update_step(self._step, previous)
         if step:
             self._update(step)
