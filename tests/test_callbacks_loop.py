@@ -162,3 +162,13 @@ def test_a_model_trained_without_the_callback_starts_at_zero_and_warns():
     with pytest.warns(UserWarning, match="starts its schedule at step 0.*optimizer has run 4 steps"):
         fit(model, callback, epochs=1)
     assert [u[0] for u in update_steps(callback)][::2] == [2, 4]
+
+
+def test_steps_per_execution_counts_the_steps_that_ran():
+    model = build(steps_per_execution=4)
+    callback = sl.callbacks.SET(update_freq=7, drop_fraction=0.5, end_step=100, seed=0)
+    # batch_size=7: 10 steps per epoch, the last execution of each runs 2 steps, not 4.
+    model.fit(X, Y, batch_size=7, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    ran = 2 * -(-len(X) // 7)  # 20 steps ran; Keras reports 24
+    assert sorted({u["step"] for u in callback.updates}) == list(range(7, ran + 1, 7))
+    assert callback.step == ran

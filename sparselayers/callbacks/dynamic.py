@@ -329,6 +329,14 @@ class _DynamicSparsity(keras.callbacks.Callback):
         # Workers of a cluster draw alike only from one seed: the chief's.
         self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
         self._step = max(evolution_step.get(layer) for layer in self._layers)
+        execution = getattr(self.model, "steps_per_execution", 1)
+        if self._in_fit and execution > 1 and self.params.get("steps") is None:
+            warnings.warn(
+                f"{type(self).__name__} cannot tell how many steps the last execution of an epoch runs when fit "
+                f"does not know the steps per epoch (steps_per_execution={execution}), so its step count may run "
+                "ahead of the steps run. Pass steps_per_epoch to fit, or compile with steps_per_execution=1.",
+                stacklevel=3,
+            )
         optimizer = self._training_optimizer()
         iterations = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
         if self._step == 0 and iterations > 0:
@@ -442,18 +450,28 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
-        coming = self._update_step(self._step + self.model.steps_per_execution, self._step)
+        last = batch + self.model.steps_per_execution - 1
+        coming = self._update_step(self._step + self._steps_run(batch, last), self._step)
         self._recording_batch = self._needs_batch and coming > 0
         if self._needs_batch:
             self._wrap_train_function()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         previous = self._step
-        self._count_steps(batch - self._batch_begin + 1)
+        self._count_steps(self._steps_run(self._batch_begin, batch))
         step = self._update_step(self._step, previous)
         if step:
             self._update(step)
         self._batch = None
+
+    def _steps_run(self, begin: int, end: int) -> int:
+        """Steps an execution of batches ``begin..end`` runs.
+
+        Keras reports a full execution even when the epoch's last one runs
+        fewer steps.
+        """
+        steps = self.params.get("steps")
+        return (end if steps is None else min(end, steps - 1)) - begin + 1
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._in_fit = False
