@@ -107,10 +107,10 @@ def update_steps(callback):
     return [(u["step"], u["layer"], u["drop_fraction"]) for u in callback.updates]
 
 
-def uninterrupted_updates(model, after, total):
+def uninterrupted_updates(model, after, total, schedule=RESUME):
     """The updates an uninterrupted run makes after step ``after`` of ``total``, from the formulas."""
-    end, f = RESUME["end_step"], RESUME["drop_fraction"]
-    steps = [t for t in range(after + 1, min(total, end - 1) + 1) if t % RESUME["update_freq"] == 0]
+    end, f = schedule["end_step"], schedule["drop_fraction"]
+    steps = [t for t in range(after + 1, min(total, end - 1) + 1) if t % schedule["update_freq"] == 0]
     paths = [layer.path for layer in sl.callbacks.sparse_dense_layers(model)]
     return [(t, path, pytest.approx(f * (1 + np.cos(np.pi * t / end)) / 2)) for t in steps for path in paths]
 
@@ -172,3 +172,42 @@ def test_steps_per_execution_counts_the_steps_that_ran():
     ran = 2 * -(-len(X) // 7)  # 20 steps ran; Keras reports 24
     assert sorted({u["step"] for u in callback.updates}) == list(range(7, ran + 1, 7))
     assert callback.step == ran
+
+
+# Faults: BackupAndRestore with an evolving pattern ------------------------------
+
+
+class Crash(keras.callbacks.Callback):
+    """Raises at the start of training step ``at`` (counted from 1), as a lost process would."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.seen = at, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.at:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize("name, jit_compile", [("SET", False), ("RigL", True)])
+def test_backup_and_restore_resumes_exactly_after_a_crash_mid_epoch(name, jit_compile, tmp_path):
+    schedule = dict(RESUME, update_freq=3)  # updates at 3, 6 | 9, 12: few XLA compilations
+    whole = fit(build(jit_compile=jit_compile), CALLBACKS[name](**schedule), epochs=4)
+    model = build(jit_compile=jit_compile)
+
+    def run(*extra):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        callback = CALLBACKS[name](**schedule)
+        # RigL before the backup: the callback must read the step after the restore.
+        model.fit(X, Y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[callback, backup, *extra])
+        return callback
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(Crash(at=11))  # in epoch 3, after the backup of epoch 2 and an update at step 9
+    resumed = run()
+    assert update_steps(resumed) == uninterrupted_updates(model, 8, 16, schedule) != []
+    assert patterns_of(model) == patterns_of(whole)
+    for ours, theirs in zip(model.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(model.evaluate(X, Y, verbose=0))

@@ -212,6 +212,21 @@ def _check_fraction(drop_fraction: Any) -> float:
     return float(drop_fraction)
 
 
+def _retrace_if_patterns_changed(model: keras.Model) -> None:
+    """Rebuilds the model's compiled functions if a pattern changed since they were last rebuilt here.
+
+    Keras keeps a traced train function across ``fit`` calls; one traced
+    before a pattern change (a RigL update, a backup loaded by
+    ``BackupAndRestore`` inside ``fit``) would raise, or with
+    ``jit_compile=True`` compute NaN. Rebuilding only on a change keeps
+    the batch-recording wrappers other callbacks installed on the current one.
+    """
+    versions = tuple(getattr(getattr(layer, "_state", None), "_python_version", None) for layer in sparse_dense_layers(model))
+    if getattr(model, "_sparselayers_pattern_versions", None) != versions:
+        reset_compiled_functions(model)
+        object.__setattr__(model, "_sparselayers_pattern_versions", versions)
+
+
 class _DynamicSparsity(keras.callbacks.Callback):
     """Drop-and-grow updates of `SparseDense` patterns; subclasses choose where to grow."""
 
@@ -250,6 +265,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._in_fit = False
         self._optimizer = None
         self._step = 0
+        self._first_batch = False
 
     @property
     def step(self) -> int:
@@ -320,6 +336,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._in_fit = True
+        self._first_batch = True
         self._optimizer = None
         self._start()
 
@@ -328,7 +345,6 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._end = self._end_step()
         # Workers of a cluster draw alike only from one seed: the chief's.
         self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
-        self._step = max(evolution_step.get(layer) for layer in self._layers)
         execution = getattr(self.model, "steps_per_execution", 1)
         if self._in_fit and execution > 1 and self.params.get("steps") is None:
             warnings.warn(
@@ -337,6 +353,10 @@ class _DynamicSparsity(keras.callbacks.Callback):
                 "ahead of the steps run. Pass steps_per_epoch to fit, or compile with steps_per_execution=1.",
                 stacklevel=3,
             )
+
+    def _read_step(self) -> None:
+        """Continues the count the layers carry (restored with them from a file or checkpoint)."""
+        self._step = max(evolution_step.get(layer) for layer in self._layers)
         optimizer = self._training_optimizer()
         iterations = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
         if self._step == 0 and iterations > 0:
@@ -386,6 +406,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self.set_model(model)
         self._optimizer = optimizer
         self._start()
+        self._read_step()
 
     def after_step(self, batch: Any = None) -> list[dict[str, Any]]:
         """Counts one training step of a custom loop; at an update step, drops and grows.
@@ -449,6 +470,12 @@ class _DynamicSparsity(keras.callbacks.Callback):
         return self.updates[first:]
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._first_batch:
+            # Read here, not at the start of fit: BackupAndRestore, wherever
+            # it stands among the callbacks, has restored the backup by now.
+            self._first_batch = False
+            self._read_step()
+            _retrace_if_patterns_changed(self.model)
         self._batch_begin = batch
         last = batch + self.model.steps_per_execution - 1
         coming = self._update_step(self._step + self._steps_run(batch, last), self._step)
@@ -538,7 +565,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         for number, layer in enumerate(self._layers):
             changed |= self._update_layer(layer, number, step, fraction, prepared)
         if changed:
-            reset_compiled_functions(self.model)
+            _retrace_if_patterns_changed(self.model)
 
     def _prepare(self, layers: list[SparseDense]) -> Any:
         """What ``_grow`` needs for this update (RigL: the layers' gradients)."""
