@@ -211,3 +211,18 @@ def test_backup_and_restore_resumes_exactly_after_a_crash_mid_epoch(name, jit_co
     for ours, theirs in zip(model.get_weights(), whole.get_weights()):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     assert np.isfinite(model.evaluate(X, Y, verbose=0))
+
+
+@pytest.mark.parametrize("name", CALLBACKS)
+def test_restoring_early_stopping_raises_at_the_start_of_fit(name):
+    model = build()
+    before = [w.copy() for w in model.get_weights()]
+    stopping = keras.callbacks.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True)
+    with pytest.raises(ValueError, match=r"restore_best_weights=True.*ModelCheckpoint\(path, save_best_only=True\)"):
+        model.fit(X, Y, batch_size=BATCH, epochs=4, verbose=0, callbacks=[stopping, CALLBACKS[name](**RESUME)])
+    for ours, theirs in zip(model.get_weights(), before):  # nothing trained
+        np.testing.assert_array_equal(ours, theirs)
+    # Without the restore, EarlyStopping still stops the run.
+    callback = CALLBACKS[name](**RESUME)
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[keras.callbacks.EarlyStopping("loss"), callback])
+    assert callback.step == 4

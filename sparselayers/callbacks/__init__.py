@@ -96,11 +96,22 @@ Semantics, shared by both callbacks:
   continue, the moments restart).
 * **Not with** ``EarlyStopping(restore_best_weights=True)``: Keras restores
   those with ``model.set_weights``, which carries values but no pattern, so
-  the best epoch's values would land on the last epoch's connections. Keep
-  the best model with ``ModelCheckpoint(path, save_best_only=True)`` (a
-  ``.keras`` or ``.weights.h5`` file carries the pattern) and load it
-  after ``fit``; the same holds for any ``get_weights``/``set_weights``
-  round trip across a topology update.
+  the best epoch's values would land on the last epoch's connections. So
+  ``fit`` raises ``ValueError`` at its start when one runs beside RigL or
+  SET. Keep the best model with ``ModelCheckpoint(path, save_best_only=True)``
+  (a ``.keras`` or ``.weights.h5`` file carries the pattern and the step
+  count) and load it after ``fit``; ``EarlyStopping`` without the restore
+  may still stop the run. Any other ``get_weights``/``set_weights`` round
+  trip across a topology update is the caller's to avoid (nothing can
+  detect it).
+* **Faults.** ``BackupAndRestore`` (``save_freq="epoch"``) resumes a run
+  that crashed mid-epoch exactly where the uninterrupted run goes, with
+  ``jit_compile=True`` too: at the first step of ``fit`` the callbacks read
+  the restored step count and rebuild the model's compiled functions if a
+  pattern changed since they were traced. With ``steps_per_execution > 1``
+  the count follows the steps that ran (the last execution of an epoch may
+  run fewer); when ``fit`` cannot tell the steps per epoch, a warning says
+  the count may run ahead.
 """
 
 

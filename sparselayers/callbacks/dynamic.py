@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -335,10 +336,40 @@ class _DynamicSparsity(keras.callbacks.Callback):
     # Keras hooks -------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self._refuse_restoring_early_stopping()
         self._in_fit = True
         self._first_batch = True
         self._optimizer = None
         self._start()
+
+    def _refuse_restoring_early_stopping(self) -> None:
+        """Raises if an ``EarlyStopping(restore_best_weights=True)`` runs in the same ``fit``.
+
+        It restores with ``model.set_weights``: values without their
+        pattern, so an earlier epoch's values would land on today's
+        connections. The callbacks of this ``fit`` are found on the Keras
+        ``CallbackList`` that calls this hook.
+        """
+        frame = sys._getframe(1)
+        for _ in range(4):  # the CallbackList's frame is the caller's, or near it
+            if frame is None:
+                return
+            siblings = frame.f_locals.get("self")
+            if isinstance(siblings, keras.callbacks.CallbackList):
+                break
+            frame = frame.f_back
+        else:
+            return
+        for callback in siblings.callbacks:
+            if isinstance(callback, keras.callbacks.EarlyStopping) and callback.restore_best_weights:
+                raise ValueError(
+                    f"{type(self).__name__} cannot run with EarlyStopping(restore_best_weights=True): Keras restores "
+                    "the best epoch's values with model.set_weights, which carries no pattern, so they would land "
+                    "on the connections of a later epoch. Keep the best model with "
+                    "keras.callbacks.ModelCheckpoint(path, save_best_only=True) (a .keras or .weights.h5 path: "
+                    "it carries the pattern) and load it after fit; EarlyStopping(restore_best_weights=False) "
+                    "may still stop the run."
+                )
 
     def _start(self) -> None:
         self._layers = self._select_layers()
