@@ -58,7 +58,7 @@ class CompiledCSRKernel(Kernel):
 
     Where the compiled ops may not appear (XLA, export, a SavedModel being
     written, see :func:`compiled_allowed`) or could not be built, it
-    computes with its pure-TF ``twin`` kernel on the same ``values``.
+    computes with its pure-TF twin (:meth:`twin_for`) on the same ``values``.
     """
 
     name = "compiled_csr"
