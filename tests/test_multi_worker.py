@@ -66,8 +66,19 @@ def test_rigl_grows_by_the_global_gradient_on_every_worker(fit_runs):
     assert first["updates"] == second["updates"] == single["updates"]
 
 
-def test_set_with_a_fresh_seed_agrees_across_workers(fit_runs):
-    first, second, _ = (run["set"] for run in fit_runs)
+def test_rigl_in_a_custom_loop_agrees_with_one_process(fit_runs):
+    first, second, single = (run["loop rigl"] for run in fit_runs)
+    assert first["step"] == single["step"] == 16
+    assert sum(update["new"] for update in single["updates"]) > 0
+    assert without_names(first["updates"]) == without_names(second["updates"]) == without_names(single["updates"])
+    assert first["patterns"] == second["patterns"] == single["patterns"]
+    assert largest_difference(first, second) == 0.0
+    assert largest_difference(first, single) < 1e-5
+
+
+@pytest.mark.parametrize("run", ["set", "loop set"])
+def test_set_with_a_fresh_seed_agrees_across_workers(fit_runs, run):
+    first, second, _ = (result[run] for result in fit_runs)
     assert sum(update["new"] for update in first["updates"]) > 0
     assert first["patterns"] == second["patterns"]  # both drew from the chief's seed
     assert largest_difference(first, second) == 0.0
