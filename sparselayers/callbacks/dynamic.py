@@ -247,6 +247,13 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self._batch = None
         self._recording_batch = False
         self._in_fit = False
+        self._optimizer = None
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        """Training steps counted so far (``fit``'s steps, or :meth:`after_step` calls)."""
+        return self._step
 
     def drop_fraction_at(self, step: int) -> float:
         """The fraction of each layer's entries moved by an update at ``step``."""
@@ -255,6 +262,11 @@ class _DynamicSparsity(keras.callbacks.Callback):
     def _end_step(self) -> int:
         if self.end_step is not None:
             return self.end_step
+        if not self.params:
+            raise ValueError(
+                f"`end_step` is needed to drive {type(self).__name__} from a custom training loop. "
+                "Received: end_step=None"
+            )
         steps, epochs = self.params.get("steps"), self.params.get("epochs")
         if steps is None or epochs is None:
             raise ValueError(
@@ -307,12 +319,110 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._in_fit = True
+        self._optimizer = None
+        self._start()
+
+    def _start(self) -> None:
         self._layers = self._select_layers()
         self._end = self._end_step()
         # Workers of a cluster draw alike only from one seed: the chief's.
         self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
-        optimizer = self.model.optimizer
+        optimizer = self._training_optimizer()
         self._step = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+    def _training_optimizer(self) -> Any:
+        return self._optimizer if self._optimizer is not None else getattr(self.model, "optimizer", None)
+
+    # Custom training loops ----------------------------------------------------
+
+    def attach(self, model: keras.Model, optimizer: Any = None) -> None:
+        """Prepares the callback to be driven by :meth:`after_step` from a custom training loop.
+
+        Args:
+            model: the model whose SparseDense layers evolve.
+            optimizer: the optimizer that trains it; default
+                ``model.optimizer``. Its state (moments, momentum) follows
+                each connection that an update moves.
+
+        Raises:
+            TypeError: ``model`` is not a Keras model or layer.
+            ValueError: no optimizer, no ``end_step``, or no SparseDense
+                layer that can evolve (as at the start of ``fit``).
+        """
+        if not isinstance(model, keras.layers.Layer):
+            raise TypeError(f"`model` must be a Keras model. Received: model={_short(model)}")
+        if optimizer is None and getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                f"{type(self).__name__}.attach needs the optimizer that trains the model, so that its state "
+                "follows the connections an update moves. Received: optimizer=None and model.optimizer=None; "
+                "pass attach(model, optimizer=...)"
+            )
+        self._in_fit = False
+        self.set_params({})  # no fit: no steps to take end_step from
+        self.set_model(model)
+        self._optimizer = optimizer
+        self._start()
+
+    def after_step(self, batch: Any = None) -> list[dict[str, Any]]:
+        """Counts one training step of a custom loop; at an update step, drops and grows.
+
+        Call it after each step of the loop, once :meth:`attach` prepared the
+        callback. An update changes the patterns, so a ``tf.function`` traced
+        before it is stale (it raises, or returns NaN with
+        ``jit_compile=True``): trace the step again when the returned list is
+        not empty.
+
+        Args:
+            batch: the step's batch ``(x, y)`` or ``(x, y, sample_weight)``;
+                RigL scores its gradient at the weights after the step, SET
+                ignores it.
+
+        Returns:
+            The update records of this step (see ``updates``), empty when the
+            step is not an update step.
+
+        Raises:
+            ValueError: called before :meth:`attach`, or RigL without
+                ``batch`` at an update step.
+
+        Example:
+
+        >>> import keras, numpy as np, tensorflow as tf, sparselayers as sl
+        >>> model = keras.Sequential([keras.Input((8,)), sl.SparseDense(sl.patterns.random((8, 4), density=0.5, seed=0))])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> set_ = sl.callbacks.SET(update_freq=3, drop_fraction=0.5, end_step=10, seed=0)
+        >>> set_.attach(model)
+        >>> x, y = np.ones((2, 8), "float32"), np.zeros((2, 4), "float32")
+        >>> for _ in range(6):
+        ...     _ = model.train_on_batch(x, y)  # or your own step (trace it again after an update)
+        ...     records = set_.after_step(batch=(x, y))
+        ...     if records:
+        ...         print(set_.step, [(r["dropped"], r["new"] > 0) for r in records])
+        3 [(6, True)]
+        6 [(3, True)]
+        """
+        if self._in_fit or not self._layers:
+            raise ValueError(
+                f"{type(self).__name__}.after_step needs {type(self).__name__}.attach(model) first "
+                "(and is not for fit, where the callback counts steps itself)."
+            )
+        previous = self._step
+        self._step += 1
+        step = self._update_step(self._step, previous)
+        if not step:
+            return []
+        if self._needs_batch and batch is None:
+            raise ValueError(
+                f"{type(self).__name__}.after_step needs the step's batch at update step {step}: "
+                "after_step(batch=(x, y)). Received: batch=None"
+            )
+        first = len(self.updates)
+        self._batch = batch
+        try:
+            self._update(step)
+        finally:
+            self._batch = None
+        return self.updates[first:]
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._batch_begin = batch
@@ -446,7 +556,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
             moved[was_there] = array[old_index[was_there]]
             return moved
 
-        slots = optimizer_slots(self.model.optimizer, layer.values)
+        slots = optimizer_slots(self._training_optimizer(), layer.values)
         slot_values = [follow(keras.ops.convert_to_numpy(slot)) for slot in slots]
         layer.set_pattern(SparsityPattern._from_linear(linear, pattern.shape), values=follow(values))
         for slot, value in zip(slots, slot_values):

@@ -85,6 +85,15 @@ class RigL(_DynamicSparsity):
         self.constant_fan_in = check_bool(constant_fan_in, "constant_fan_in")
         self._tile_sum = None
 
+    def attach(self, model: keras.Model, optimizer: Any = None) -> None:
+        if isinstance(model, keras.Model) and getattr(model, "_compile_loss", None) is None:
+            raise ValueError(
+                "RigL scores the gradient of the model's compiled loss, and model "
+                f"'{model.name}' has none: model.compile(optimizer, loss=...) before attach "
+                "(your loop may still use its own step)."
+            )
+        super().attach(model, optimizer)
+
     def _prepare(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
         if self._batch is None:
             warnings.warn(
