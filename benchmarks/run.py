@@ -91,6 +91,8 @@ def pattern_layer(method: str, pattern: sl.SparsityPattern):
 
 
 def methods_for(case: dict, pattern=None, batch: int = 256) -> list[str]:
+    if case.get("methods"):
+        return list(dict.fromkeys(case["methods"]))
     if case["kind"] == "towers":
         return ["sparselayers Towers", "masked dense", "one Dense MLP per output"]
     names = ["masked dense", "keras Dense"]
@@ -387,6 +389,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds of repeats per timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to time, masked dense always included (default: all)")
     parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--time-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -404,6 +408,8 @@ def main(argv=None) -> int:
     for case in cases(args.quick):
         if args.only and args.only not in case["name"]:
             continue
+        if args.methods:
+            case["methods"] = ["masked dense", *args.methods.split(",")]
         case_rows = run_in_subprocess("--time-case", case, "--batch", str(args.batch), "--budget", str(budget))
         if not args.no_memory:
             # quick mode only checks that the probe works, on one method

@@ -37,6 +37,7 @@ def measured_kernel(layer: Any, flat: Any, name: str) -> str:
     >>> import numpy as np, sparselayers as sl
     >>> from sparselayers import seams
     >>> layer = sl.SparseDense(sl.patterns.banded((8, 8)))
+    >>> layer.build((None, 8))
     >>> seams.measured_kernel(layer, np.zeros((2, 8), "float32"), "block")  # nothing measured
     'block'
     """

@@ -67,6 +67,33 @@ def resume(backup, die_at_epoch, x, y, strategy, tf, keras, sl):
     return {"rigl": {**state(model, sl), "updates": rigl.updates}}
 
 
+def custom_loop(x, y, strategy, callback, tf, keras, sl):
+    """Four epochs of a custom loop (global batch 64) that drives ``callback`` with after_step."""
+    with strategy.scope():
+        model = sparse_model(keras, sl)
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+    callback.attach(model, optimizer=optimizer)
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64))
+
+    def make_step():
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(keras.losses.mean_squared_error(yb, model(xb, training=True))) / 64.0
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            return loss
+
+        return tf.function(lambda xb, yb: strategy.reduce("SUM", strategy.run(replica_step, args=(xb, yb)), axis=None))
+
+    step = make_step()
+    for _ in range(4):
+        for xb, yb in dataset:
+            step(xb, yb)
+            if callback.after_step(batch=(xb, yb)):
+                step = make_step()  # the pattern changed: trace again
+    return {**state(model, sl), "updates": callback.updates, "step": callback.step}
+
+
 class RecordingRows:
     """An array that notes which rows are read."""
 
@@ -137,6 +164,11 @@ def main(mode, *args):
         result[name] = {**state(model, sl), "loss": history.history["loss"]}
         if callback is not None:
             result[name]["updates"] = callback.updates
+    for name, callback in {
+        "loop rigl": sl.callbacks.RigL(update_freq=2, drop_fraction=0.3, end_step=14, seed=0),
+        "loop set": sl.callbacks.SET(update_freq=2, drop_fraction=0.3, end_step=14),  # seed=None
+    }.items():
+        result[name] = custom_loop(x, y, strategy, callback, tf, keras, sl)
     if mode == "cluster":
         result["pipeline"] = from_files(x, y, strategy, keras, sl)
     result["announcements"] = [r.getMessage() for r in records]

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import sparselayers as sl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,7 +23,8 @@ def test_benchmark_quick_mode_writes_table_json_and_plot(tmp_path):
     assert all(r["step_ms"] > 0 and r["params"] > 0 for r in results["rows"])
     assert "peak_mib" in results["rows"][0]
     auto = [r for r in results["rows"] if r["method"] == "auto"]
-    assert {r["case"]: r["kernel"] for r in auto}["banded +-16"] == "banded"
+    # compiled_csr where the compiled kernels build (CI), the tiled banded kernel elsewhere
+    assert {r["case"]: r["kernel"] for r in auto}["banded +-16"] == sl.ops.compiled.accelerated("banded")
     assert (tmp_path / "density.png").stat().st_size > 0
     assert "| masked dense |" in (tmp_path / "results.md").read_text()
 

@@ -66,8 +66,19 @@ def test_rigl_grows_by_the_global_gradient_on_every_worker(fit_runs):
     assert first["updates"] == second["updates"] == single["updates"]
 
 
-def test_set_with_a_fresh_seed_agrees_across_workers(fit_runs):
-    first, second, _ = (run["set"] for run in fit_runs)
+def test_rigl_in_a_custom_loop_agrees_with_one_process(fit_runs):
+    first, second, single = (run["loop rigl"] for run in fit_runs)
+    assert first["step"] == single["step"] == 16
+    assert sum(update["new"] for update in single["updates"]) > 0
+    assert without_names(first["updates"]) == without_names(second["updates"]) == without_names(single["updates"])
+    assert first["patterns"] == second["patterns"] == single["patterns"]
+    assert largest_difference(first, second) == 0.0
+    assert largest_difference(first, single) < 1e-5
+
+
+@pytest.mark.parametrize("run", ["set", "loop set"])
+def test_set_with_a_fresh_seed_agrees_across_workers(fit_runs, run):
+    first, second, _ = (result[run] for result in fit_runs)
     assert sum(update["new"] for update in first["updates"]) > 0
     assert first["patterns"] == second["patterns"]  # both drew from the chief's seed
     assert largest_difference(first, second) == 0.0
@@ -128,25 +139,76 @@ def printed(out, label):
     return [line[len(label) + 1 :] for line in out.splitlines() if line.startswith(label + " ")][-1]
 
 
-@pytest.mark.parametrize("script", ["train_fit.py", "train_loop.py"])
-def test_docs_script_on_two_workers_agrees_with_one_process(script, tmp_path):
-    scripts = docs_scripts()
-    folders = [tmp_path / "cluster", tmp_path / "single"]
-    for folder in folders:
-        folder.mkdir()
-        for name, text in scripts.items():
-            (folder / name).write_text(text)
-        subprocess.run([sys.executable, "make_toy_data.py"], cwd=folder, check=True, timeout=120, env=ENV)
+# Runs a docs script; worker 1 vanishes right after its CheckpointManager's DIE_AFTER_SAVES-th save.
+DYING = """
+import json, os, runpy, sys
+import tensorflow as tf
+if os.environ.get("DIE_AFTER_SAVES"):
+    save, saves = tf.train.CheckpointManager.save, []
+    def dying_save(self, *args, **kwargs):
+        path = save(self, *args, **kwargs)
+        saves.append(path)
+        if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1 and len(saves) == int(os.environ["DIE_AFTER_SAVES"]):
+            os._exit(17)
+        return path
+    tf.train.CheckpointManager.save = dying_save
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+def write_docs_scripts(folder):
+    folder.mkdir()
+    for name, text in docs_scripts().items():
+        (folder / name).write_text(text)
+    subprocess.run([sys.executable, "make_toy_data.py"], cwd=folder, check=True, timeout=120, env=ENV)
+
+
+def run_docs_script(script, folders, envs):
+    """Runs ``script`` in each folder with each env; two TF_CONFIG workers share one fresh cluster."""
     ports = free_ports(2)
-    results = run_processes(
-        [[sys.executable, script]] * 3,
-        [{"TF_CONFIG": tf_config(ports, 0)}, {"TF_CONFIG": tf_config(ports, 1)}, {}],
-        timeout=300,
-        cwds=[str(folders[0])] * 2 + [str(folders[1])],
-    )
+    envs = [
+        {**{k: v for k, v in env.items() if k != "worker"}, "TF_CONFIG": tf_config(ports, env["worker"])}
+        if "worker" in env
+        else env
+        for env in envs
+    ]
+    return run_processes([[sys.executable, "-c", DYING, script]] * len(envs), envs, timeout=300,
+                         cwds=[str(folder) for folder in folders])
+
+
+def outcome(out):
+    return printed(out, "pattern fingerprint"), float(printed(out, "final loss"))
+
+
+def test_docs_fit_script_on_two_workers_agrees_with_one_process(tmp_path):
+    cluster, single = tmp_path / "cluster", tmp_path / "single"
+    write_docs_scripts(cluster)
+    write_docs_scripts(single)
+    results = run_docs_script("train_fit.py", [cluster, cluster, single], [{"worker": 0}, {"worker": 1}, {}])
     for name, (code, _, err) in zip(("worker 0", "worker 1", "single process"), results):
-        assert code == 0, f"{name} of {script} exited with {code}:\n{err[-4000:]}"
-    fingerprints = [printed(out, "pattern fingerprint") for _, out, _ in results]
-    losses = [float(printed(out, "final loss")) for _, out, _ in results]
-    assert fingerprints[0] == fingerprints[1] == fingerprints[2]
-    assert losses[0] == pytest.approx(losses[2], rel=1e-4)
+        assert code == 0, f"{name} exited with {code}:\n{err[-4000:]}"
+    (first, loss), (second, _), (reference, reference_loss) = (outcome(out) for _, out, _ in results)
+    assert first == second == reference  # the patterns agree, and equal one process's
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+
+
+def test_docs_custom_loop_on_two_workers_survives_a_lost_worker_and_ends_as_one_process(tmp_path):
+    cluster, single = tmp_path / "cluster", tmp_path / "single"
+    write_docs_scripts(cluster)
+    write_docs_scripts(single)
+    # Worker 1 dies after saving epoch 2's checkpoint; one process runs uninterrupted beside them.
+    dying = {"DIE_AFTER_SAVES": "2"}
+    (survivor, dead, uninterrupted) = run_docs_script(
+        "train_loop.py", [cluster, cluster, single], [{"worker": 0, **dying}, {"worker": 1, **dying}, {}]
+    )
+    assert dead[0] == 17, dead[2][-3000:]
+    assert survivor[0] != 0 and ("UnavailableError" in survivor[2] or "DeadlineExceeded" in survivor[2]), survivor[2][-3000:]
+    assert uninterrupted[0] == 0, uninterrupted[2][-3000:]
+    restarted = run_docs_script("train_loop.py", [cluster, cluster], [{"worker": 0}, {"worker": 1}])
+    for code, out, err in restarted:
+        assert code == 0, err[-3000:]
+        assert "epoch 0:" not in out and "epoch 1:" not in out  # resumed at epoch 2
+    (first, loss), (second, _) = (outcome(out) for _, out, _ in restarted)
+    reference, reference_loss = outcome(uninterrupted[1])
+    assert first == second == reference
+    assert loss == pytest.approx(reference_loss, rel=1e-4)

@@ -203,7 +203,7 @@ def cached_library(folder: pathlib.Path) -> pathlib.Path:
 def _build(cxx: str, path: pathlib.Path) -> pathlib.Path:
     logger.warning(
         "sparselayers: compiling its CPU kernels with %s, once per TensorFlow version, compiler and CPU "
-        "(10 to 30 s; cached in %s).",
+        "(10 to 30 s, more on a busy machine; cached in %s).",
         cxx,
         path.parent,
     )

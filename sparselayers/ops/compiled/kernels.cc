@@ -7,14 +7,12 @@
 // in L1 while the row's entries reuse it.
 //
 // SparselayersRowAxpy:    out_t[r, :] = sum_{s in row r} values[order[s]] * src_t[index[s], :]
-//   (x @ W and dy @ W.T, with the pattern's entries grouped by output row;
-//   with transpose_out, out[:, r] instead: the product itself, not its transpose)
+//   (x @ W and dy @ W.T, with the pattern's entries grouped by output row)
 // SparselayersSampledDot: out[s] = dot(a_t[r, :], b_t[index[s], :]) for s in row r
 //   (the values gradient sum_b x[b, i] * dy[b, j], in CSR order)
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -40,16 +38,12 @@ REGISTER_OP("SparselayersRowAxpy")
     .Input("pointers: int64")
     .Input("index: int32")
     .Input("order: int32")
-    .Output("out: T")
+    .Output("out_t: T")
     .Attr("T: {float, double}")
-    .Attr("transpose_out: bool = false")
     .SetShapeFn([](si::InferenceContext* c) {
       si::DimensionHandle rows;
       TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &rows));
-      bool transpose_out = false;
-      TF_RETURN_IF_ERROR(c->GetAttr("transpose_out", &transpose_out));
-      const si::DimensionHandle batch = c->Dim(c->input(0), 1);
-      c->set_output(0, transpose_out ? c->Matrix(batch, rows) : c->Matrix(rows, batch));
+      c->set_output(0, c->Matrix(rows, c->Dim(c->input(0), 1)));
       return absl::OkStatus();
     });
 
@@ -138,9 +132,7 @@ absl::Status CheckPattern(const Tensor& pointers, const Tensor& index, int64_t s
 template <typename T>
 class RowAxpyOp : public OpKernel {
  public:
-  explicit RowAxpyOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("transpose_out", &transpose_out_));
-  }
+  explicit RowAxpyOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
     const Tensor& src_t = context->input(0);
@@ -164,9 +156,7 @@ class RowAxpyOp : public OpKernel {
     const int64_t rows = pointers.NumElements() - 1;
     const int64_t batch = src_t.dim_size(1);
     Tensor* out_t = nullptr;
-    const TensorShape shape = transpose_out_ ? TensorShape({batch, rows}) : TensorShape({rows, batch});
-    OP_REQUIRES_OK(context, context->allocate_output(0, shape, &out_t));
-    const bool transpose_out = transpose_out_;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, batch}), &out_t));
     const T* src = src_t.flat<T>().data();
     const T* v = values.flat<T>().data();
     const int64_t* p = pointers.flat<int64_t>().data();
@@ -175,12 +165,8 @@ class RowAxpyOp : public OpKernel {
     T* out = out_t->flat<T>().data();
     const int64_t cost = (rows ? nnz / rows + 1 : 1) * (batch + 1);
     ForRows(context, rows, cost, [&](int64_t first, int64_t last) {
-      // A transposed output is summed in a row buffer, then written as a
-      // column: consecutive rows fill the same batch cache lines, which stay
-      // in L1, so this costs less than a transpose pass afterwards.
-      std::vector<T> buffer(transpose_out ? batch : 0);
       for (int64_t r = first; r < last; ++r) {
-        T* o = transpose_out ? buffer.data() : out + r * batch;
+        T* o = out + r * batch;
         std::fill(o, o + batch, T(0));
         int64_t s = p[r];
         const int64_t end = p[r + 1];
@@ -190,15 +176,9 @@ class RowAxpyOp : public OpKernel {
                 src + idx[s + 3] * batch, value(s), value(s + 1), value(s + 2), value(s + 3), batch);
         }
         for (; s < end; ++s) Axpy(o, src + idx[s] * batch, value(s), batch);
-        if (transpose_out) {
-          for (int64_t b = 0; b < batch; ++b) out[b * rows + r] = o[b];
-        }
       }
     });
   }
-
- private:
-  bool transpose_out_ = false;
 };
 
 template <typename T>

@@ -58,7 +58,7 @@ class CompiledCSRKernel(Kernel):
 
     Where the compiled ops may not appear (XLA, export, a SavedModel being
     written, see :func:`compiled_allowed`) or could not be built, it
-    computes with its pure-TF ``twin`` kernel on the same ``values``.
+    computes with its pure-TF twin (:meth:`twin_for`) on the same ``values``.
     """
 
     name = "compiled_csr"
@@ -112,23 +112,18 @@ class CompiledCSRKernel(Kernel):
         row_pointers, cols, col_pointers, col_rows, col_order = self._pattern_tensors()
         no_order = tf.zeros([0], tf.int32)
 
-        # x.T serves the forward and the values gradient, dy.T the input and
-        # values gradients: two transposes a step, since the ops write y and
-        # dx themselves, not their transposes. The gradient keeps x.T, an
-        # intermediate: never saved (the op stays out of SavedModels).
         @tf.custom_gradient
-        def product(x, values):
-            x_t = tf.transpose(x)
-            y = ops.sparselayers_row_axpy(x_t, values, col_pointers, col_rows, col_order, transpose_out=True)
+        def product_t(x_t, values):
+            y_t = ops.sparselayers_row_axpy(x_t, values, col_pointers, col_rows, col_order)
 
-            def grad(dy):
-                dy_t = tf.transpose(dy)
-                dx = ops.sparselayers_row_axpy(dy_t, values, row_pointers, cols, no_order, transpose_out=True)
-                return dx, ops.sparselayers_sampled_dot(x_t, dy_t, row_pointers, cols)
+            def grad(dy_t):
+                dx_t = ops.sparselayers_row_axpy(dy_t, values, row_pointers, cols, no_order)
+                dvalues = ops.sparselayers_sampled_dot(x_t, dy_t, row_pointers, cols)
+                return dx_t, dvalues
 
-            return y, grad
+            return y_t, grad
 
-        return tf.cast(product(x, values), dtype)
+        return tf.cast(tf.transpose(product_t(tf.transpose(x), values)), dtype)
 
 
 #: The compiled kernels by name.
