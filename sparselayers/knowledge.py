@@ -3,7 +3,8 @@
 Biological knowledge often comes as mapping tables (SNP -> gene,
 gene -> pathway, pathway -> phenotype). :func:`chain` turns a list of them
 into ``SparseDense`` layers whose patterns carry the names, checking that
-consecutive tables meet and reporting units left without connections.
+consecutive tables meet and reporting units left without connections;
+:func:`read_topology` reads GenNet's ``topology.csv`` into such tables.
 Trained layers are read back with names: :func:`layer_frame` (also
 ``SparseDense.to_frame()``) lists every weight, :func:`path_weights` and
 :func:`gradient_x_input` rank the units of any level for an output, and
@@ -26,11 +27,20 @@ import tensorflow as tf
 
 from sparselayers import seams
 from sparselayers._validation import _short, check_int, optional_module
+from sparselayers.gennet import read_topology
 from sparselayers.model_graph import Graph, kernel_layer, kernel_matrix, model_graph, pull_back
 from sparselayers.sparse_dense import SparseDense
 from sparselayers.sparsity_pattern import SparsityPattern, _quote
 
-__all__ = ["ChainReport", "chain", "check_chain", "gradient_x_input", "layer_frame", "path_weights"]
+__all__ = [
+    "ChainReport",
+    "chain",
+    "check_chain",
+    "gradient_x_input",
+    "layer_frame",
+    "path_weights",
+    "read_topology",
+]
 
 
 def _pandas() -> Any:
