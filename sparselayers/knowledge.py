@@ -348,8 +348,13 @@ def _unit_names(graph: Graph, key: int) -> tuple[str, ...] | None:
         producer = graph.producer(producer.inputs[0])
     if producer is not None and isinstance(producer.layer, SparseDense):
         return producer.layer.pattern.output_names
-    readers = [call.layer for call in graph.consumers(key) if isinstance(call.layer, SparseDense)]
-    return readers[0].pattern.input_names if readers else None
+    readers = graph.consumers(key)
+    while len(readers) == 1 and not kernel_layer(readers[0].layer) and len(readers[0].inputs) == 1:
+        if graph.widths.get(readers[0].output) != graph.widths.get(key):
+            break
+        readers = graph.consumers(readers[0].output)  # through Dropout, noise, BatchNormalization
+    named = [call.layer for call in readers if isinstance(call.layer, SparseDense)]
+    return named[0].pattern.input_names if named else None
 
 
 def _output_index(output: Any, graph: Graph) -> int:

@@ -140,3 +140,12 @@ def test_unreadable_layers_are_named():
         sl.knowledge.path_weights(model)
     with pytest.raises(ValueError, match="`level` must name a layer or an input"):
         sl.knowledge.path_weights(model, level="nope")
+
+
+def test_input_names_are_read_through_weightless_layers():
+    genes = sl.SparseDense(sl.SparsityPattern.from_edges(*SNP_GENE_A), name="genes")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5), genes, keras.layers.Dense(1)])
+    _randomise(model, 7)
+    got = sl.knowledge.path_weights(model).sort_values("position")
+    assert list(got["unit"]) == ["rs1", "rs2", "rs3"]
+    np.testing.assert_allclose(got["relevance"], (_dense(genes) @ _dense(model.layers[-1]))[:, 0], rtol=1e-6)
