@@ -149,3 +149,12 @@ def test_input_names_are_read_through_weightless_layers():
     got = sl.knowledge.path_weights(model).sort_values("position")
     assert list(got["unit"]) == ["rs1", "rs2", "rs3"]
     np.testing.assert_allclose(got["relevance"], (_dense(genes) @ _dense(model.layers[-1]))[:, 0], rtol=1e-6)
+
+
+def test_numbered_levels_need_a_chain():
+    model, _, _ = _branching(keras.layers.Add)
+    with pytest.raises(ValueError, match="not one chain \\(layer 'genes_.' is on another branch\\)"):
+        sl.knowledge.path_weights(model, level=1)
+    with pytest.raises(ValueError, match="not one chain"):
+        sl.knowledge.gradient_x_input(model, np.ones((2, 3), "float32"), level=1)
+    assert len(sl.knowledge.path_weights(model, level="genes_b")) == 2

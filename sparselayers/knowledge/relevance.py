@@ -14,15 +14,24 @@ from sparselayers.knowledge.graph import Graph, kernel_layer, kernel_matrix, mod
 from sparselayers.sparse_dense import SparseDense
 
 
-def _levels(graph: Graph) -> list[int]:
-    """Tensor keys of the levels: the first input, then each kernel layer's output."""
+def _levels(graph: Graph) -> tuple[list[int], str | None]:
+    """Tensor keys of the numbered levels (the first input, then each kernel layer's output).
+
+    Also the name of a kernel layer off the chain, if the kernels do not form one
+    chain: numbers then name no single level beyond the inputs.
+    """
     kernels = [call for call in graph.calls if kernel_layer(call.layer)]
     if not kernels:
         raise ValueError("`model` has no SparseDense or Dense layer.")
-    return [graph.inputs[0]] + [call.output for call in kernels[:-1]]
+    off_chain = next(
+        (after.layer.name for before, after in zip(kernels, kernels[1:]) if after.output not in graph.downstream(before.output)),
+        None,
+    )
+    return [graph.inputs[0]] + [call.output for call in kernels[:-1]], off_chain
 
 
-def _level_key(level: Any, graph: Graph, levels: list[int]) -> int:
+def _level_key(level: Any, graph: Graph) -> int:
+    levels, off_chain = _levels(graph)
     if isinstance(level, str):
         if level in graph.input_names:
             return graph.inputs[graph.input_names.index(level)]
@@ -34,6 +43,11 @@ def _level_key(level: Any, graph: Graph, levels: list[int]) -> int:
         raise ValueError(
             f"`level` must be an integer in [0, {len(levels)}): 0 for the inputs, k for the outputs of "
             f"the k-th SparseDense/Dense layer, or a layer's name. Received: level={_short(level)}"
+        )
+    if level and off_chain is not None:
+        raise ValueError(
+            f"`level` must be 0 or the name of a layer or an input on a model whose SparseDense/Dense layers "
+            f"are not one chain (layer '{off_chain}' is on another branch). Received: level={level}"
         )
     return levels[int(level)]
 
@@ -99,8 +113,8 @@ def path_weights(model: Any, *, level: int | str = 0, output: int | str = 0) -> 
             may branch and have several inputs), or a list of layers applied
             one after the other.
         level: 0 for the first input, ``k`` for the outputs of the ``k``-th
-            ``SparseDense``/``Dense`` layer (e.g. genes), or the name of an
-            input or of a layer (its outputs).
+            ``SparseDense``/``Dense`` layer (e.g. genes) when these form one
+            chain, or the name of an input or of a layer (its outputs).
         output: position or name of the output unit.
 
     Returns:
@@ -128,7 +142,7 @@ def path_weights(model: Any, *, level: int | str = 0, output: int | str = 0) -> 
     2  rs3         2        2.0
     """
     graph = model_graph(model)
-    key = _level_key(level, graph, _levels(graph))
+    key = _level_key(level, graph)
     index = _output_index(output, graph)
     downstream = graph.downstream(key)
     adjoint = {graph.output: np.eye(graph.widths[graph.output])[index]}
@@ -217,7 +231,8 @@ def gradient_x_input(
             of batches (``x`` or ``(x, y, ...)``; ``x`` a tuple for several
             inputs).
         level: 0 for the first input, ``k`` for the outputs of the ``k``-th
-            ``SparseDense``/``Dense`` layer, or the name of an input or layer.
+            ``SparseDense``/``Dense`` layer when these form one chain, or the
+            name of an input or layer.
         output: position or name of the output unit.
         batch_size: rows per batch for array ``data``.
         absolute: average ``|h * grad|`` (default) or the signed product.
@@ -231,7 +246,7 @@ def gradient_x_input(
     """
     graph = model_graph(model)
     _check_data(data, graph, batch_size)
-    key = _level_key(level, graph, _levels(graph))
+    key = _level_key(level, graph)
     index = _output_index(output, graph)
     # When one kernel layer reads the level, d y / d h = (d y / d z) @ W.T for its
     # pre-activation z = h @ W + b: TensorFlow differentiates only from z on and the
