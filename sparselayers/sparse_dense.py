@@ -65,6 +65,8 @@ class SparseDense(keras.layers.Layer):
     ``values``, a 1-D variable of ``pattern.nnz`` entries in canonical order:
     ``values[k]`` sits at ``pattern.indices[k]``. Gradients reach ``values``,
     ``bias`` and the input, never the positions outside the pattern.
+    A 2-D ``tf.SparseTensor`` input (and scipy sparse data in ``fit``) is
+    read from its nonzeros, never densified (see ``docs/sparse-inputs.md``).
 
     Args:
         pattern: a :class:`SparsityPattern`, a scipy.sparse matrix or array

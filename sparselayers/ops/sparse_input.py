@@ -62,9 +62,27 @@ def _product(pattern: SparsityPattern) -> SparseInputProduct:
 def sparse_input_matmul(x: tf.SparseTensor, pattern: SparsityPattern, values: tf.Tensor, dtype: str) -> tf.Tensor:
     """``x @ W`` for a 2-D ``tf.SparseTensor`` ``x``, in ``dtype`` (the layer's compute dtype for integers).
 
+    Args:
+        x: ``(batch, input_dim)`` sparse tensor, any numeric dtype.
+        pattern: the :class:`SparsityPattern` of ``W``.
+        values: ``(nnz,)`` entries of ``W`` in ``pattern``'s order.
+        dtype: the dtype for integer ``x``; floating ``x`` keeps its own.
+
+    Returns:
+        A dense ``(batch, units)`` tensor, equal to ``tf.sparse.to_dense(x) @ W``.
+
     Raises:
         ValueError: ``x`` is not 2-D.
         TypeError: ``x`` holds strings or booleans.
+
+    Example:
+
+    >>> import tensorflow as tf, sparselayers as sl
+    >>> pattern = sl.patterns.banded((3, 3))
+    >>> x = tf.SparseTensor([[0, 2], [1, 0]], [5.0, 1.0], [2, 3])
+    >>> sparse_input_matmul(x, pattern, tf.constant([1.0, 2.0, 3.0]), "float32").numpy()
+    array([[ 0.,  0., 15.],
+           [ 1.,  0.,  0.]], dtype=float32)
     """
     if x.shape.rank != 2:
         raise ValueError(f"A sparse input must be 2-D (batch, input_dim). Received: a SparseTensor of shape {x.shape}")
