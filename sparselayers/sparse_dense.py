@@ -15,6 +15,7 @@ from sparselayers import evolution_step, pattern_state, seams
 from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
 from sparselayers.ops.export_kernels import export_kernel
+from sparselayers.ops.sparse_input import sparse_input_matmul
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -64,6 +65,8 @@ class SparseDense(keras.layers.Layer):
     ``values``, a 1-D variable of ``pattern.nnz`` entries in canonical order:
     ``values[k]`` sits at ``pattern.indices[k]``. Gradients reach ``values``,
     ``bias`` and the input, never the positions outside the pattern.
+    A 2-D ``tf.SparseTensor`` input (and scipy sparse data in ``fit``) is
+    read from its nonzeros, never densified (see ``docs/sparse-inputs.md``).
 
     Args:
         pattern: a :class:`SparsityPattern`, a scipy.sparse matrix or array
@@ -280,9 +283,9 @@ class SparseDense(keras.layers.Layer):
         return kernel
 
     def call(self, inputs):
+        if isinstance(inputs, tf.SparseTensor):  # read from its nonzeros, never densified
+            return self._finish(sparse_input_matmul(inputs, self.pattern, self.values, self.compute_dtype))
         x = inputs
-        if isinstance(x, tf.SparseTensor):
-            x = tf.sparse.to_dense(x)
         if x.dtype == tf.string or x.dtype == tf.bool:
             raise TypeError(f"SparseDense needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
         if not x.dtype.is_floating:
@@ -292,17 +295,20 @@ class SparseDense(keras.layers.Layer):
         kernel = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
-        y = kernel(flat, values)
+        y = self._finish(kernel(flat, values))
+        if len(x.shape) != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
+        return y
+
+    def _finish(self, y: tf.Tensor) -> tf.Tensor:
+        """Bias, activation and the pattern guard on the product ``y``."""
         if self.bias is not None:
             y = y + tf.cast(self.bias, y.dtype)
         if self.activation is not None:
             y = self.activation(y)
         # The guard comes last: between the product and the bias add it
         # would keep Grappler from fusing matmul, bias and activation.
-        y = self._state.guard(y, self.name)
-        if len(x.shape) != 2:
-            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
-        return y
+        return self._state.guard(y, self.name)
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[:-1]) + (self.units,)

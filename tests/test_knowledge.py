@@ -211,8 +211,8 @@ def test_relevance_arguments_are_checked():
         sl.knowledge.gradient_x_input(model, np.ones(5))
     with pytest.raises(ValueError, match="no samples"):
         sl.knowledge.gradient_x_input(model, np.ones((0, 5), "float32"))
-    odd = keras.Sequential([keras.Input((5,)), keras.layers.BatchNormalization(), keras.layers.Dense(1)])
-    with pytest.raises(TypeError, match="BatchNormalization"):
+    odd = keras.Sequential([keras.Input((5,)), keras.layers.LayerNormalization(name="ln"), keras.layers.Dense(1)])
+    with pytest.raises(TypeError, match="layer 'ln' of type LayerNormalization"):
         sl.knowledge.path_weights(odd)
 
 
