@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,9 +70,9 @@ def _batch(method: str, x):
     return dense.astype("int8") if method == "int8_dense" else dense
 
 
-def _current_rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def child(method: str, features: int, units: int, fan_in: int, batch: int, per_row: int) -> None:
@@ -82,9 +81,13 @@ def child(method: str, features: int, units: int, fan_in: int, batch: int, per_r
     model = _model(method, features, units, fan_in)
     if method in ("densified", "int8_dense"):
         x = _batch(method, x)
-    before = _current_rss_kib()  # the live size, not the peak of building the data
+    # The peak of this address space (VmHWM, reset to the live size), not
+    # ru_maxrss, which survives exec and would start at the parent's size.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
-    print(json.dumps({"grown_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+    print(json.dumps({"grown_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
 def peak_growth(method: str, *sizes: int) -> float:

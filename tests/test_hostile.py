@@ -106,19 +106,19 @@ def test_gather_kernel_refuses_a_batch_beyond_int32_before_running():
 # Hostile files: loading never inflates more than the layer can hold --------
 
 _MEASURE = textwrap.dedent('''
-    import json, resource, sys
+    import json, sys
     import keras, numpy as np
     import sparselayers as sl
+    from tests import peak_memory
     from tests.hostile_files import {maker}
     target, load = {maker}(sys.argv[1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_memory.start()
     try:
         load(target)
         error = None
     except ValueError as e:
         error = str(e)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({{"error": error, "growth_mib": (after - before) / 1024}}))
+    print(json.dumps({{"error": error, "growth_mib": peak_memory.growth_kib(before) / 1024}}))
 ''')
 
 

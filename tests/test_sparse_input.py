@@ -128,7 +128,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this check
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import numpy as np, scipy.sparse, keras
     import sparselayers as sl
     which, features, units, fan_in, batch, per_row = sys.argv[1], *map(int, sys.argv[2:])
@@ -146,11 +146,10 @@ _MEMORY_SCRIPT = textwrap.dedent(
     inputs = keras.Input((features,), sparse=True)
     model = keras.Model(inputs, keras.layers.Dense(1)(hidden(inputs)))
     model.compile("adam", "mse")
-    with open("/proc/self/status") as f:  # the live size, not the peak of building the data
-        before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    from tests import peak_memory
+    before = peak_memory.start()  # the live size, not the peak of building the data
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    print(json.dumps({"grown_kib": grown}))
+    print(json.dumps({"grown_kib": peak_memory.growth_kib(before)}))
     """
 )
 
