@@ -226,3 +226,41 @@ def test_restoring_early_stopping_raises_at_the_start_of_fit(name):
     callback = CALLBACKS[name](**RESUME)
     model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[keras.callbacks.EarlyStopping("loss"), callback])
     assert callback.step == 4
+
+
+def build_family(family):
+    """A small model of one kernel family (every SparseDense forced to ``family``), or of Towers."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12,))
+    if family == "towers":
+        outputs = keras.layers.Dense(3)(sl.Towers(3, hidden_units=[4], output_units=2)(inputs))
+    else:
+        h = sl.SparseDense(sl.patterns.random((12, 10), density=0.3, seed=1), activation="tanh", kernel=family)(inputs)
+        outputs = sl.SparseDense(sl.patterns.random((10, 3), density=0.4, seed=2), kernel=family)(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*no room to evolve")  # Towers' first layer connects every input
+@pytest.mark.parametrize("family", ["block", "csr", "dense", "gather", "towers"])
+def test_backup_and_restore_resumes_every_kernel_family_exactly(family, tmp_path):
+    # The workflow matrix's BackupAndRestore row for each kernel family and Towers (SET, graph mode):
+    # a crash mid-epoch, then fit again, ends as the uninterrupted run.
+    schedule = dict(RESUME, update_freq=3)
+    whole = build_family(family)
+    whole.fit(X, Y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[sl.callbacks.SET(**schedule)])
+    model = build_family(family)
+    assert patterns_of(whole) != patterns_of(model), "SET changed no pattern"
+
+    def run(*extra):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        model.fit(X, Y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
+                  callbacks=[sl.callbacks.SET(**schedule), backup, *extra])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(Crash(at=11))
+    run()
+    assert patterns_of(model) == patterns_of(whole)
+    for ours, theirs in zip(model.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
