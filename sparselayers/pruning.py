@@ -153,12 +153,14 @@ def sparsify(
 
     >>> model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32), keras.layers.Dense(10)])
     >>> erk = sl.sparsify(model, density=0.2, distribution="erk")
-    >>> [round(layer.pattern.density, 3) for layer in erk.layers]
+    >>> densities = [round(layer.pattern.density, 3) for layer in erk.layers]
+    >>> densities
     [0.161, 0.45]
     >>> model.compile(loss="mse")
     >>> x, y = np.ones((4, 64), "float32"), np.zeros((4, 10), "float32")
     >>> snip = sl.sparsify(model, density=0.1, criterion="snip", data=(x, y))
-    >>> [layer.pattern.nnz for layer in snip.layers]
+    >>> kept = [layer.pattern.nnz for layer in snip.layers]
+    >>> kept
     [205, 32]
     """
     density = _check_density(density)

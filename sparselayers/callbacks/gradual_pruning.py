@@ -131,7 +131,8 @@ class GradualPruning(keras.callbacks.Callback):
     >>> pruning = sl.callbacks.GradualPruning(0.25, end_step=8, frequency=2)
     >>> x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
     >>> _ = model.fit(x, x[:, :8], batch_size=8, epochs=2, verbose=0, callbacks=[pruning])
-    >>> [(u["step"], u["nnz"]) for u in pruning.updates]
+    >>> log = [(u["step"], u["nnz"]) for u in pruning.updates]
+    >>> log
     [(0, 128), (2, 72), (4, 44), (6, 34), (8, 32)]
     >>> small = sl.strip_pruning(model)
     >>> small.get_layer("d").pattern.nnz

@@ -86,7 +86,8 @@ def sharded_batches(
     >>> import numpy as np
     >>> from sparselayers.distribute.data import sharded_batches
     >>> x = np.arange(20, dtype="int8").reshape(10, 2)
-    >>> [b.numpy()[:, 0].tolist() for b in sharded_batches(x, global_batch_size=4)]
+    >>> firsts = [b.numpy()[:, 0].tolist() for b in sharded_batches(x, global_batch_size=4)]
+    >>> firsts
     [[0.0, 2.0, 4.0, 6.0], [8.0, 10.0, 12.0, 14.0]]
     """
     _check_rows("x", x)
