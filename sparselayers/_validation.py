@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,17 @@ def check_int(
     if maximum is not None and value > maximum:
         raise ValueError(f"`{name}` must be <= {maximum}. Received: {name}={value}")
     return value
+
+
+def check_layer_names(layers: Any) -> list[str] | None:
+    """``layers`` as a list of layer names, or None; TypeError for anything else (a bare string too)."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
+        isinstance(name, str) for name in layers
+    ):
+        raise TypeError(f"`layers` must be a list of layer names. Received: layers={_short(layers)}")
+    return list(layers)
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers import evolution_step
-from sparselayers._validation import _short, check_int
+from sparselayers._validation import _short, check_int, check_layer_names
 from sparselayers.callbacks.fan_in import drop_within_units, unit_counts
 from sparselayers.distribute import agreement
 from sparselayers.pattern_state import reset_compiled_functions
@@ -248,13 +248,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         self.update_freq = check_int(update_freq, "update_freq", minimum=1)
         self.drop_fraction = _check_fraction(drop_fraction)
         self.end_step = None if end_step is None else check_int(end_step, "end_step", minimum=1)
-        if layers is not None and (
-            isinstance(layers, (str, bytes))
-            or not isinstance(layers, Sequence)
-            or not all(isinstance(name, str) for name in layers)
-        ):
-            raise TypeError(f"`layers` must be a list of layer names. Received: layers={_short(layers)}")
-        self.layer_names = None if layers is None else list(layers)
+        self.layer_names = check_layer_names(layers)
         self.seed = None if seed is None else check_int(seed, "seed", minimum=0)
         # Every draw is a function of (seed, step, layer), so a resumed run
         # draws what the uninterrupted run would have.

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparselayers._validation import _short, check_int
+from sparselayers._validation import _short, check_int, check_layer_names
 from sparselayers.allocation import check_distribution, global_keep, keep_counts, top_entries
 from sparselayers.pattern_state import reset_compiled_functions
 from sparselayers.pruning import PRUNING_MASKS, _all_layers
@@ -167,13 +167,7 @@ class GradualPruning(keras.callbacks.Callback):
             raise ValueError(f"`power` must be a number > 0. Received: power={_short(power)}")
         self.power = float(power)
         self.distribution = check_distribution(distribution)
-        if layers is not None and (
-            isinstance(layers, (str, bytes))
-            or not isinstance(layers, Sequence)
-            or not all(isinstance(name, str) for name in layers)
-        ):
-            raise TypeError(f"`layers` must be a list of layer names. Received: layers={_short(layers)}")
-        self.layer_names = None if layers is None else list(layers)
+        self.layer_names = check_layer_names(layers)
         self.updates: list[dict[str, Any]] = []
         self._layers: list[SparseDense] = []
         self._masks: list[tf.Variable] = []
