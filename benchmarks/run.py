@@ -38,8 +38,8 @@ from sparselayers import baselines  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_METHODS = [
-    "auto", "block", "banded", "csr", "csr_gather", "csr_dense_grad", "compiled_csr", "dense", "gather",
-    "sparse_dense_matmul",
+    "auto", "block", "compiled_block", "banded", "csr", "csr_gather", "csr_dense_grad", "compiled_csr", "dense",
+    "gather", "sparse_dense_matmul",
 ]
 # The gather kernel keeps a (batch, nnz) product: skip it where that is huge.
 GATHER_MAX_PRODUCTS = 2**27
@@ -101,6 +101,8 @@ def methods_for(case: dict, pattern=None, batch: int = 256) -> list[str]:
             continue
         if k == "block" and sl.structure.detect_blocks(pattern).mean_area < 4:
             continue
+        if k == "compiled_block" and not sl.ops.CompiledBlockKernel.accepts(pattern):
+            continue  # it would time its twin, the block kernel
         if k == "gather" and batch * pattern.nnz > GATHER_MAX_PRODUCTS:
             continue
         names.append(k)

@@ -378,6 +378,8 @@ def _eligible(
             kernel = get_kernel(name, pattern)
             if getattr(kernel, "available", True) is False:
                 raise ValueError("the compiled kernels are not built here (see docs/kernels.md)")
+            if getattr(kernel, "fused", True) is False:
+                raise ValueError(f"its ops do not apply to this pattern; it would time its twin, {kernel.twin_for(pattern)!r}")
             kernel.check_batch(batch)
             needed = _transient_bytes(kernel, name, pattern, batch, itemsize)
             if available is not None and needed > MEMORY_FRACTION * available:

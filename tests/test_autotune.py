@@ -128,11 +128,11 @@ def test_the_cache_can_be_disabled(cache_dir, monkeypatch):
     assert not (cache_dir / "autotune.json").exists()
     fresh = sl.SparseDense(RANDOM)
     fresh(x_for(RANDOM))
-    assert fresh._select_kernel(tf.zeros((8, 24))).name == sl.ops.choose_kernel(RANDOM)
+    assert fresh._select_kernel(tf.zeros((8, 24))).name == sl.ops.check_kernel_name("auto", RANDOM)
 
 
 def test_a_fresh_auto_layer_uses_the_cached_choice_for_its_batch_bucket():
-    static = sl.ops.choose_kernel(RANDOM)
+    static = sl.ops.check_kernel_name("auto", RANDOM)  # the static rule, compiled where built
     assert static != "gather"
     sl.autotune(one_layer_model(RANDOM), x_for(RANDOM, batch=6), rounds=1, timer=timer_from({"gather": 1.0}))
 
@@ -206,7 +206,7 @@ def test_cached_entries_naming_unknown_kernels_are_ignored(cache_dir):
     autotune_module._memory.clear()  # as a new process would
     layer = sl.SparseDense(RANDOM)
     layer.build((None, 24))
-    assert layer._select_kernel(tf.zeros((8, 24))).name == sl.ops.choose_kernel(RANDOM)
+    assert layer._select_kernel(tf.zeros((8, 24))).name == sl.ops.check_kernel_name("auto", RANDOM)
     report = sl.autotune(one_layer_model(RANDOM), x_for(RANDOM), rounds=1, timer=timer_from({"csr": 1.0}))
     assert report[0].source == "measured" and report[0].chosen == "csr"
 
@@ -359,7 +359,7 @@ def test_kernel_name_tells_the_kernel_of_the_last_call():
     layer = sl.SparseDense(band)
     # Before any call: what a call without a measurement runs (the compiled
     # kernel that replaces the tiled banded one where it builds).
-    unmeasured = sl.ops.compiled.accelerated("banded")
+    unmeasured = sl.ops.compiled.accelerated("banded", band)
     assert layer.kernel_name == unmeasured
     ran = []
     original = layer._select_kernel

@@ -41,6 +41,15 @@ def built():
     return build.library_path()
 
 
+def blocks_with_gaps():
+    """Blocks in no particular order, with empty rows and columns between and around them."""
+    mask = np.zeros((61, 75), bool)
+    mask[2:9, 40:73] = True  # 33 columns: one register tile and an edge column
+    mask[12:50, 1:35] = True
+    mask[55:56, 37:38] = True
+    return sl.SparsityPattern.from_dense(mask)
+
+
 def patterns():
     rng = np.random.default_rng(0)
     mask = rng.random((37, 29)) < 0.15
@@ -53,12 +62,18 @@ def patterns():
         "one hub column": sl.SparsityPattern.from_dense(np.eye(13, 3, k=-1, dtype=bool) | (np.arange(3) == 1)),
         "banded": sl.patterns.banded((31, 23), lower=3, upper=2),
         "block diagonal": sl.patterns.block_diagonal([(3, 5), (7, 2), (1, 1)]),
+        "blocks with gaps": blocks_with_gaps(),
+        "wide blocks": sl.patterns.block_diagonal([(40, 33), (9, 64), (70, 40)]),
     }
+
+
+#: A pattern each compiled kernel computes with its own ops (not its twin).
+FUSED_PATTERN = {"compiled_csr": patterns()["random odd"], "compiled_block": blocks_with_gaps()}
 
 
 @pytest.mark.parametrize("name", COMPILED)
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
-@pytest.mark.parametrize("batch", [0, 1, 2, 7, 33])
+@pytest.mark.parametrize("batch", [0, 1, 2, 7, 33, 300])
 def test_forward_and_gradients_match_the_float64_reference(built, name, dtype, tol, batch):
     for label, pattern in patterns().items():
         try:
@@ -69,7 +84,7 @@ def test_forward_and_gradients_match_the_float64_reference(built, name, dtype, t
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_the_compiled_ops_run_in_the_default_context(built, name):
-    pattern = patterns()["random odd"]
+    pattern = FUSED_PATTERN[name]
     kernel = sl.ops.get_kernel(name, pattern)
     x, values = tf.ones((3, pattern.shape[0])), tf.ones(pattern.nnz)
     traced = tf.function(lambda x, v: kernel(x, v)).get_concrete_function(x, values)
@@ -79,13 +94,31 @@ def test_the_compiled_ops_run_in_the_default_context(built, name):
     assert not any(op.type.startswith("Sparselayers") for op in exported.graph.get_operations())
 
 
+def test_which_patterns_the_block_ops_compute():
+    fused = {label for label, p in patterns().items() if sl.ops.CompiledBlockKernel.accepts(p)}
+    # blocks that share no row or column; a band or random entries do not qualify
+    assert fused == {"full", "block diagonal", "blocks with gaps", "wide blocks"}
+    shared = np.zeros((20, 20), bool)
+    shared[0:5, 0:5] = shared[0:5, 10:15] = True  # two blocks on the same rows
+    assert not sl.ops.CompiledBlockKernel.accepts(sl.SparsityPattern.from_dense(shared))
+
+
+def _huge_pattern(name, rows, cols, rng):
+    """Few entries in a rows x cols layer: scattered, or for the block ops 2x3 blocks on disjoint lines."""
+    if name == "compiled_block":
+        starts = np.sort(rng.choice(rows // 2, 60, replace=False)) * 2, np.sort(rng.choice(cols // 3, 60, replace=False)) * 3
+        cells = [(r + i, c + j) for r, c in zip(*starts) for i in range(2) for j in range(3)]
+        return np.array(cells)
+    return np.unique(np.stack([rng.integers(0, rows, 300), rng.integers(0, cols, 300)], 1), axis=0)
+
+
 @pytest.mark.parametrize("name", COMPILED)
 def test_a_layer_beyond_2_to_the_31_cells(built, name):
     rows, cols = 65536, 32769  # 2**31 + 2**16 cells, few entries
     rng = np.random.default_rng(1)
-    indices = np.unique(np.stack([rng.integers(0, rows, 300), rng.integers(0, cols, 300)], 1), axis=0)
+    indices = _huge_pattern(name, rows, cols, rng)
     pattern = sl.SparsityPattern(indices, (rows, cols))
-    assert rows * cols > 2**31
+    assert rows * cols > 2**31 and sl.ops.get_kernel(name, pattern).fused
     x = np.zeros((3, rows), "float32")
     x[:, indices[:, 0]] = rng.normal(size=(3, len(indices)))
     values = rng.normal(size=pattern.nnz).astype("float32")
@@ -116,6 +149,34 @@ def test_auto_takes_the_compiled_kernel_when_built(built):
     assert layer.jit_kernel_name == sl.ops.choose_jit_kernel(pattern, "csr")
 
 
+@pytest.mark.parametrize(
+    "pattern,static,auto",
+    [
+        (sl.patterns.random((300, 300), density=0.2, seed=0), "dense", "compiled_csr"),
+        (sl.patterns.random((300, 300), density=0.3, seed=0), "dense", "dense"),
+        (sl.patterns.banded((500, 500), lower=16, upper=16), "banded", "compiled_csr"),
+        (sl.patterns.block_diagonal([(64, 64)] * 4), "block", "compiled_block"),
+        (sl.patterns.block_diagonal([(32, 40)] * 3), "block", "compiled_block"),
+        (sl.patterns.block_diagonal([(16, 16)] * 8), "block", "block"),  # too narrow for its register tile
+        (sl.patterns.block_diagonal([(256, 256)] * 2), "block", "block"),  # oneDNN's GEMM wins
+        (sl.patterns.dense((256, 2048)), "block", "block"),  # Towers' first layer
+    ],
+)
+def test_auto_takes_a_compiled_kernel_only_where_it_measured_faster(built, pattern, static, auto):
+    assert sl.ops.choose_kernel(pattern) == static
+    assert sl.SparseDense(pattern).kernel_name == auto
+
+
+def test_the_block_ops_check_their_block_table(built):
+    ops = build.library()
+    x, values = tf.ones((2, 6)), tf.ones(6)
+    for table in ([[0, 0, 2, 3, 1]], [[5, 0, 2, 3, 0]], [[0, 2, 2, 3, 0]], [[0, 0, -1, 3, 0]], [[0, 0, 2, 3]]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="block"):
+            ops.sparselayers_block_matmul(x, values, tf.constant(table, tf.int64), units=4)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="block"):
+            ops.sparselayers_block_grad(x, tf.ones((2, 4)), values, tf.constant(table, tf.int64))
+
+
 def _serve_script(paths):
     return textwrap.dedent(
         f"""
@@ -139,7 +200,9 @@ def test_saved_models_never_hold_the_compiled_op(built, tmp_path):
     pattern = sl.patterns.random((40, 30), density=0.1, seed=2)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((40,))
-    model = keras.Model(inputs, keras.layers.Dense(2)(sl.SparseDense(pattern, kernel="compiled_csr")(inputs)))
+    hidden = sl.SparseDense(pattern, kernel="compiled_csr")(inputs)
+    blocks = sl.SparseDense(sl.patterns.block_diagonal([(15, 16)] * 2), kernel="compiled_block")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(2)(blocks))
     model.compile("sgd", "mse")
     x = np.random.default_rng(0).normal(size=(8, 40)).astype("float32")
     model.fit(x, np.ones((8, 2), "float32"), verbose=0)  # traced and run with the compiled op

@@ -207,7 +207,7 @@ def test_supports_jit_is_truthful_and_jit_compile_true_still_trains():
     pattern = sl.patterns.random((200, 10), density=0.01, seed=0)
     assert sl.SparseDense(sl.patterns.block_diagonal([(16, 16)] * 2)).supports_jit
     layer = sl.SparseDense(pattern)
-    assert layer.kernel_name == sl.ops.compiled.accelerated("csr")  # compiled_csr where built
+    assert layer.kernel_name == sl.ops.compiled.accelerated("csr", pattern)  # compiled_csr where built
     assert layer.jit_kernel_name == "dense" and layer.supports_jit
     assert not sl.SparseDense(pattern, kernel="csr").supports_jit
     assert not sl.SparseDense(pattern, kernel="sparse_dense_matmul").supports_jit

@@ -30,7 +30,7 @@ from sparselayers.ops.choose import (
     choose_jit_kernel,
     choose_kernel,
 )
-from sparselayers.ops.compiled import CompiledCSRKernel, accelerated
+from sparselayers.ops.compiled import CompiledBlockKernel, CompiledCSRKernel, accelerated
 from sparselayers.ops.csr import CSRDenseGradKernel, CSRGatherKernel, CSRKernel
 from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.gather import GatherKernel
@@ -42,7 +42,7 @@ KERNELS: dict[str, type[Kernel]] = {
     k.name: k
     for k in (
         SparseTensorKernel, CSRKernel, CSRGatherKernel, CSRDenseGradKernel, BlockKernel, BandedKernel, DenseKernel,
-        GatherKernel, CompiledCSRKernel,
+        GatherKernel, CompiledCSRKernel, CompiledBlockKernel,
     )
 }
 
@@ -51,6 +51,7 @@ __all__ = [
     "Kernel",
     "BandedKernel",
     "BlockKernel",
+    "CompiledBlockKernel",
     "CompiledCSRKernel",
     "CSRDenseGradKernel",
     "CSRGatherKernel",
@@ -69,7 +70,7 @@ __all__ = [
 def check_kernel_name(kernel: object, pattern: SparsityPattern) -> str:
     """Resolves ``"auto"`` (the static rule, then a compiled kernel if built) and checks that a forced kernel fits ``pattern``."""
     if kernel == "auto":
-        return accelerated(choose_kernel(pattern))
+        return accelerated(choose_kernel(pattern), pattern)
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(
             f"`kernel` must be 'auto' or one of {sorted(KERNELS)}. Received: kernel={kernel!r}"

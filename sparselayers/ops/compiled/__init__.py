@@ -5,9 +5,11 @@ fallback, and :mod:`sparselayers.ops.compiled.kernels` for the kernels.
 """
 
 from sparselayers.ops.compiled.build import ENABLED_ENV, available, enabled
-from sparselayers.ops.compiled.kernels import COMPILED, CompiledCSRKernel, accelerated, compiled_allowed, pure_tf_kernel
+from sparselayers.ops.compiled.kernels import (
+    COMPILED, CompiledBlockKernel, CompiledCSRKernel, CompiledKernel, accelerated, compiled_allowed, pure_tf_kernel,
+)
 
 __all__ = [
-    "COMPILED", "ENABLED_ENV", "CompiledCSRKernel", "accelerated", "available", "compiled_allowed", "enabled",
+    "COMPILED", "ENABLED_ENV", "CompiledBlockKernel", "CompiledCSRKernel", "CompiledKernel", "accelerated", "available", "compiled_allowed", "enabled",
     "pure_tf_kernel",
 ]

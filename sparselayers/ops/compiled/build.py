@@ -1,6 +1,7 @@
 """Building the C++ kernels on first use, caching the library, falling back.
 
-The sources ship in the package (``kernels.cc``). The first process that
+The sources ship in the package (``kernels.cc``, ``block_kernels.cc`` and
+their header ``common.h``). The first process that
 asks for a compiled kernel compiles them with the machine's C++ compiler
 (``CXX``, else ``g++``, ``c++`` or ``clang++``) against the installed
 TensorFlow (``tf.sysconfig`` flags), as ``torch.utils.cpp_extension.load``
@@ -39,8 +40,10 @@ from sparselayers._cache import cache_folder
 
 #: Environment variable: ``0`` (or ``false``, ``no``, ``off``) switches the compiled kernels off.
 ENABLED_ENV = "SPARSELAYERS_COMPILED_KERNELS"
-#: The C++ sources, next to this module.
-SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
+#: The C++ sources, next to this module, compiled into one library.
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("kernels.cc", "block_kernels.cc"))
+#: Headers they include: part of the cache key, not compiled alone.
+HEADERS = (pathlib.Path(__file__).with_name("common.h"),)
 #: Seconds one compiler run may take before the build counts as failed.
 BUILD_TIMEOUT = 600
 #: Target options tried in order: the CPU's own instructions first. g++ 12
@@ -145,7 +148,7 @@ def library_name(cxx: str) -> str:
         raise BuildError(f"{cxx} --version failed (exit {version.returncode})")
     key = json.dumps(
         [
-            SOURCE.read_text(encoding="utf-8"),
+            [path.read_text(encoding="utf-8") for path in (*SOURCES, *HEADERS)],
             tf.__version__,
             tf.sysconfig.get_compile_flags(),
             tf.sysconfig.get_link_flags(),
@@ -164,11 +167,11 @@ def compile_library(cxx: str, target: pathlib.Path) -> None:
     flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
     errors = []
     for arch in ARCH_OPTIONS:
-        result = _run([cxx, *BASE_OPTIONS, *arch, str(SOURCE), "-o", str(target), *flags])
+        result = _run([cxx, *BASE_OPTIONS, *arch, *map(str, SOURCES), "-o", str(target), *flags])
         if result.returncode == 0 and target.is_file():
             return
         errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"])
-    raise BuildError(f"{cxx} failed to compile {SOURCE.name}: {errors[-1][0]}")
+    raise BuildError(f"{cxx} failed to compile {', '.join(path.name for path in SOURCES)}: {errors[-1][0]}")
 
 
 def cached_library(folder: pathlib.Path) -> pathlib.Path:

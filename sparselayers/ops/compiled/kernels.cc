@@ -22,6 +22,8 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
+#include "common.h"
+
 namespace sparselayers {
 
 using ::tensorflow::DEVICE_CPU;
@@ -60,14 +62,6 @@ REGISTER_OP("SparselayersSampledDot")
     });
 
 namespace {
-
-// Splits rows [0, rows) over TF's intra-op thread pool; `cost` is the
-// estimated cycles of one row.
-template <typename Fn>
-void ForRows(OpKernelContext* context, int64_t rows, int64_t cost, Fn fn) {
-  auto* workers = context->device()->tensorflow_cpu_worker_threads();
-  ::tensorflow::Shard(workers->num_threads, workers->workers, rows, std::max<int64_t>(cost, 1), fn);
-}
 
 template <typename T>
 void Axpy(T* __restrict out, const T* __restrict src, T v, int64_t n) {
@@ -164,7 +158,7 @@ class RowAxpyOp : public OpKernel {
     const int32_t* ord = permuted ? order.flat<int32_t>().data() : nullptr;
     T* out = out_t->flat<T>().data();
     const int64_t cost = (rows ? nnz / rows + 1 : 1) * (batch + 1);
-    ForRows(context, rows, cost, [&](int64_t first, int64_t last) {
+    ForUnits(context, rows, cost, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
         T* o = out + r * batch;
         std::fill(o, o + batch, T(0));
@@ -207,7 +201,7 @@ class SampledDotOp : public OpKernel {
     const int32_t* idx = index.flat<int32_t>().data();
     T* out = out_tensor->flat<T>().data();
     const int64_t cost = (rows ? nnz / rows + 1 : 1) * (batch + 1);
-    ForRows(context, rows, cost, [&](int64_t first, int64_t last) {
+    ForUnits(context, rows, cost, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
         const T* x = a + r * batch;
         int64_t s = p[r];
