@@ -42,6 +42,14 @@ QUESTIONS = {
          ["dense", "csr", "csr_gather", "csr_dense_grad"])
         for d in [0.001, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1]
     ],
+    "compiled blocks (compiled_block vs block)": [
+        (f"{4096 // r} blocks of {r}x{r}", sl.patterns.block_diagonal([(r, r)] * (4096 // r)), ["compiled_block", "block"])
+        for r in [8, 16, 32, 64, 128, 256, 1024]
+    ],
+    "compiled density (compiled_csr vs dense)": [
+        (f"random {d:g}", sl.patterns.random((4096, 4096), density=d, seed=0), ["compiled_csr", "dense"])
+        for d in [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+    ],
 }
 
 
