@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, constant, index_dtype
+from sparselayers.ops.base import Kernel, constant, index_dtype, matmul
 
 #: Row slices of the kernel densified and multiplied separately. Densifying
 #: (TF's SparseToDense) runs on one thread, so slices densify in parallel;
@@ -52,7 +52,7 @@ class DenseKernel(Kernel):
         vs = tf.split(values, self._entry_sizes) if len(self._entry_sizes) > 1 else [values]
         y = None
         for x_part, v_part, positions, rows in zip(xs, vs, self._positions, self._row_sizes):
-            product = tf.matmul(x_part, _densify(v_part, positions, rows, m))
+            product = matmul(x_part, _densify(v_part, positions, rows, m))
             y = product if y is None else y + product
         return y
 
