@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparselayers as sl
 from sparselayers.ops.compiled import build
@@ -101,6 +103,30 @@ def test_which_patterns_the_block_ops_compute():
     shared = np.zeros((20, 20), bool)
     shared[0:5, 0:5] = shared[0:5, 10:15] = True  # two blocks on the same rows
     assert not sl.ops.CompiledBlockKernel.accepts(sl.SparsityPattern.from_dense(shared))
+
+
+@st.composite
+def disjoint_blocks(draw):
+    """Blocks of 1 to 40 rows and columns, gaps between them, their columns in a drawn order."""
+    sizes = draw(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=4))
+    gaps = draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=len(sizes), max_size=len(sizes)))
+    order = draw(st.permutations(range(len(sizes))))
+    row_starts = np.cumsum([0] + [r + g for (r, _), (g, _) in zip(sizes, gaps)])[:-1] + [g for g, _ in gaps]
+    col_widths = [(sizes[k][1], gaps[k][1]) for k in order]
+    col_starts_in_order = np.cumsum([0] + [c + g for c, g in col_widths])[:-1] + [g for _, g in col_widths]
+    col_starts = np.empty(len(sizes), int)
+    col_starts[list(order)] = col_starts_in_order
+    mask = np.zeros((int(row_starts[-1] + sizes[-1][0] + 2), int(max(col_starts + [c for _, c in sizes]) + 1)), bool)
+    for (r, c), r0, c0 in zip(sizes, row_starts, col_starts):
+        mask[r0 : r0 + r, c0 : c0 + c] = True
+    return sl.SparsityPattern.from_dense(mask)
+
+
+@settings(max_examples=30, deadline=None)
+@given(pattern=disjoint_blocks(), batch=st.integers(0, 40), dtype=st.sampled_from(["float32", "float64"]))
+def test_the_block_ops_on_any_block_diagonal_pattern(built, pattern, batch, dtype):
+    assert sl.ops.get_kernel("compiled_block", pattern).fused
+    check_kernel("compiled_block", pattern, batch=batch, dtype=dtype, tol=1e-4 if dtype == "float32" else 1e-12)
 
 
 def _huge_pattern(name, rows, cols, rng):
@@ -233,6 +259,10 @@ def test_switched_off_the_kernels_compute_with_their_twins(tmp_path):
         y = layer(x).numpy()
         w = p.to_dense(layer.values.numpy())
         assert np.allclose(y, x @ w, atol=1e-5), "wrong product"
+        b = sl.patterns.block_diagonal([(10, 40)] * 5)
+        blocks = sl.SparseDense(b, kernel="compiled_block", use_bias=False)
+        assert np.allclose(blocks(x).numpy(), x @ b.to_dense(blocks.values.numpy()), atol=1e-5), "wrong block product"
+        assert sl.SparseDense(b).kernel_name == "block"
         assert sl.SparseDense(p).kernel_name == sl.ops.choose_kernel(p)
         assert not build.available() and build.library_path() is None
         assert not any(name.startswith("Sparselayers") for name in tf.raw_ops.__dict__)
