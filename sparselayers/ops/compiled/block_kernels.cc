@@ -3,7 +3,7 @@
 //
 // A block j covers input rows [r0, r0 + nr) and output columns [c0, c0 + nc)
 // and holds its nr x nc values row-major from values[vo]. Blocks share no
-// row and no column (the caller checks this; see CompiledBlockKernel).
+// row, column or value (checked).
 //
 // SparselayersBlockMatmul: y[:, c0:c0+nc] = x[:, r0:r0+nr] @ W_j
 // SparselayersBlockGrad:   dx[:, r0:r0+nr] = dy[:, c0:c0+nc] @ W_j.T and
@@ -134,12 +134,27 @@ struct Block {
   int64_t row, col, rows, cols, value;
 };
 
-// Reads and checks the (k, 5) block table against the operands' sizes.
+// True when no two of the non-empty ranges [start, start + size) overlap.
+bool Disjoint(std::vector<std::pair<int64_t, int64_t>> ranges) {
+  ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const auto& r) { return r.second == 0; }), ranges.end());
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t j = 1; j < ranges.size(); ++j) {
+    if (ranges[j - 1].first + ranges[j - 1].second > ranges[j].first) return false;
+  }
+  return true;
+}
+
+// Reads and checks the (k, 5) block table against the operands' sizes:
+// every block inside them, no two sharing a row or a column (threads
+// write each block's rows and columns without locks), no two sharing a
+// value. `covers` says whether the blocks fill every row and column, and
+// `fills` whether they use every value; otherwise outputs start from zeros.
 absl::Status ReadBlocks(const Tensor& table, int64_t input_dim, int64_t units, int64_t nnz,
-                        std::vector<Block>* blocks, bool* covers) {
+                        std::vector<Block>* blocks, bool* covers, bool* fills) {
   if (table.dims() != 2 || table.dim_size(1) != 5) return absl::InvalidArgumentError("blocks must be a (k, 5) matrix");
   const auto t = table.matrix<int64_t>();
-  int64_t rows = 0, cols = 0;
+  int64_t rows = 0, cols = 0, area = 0;
+  std::vector<std::pair<int64_t, int64_t>> row_ranges, col_ranges, value_ranges;
   for (int64_t j = 0; j < table.dim_size(0); ++j) {
     const Block b{t(j, 0), t(j, 1), t(j, 2), t(j, 3), t(j, 4)};
     if (b.row < 0 || b.col < 0 || b.rows < 0 || b.cols < 0 || b.value < 0 || b.row > input_dim - b.rows ||
@@ -148,11 +163,17 @@ absl::Status ReadBlocks(const Tensor& table, int64_t input_dim, int64_t units, i
     }
     rows += b.rows;
     cols += b.cols;
+    area += b.rows * b.cols;
+    row_ranges.emplace_back(b.row, b.rows);
+    col_ranges.emplace_back(b.col, b.cols);
+    value_ranges.emplace_back(b.value, b.rows * b.cols);
     blocks->push_back(b);
   }
-  // Blocks share no row or column, so these sums say whether every row
-  // and column is covered; otherwise the outputs start from zeros.
+  if (!Disjoint(row_ranges) || !Disjoint(col_ranges) || !Disjoint(value_ranges)) {
+    return absl::InvalidArgumentError("blocks must not share a row, a column or a value");
+  }
   *covers = rows == input_dim && cols == units;
+  *fills = area == nnz;
   return absl::OkStatus();
 }
 
@@ -184,8 +205,9 @@ class BlockMatmulOp : public OpKernel {
     OP_REQUIRES(context, x.dims() == 2 && values.dims() == 1,
                 absl::InvalidArgumentError("x must be a matrix and values a vector"));
     std::vector<Block> blocks;
-    bool covers = false;
-    OP_REQUIRES_OK(context, ReadBlocks(context->input(2), x.dim_size(1), units_, values.NumElements(), &blocks, &covers));
+    bool covers = false, fills = false;
+    OP_REQUIRES_OK(context, ReadBlocks(context->input(2), x.dim_size(1), units_, values.NumElements(), &blocks, &covers,
+                                       &fills));
     const int64_t batch = x.dim_size(0);
     const int64_t input_dim = x.dim_size(1);
     Tensor* y_tensor = nullptr;
@@ -223,9 +245,9 @@ class BlockGradOp : public OpKernel {
     OP_REQUIRES(context, x.dims() == 2 && dy.dims() == 2 && values.dims() == 1 && x.dim_size(0) == dy.dim_size(0),
                 absl::InvalidArgumentError("x and dy must be matrices of one batch, values a vector"));
     std::vector<Block> blocks;
-    bool covers = false;
+    bool covers = false, fills = false;
     OP_REQUIRES_OK(context, ReadBlocks(context->input(3), x.dim_size(1), dy.dim_size(1), values.NumElements(),
-                                       &blocks, &covers));
+                                       &blocks, &covers, &fills));
     const int64_t batch = x.dim_size(0);
     const int64_t input_dim = x.dim_size(1);
     const int64_t units = dy.dim_size(1);
@@ -236,6 +258,7 @@ class BlockGradOp : public OpKernel {
     T* dx = dx_tensor->flat<T>().data();
     T* dv = dv_tensor->flat<T>().data();
     if (!covers && dx_tensor->NumElements()) std::memset(dx, 0, sizeof(T) * dx_tensor->NumElements());
+    if (!fills && dv_tensor->NumElements()) std::memset(dv, 0, sizeof(T) * dv_tensor->NumElements());
     if (blocks.empty()) return;
     const T* xs = x.flat<T>().data();
     const T* g = dy.flat<T>().data();
