@@ -96,6 +96,32 @@ def test_the_compiled_ops_run_in_the_default_context(built, name):
     assert not any(op.type.startswith("Sparselayers") for op in exported.graph.get_operations())
 
 
+@pytest.mark.parametrize("name", COMPILED)
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-3)])
+def test_second_order_gradients_match_the_float64_reference(built, name, dtype, tol):
+    # h = sum(u * d/dx sum((x @ W)**2)) = 2 tr(u.T x W W.T): dh/dW = 2 (A + A.T) W with
+    # A = u.T x, and dh/dx = 2 u W W.T; a gradient penalty or a Hessian-vector product.
+    pattern = FUSED_PATTERN[name]
+    rng = np.random.default_rng(3)
+    x, u = (rng.normal(size=(5, pattern.shape[0])) for _ in range(2))
+    values = rng.normal(size=pattern.nnz)
+    kernel = sl.ops.get_kernel(name, pattern)
+    xt, vt = tf.constant(x, dtype), tf.constant(values, dtype)
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([xt, vt])
+        with tf.GradientTape() as inner:
+            inner.watch(xt)
+            f = tf.reduce_sum(kernel(xt, vt) ** 2)
+        h = tf.reduce_sum(tf.constant(u, dtype) * inner.gradient(f, xt))
+    d_values, d_x = outer.gradient(h, [vt, xt])
+    w = pattern.to_dense(values).astype(np.float64)
+    a = u.T @ x
+    dense_dw = 2 * (a + a.T) @ w
+    rows, cols = pattern.indices.T
+    np.testing.assert_allclose(d_values.numpy(), dense_dw[rows, cols], rtol=tol, atol=tol)
+    np.testing.assert_allclose(d_x.numpy(), 2 * u @ w @ w.T, rtol=tol, atol=tol)
+
+
 def test_which_patterns_the_block_ops_compute():
     fused = {label for label, p in patterns().items() if sl.ops.CompiledBlockKernel.accepts(p)}
     # blocks that share no row or column; a band or random entries do not qualify
@@ -184,6 +210,8 @@ def test_auto_takes_the_compiled_kernel_when_built(built):
         (sl.patterns.block_diagonal([(64, 64)] * 4), "block", "compiled_block"),
         (sl.patterns.block_diagonal([(32, 40)] * 3), "block", "compiled_block"),
         (sl.patterns.block_diagonal([(16, 16)] * 8), "block", "block"),  # too narrow for its register tile
+        (sl.patterns.block_diagonal([(128, 8)] * 8), "block", "block"),  # thin blocks, though of 1024 entries
+        (sl.patterns.block_diagonal([(8, 128)] * 8), "block", "block"),
         (sl.patterns.block_diagonal([(256, 256)] * 2), "block", "block"),  # oneDNN's GEMM wins
         (sl.patterns.dense((256, 2048)), "block", "block"),  # Towers' first layer
     ],
@@ -196,7 +224,13 @@ def test_auto_takes_a_compiled_kernel_only_where_it_measured_faster(built, patte
 def test_the_block_ops_check_their_block_table(built):
     ops = build.library()
     x, values = tf.ones((2, 6)), tf.ones(6)
-    for table in ([[0, 0, 2, 3, 1]], [[5, 0, 2, 3, 0]], [[0, 2, 2, 3, 0]], [[0, 0, -1, 3, 0]], [[0, 0, 2, 3]]):
+    for table in (
+        [[0, 0, 2, 3, 1]], [[5, 0, 2, 3, 0]], [[0, 2, 2, 3, 0]], [[0, 0, -1, 3, 0]], [[0, 0, 2, 3]],
+        [[0, 0, 1, 1, 0], [0, 2, 1, 1, 1]],  # two blocks on one row: threads would race
+        [[0, 0, 1, 1, 0], [1, 0, 1, 1, 1]],  # on one column
+        [[0, 0, 1, 2, 0], [1, 2, 1, 1, 1]],  # sharing a value
+        [[0, 0, 2, 0, 0], [1, 1, 1, 1, 0]],  # a block of no columns still owns its rows
+    ):
         with pytest.raises(tf.errors.InvalidArgumentError, match="block"):
             ops.sparselayers_block_matmul(x, values, tf.constant(table, tf.int64), units=4)
         with pytest.raises(tf.errors.InvalidArgumentError, match="block"):

@@ -17,13 +17,16 @@ _OP_DTYPES = (tf.float32, tf.float64)
 #: EPYC, training step, 4096 x 4096, batch 256, compiled_csr vs dense: 10%
 #: 62.4 vs 163.4 ms, 20% 119.7 vs 168.0, 30% 181.6 vs 170.7).
 COMPILED_CSR_MAX_DENSITY = 0.25
-#: Mean block area within which ``compiled_block`` replaces the block kernel
-#: (same run, block diagonal over 4096 rows, compiled_block vs block: 8x8
-#: blocks 12.9 vs 6.4 ms, 16x16 12.6 vs 6.1, 32x32 4.8 vs 5.7, 64x64 5.9 vs
-#: 6.4, 128x128 8.4 vs 8.6, 256x256 13.2 vs 12.9, 1024x1024 65.7 vs 35.5):
-#: narrower blocks leave its register tile (32 floats wide) idle, and
-#: larger ones outgrow the cache that oneDNN's GEMM blocks for.
-COMPILED_BLOCK_AREAS = (32 * 32, 128 * 128)
+#: Blocks for which ``compiled_block`` replaces the block kernel: at least
+#: ``COMPILED_BLOCK_MIN_SIDE`` rows and columns on average (its register
+#: tile is 8 rows by 32 floats), at most ``COMPILED_BLOCK_MAX_AREA`` entries
+#: on average. Same run, block diagonal over 4096 rows, compiled_block vs
+#: block: 8x8 blocks 12.9 vs 6.4 ms, 16x16 12.6 vs 6.1, 32x32 4.8 vs 5.7,
+#: 64x64 5.9 vs 6.4, 128x128 8.4 vs 8.6 (a tie), 256x256 13.2 vs 12.9,
+#: 1024x1024 65.7 vs 35.5 (oneDNN's cache-blocked GEMM wins); thin blocks
+#: (32 of them, CPU shared) 128x8 11.3 vs 3.6, 8x128 6.0 vs 2.6.
+COMPILED_BLOCK_MIN_SIDE = 32
+COMPILED_BLOCK_MAX_AREA = 128 * 128
 
 #: The compiled kernel ``kernel="auto"`` may take, when built, in place of
 #: the static rule's pure-TF choice; it does where its ``accelerates`` says
@@ -169,18 +172,32 @@ class CompiledCSRKernel(CompiledKernel):
         row_pointers, cols, col_pointers, col_rows, col_order = self._pattern_tensors()
         no_order = tf.zeros([0], tf.int32)
 
+        # Three products on transposed operands, each the gradient of the
+        # others, so that gradients of any order stay on the compiled ops:
+        # by_column(a, v) = (W.T a) (the forward pass), by_row(b, v) = W b
+        # (the input gradient), sampled(a, b)[s] = dot(a[i_s], b[j_s]).
         @tf.custom_gradient
-        def product_t(x_t, values):
-            y_t = ops.sparselayers_row_axpy(x_t, values, col_pointers, col_rows, col_order)
+        def by_column(a_t, v):
+            def grad(g):
+                return by_row(g, v), sampled(a_t, g)
 
-            def grad(dy_t):
-                dx_t = ops.sparselayers_row_axpy(dy_t, values, row_pointers, cols, no_order)
-                dvalues = ops.sparselayers_sampled_dot(x_t, dy_t, row_pointers, cols)
-                return dx_t, dvalues
+            return ops.sparselayers_row_axpy(a_t, v, col_pointers, col_rows, col_order), grad
 
-            return y_t, grad
+        @tf.custom_gradient
+        def by_row(b_t, v):
+            def grad(g):
+                return by_column(g, v), sampled(g, b_t)
 
-        return tf.transpose(product_t(tf.transpose(x), values))
+            return ops.sparselayers_row_axpy(b_t, v, row_pointers, cols, no_order), grad
+
+        @tf.custom_gradient
+        def sampled(a_t, b_t):
+            def grad(g):
+                return by_row(b_t, g), by_column(a_t, g)
+
+            return ops.sparselayers_sampled_dot(a_t, b_t, row_pointers, cols), grad
+
+        return tf.transpose(by_column(tf.transpose(x), values))
 
 
 class CompiledBlockKernel(CompiledKernel):
@@ -218,9 +235,11 @@ class CompiledBlockKernel(CompiledKernel):
 
     @classmethod
     def accelerates(cls, pattern) -> bool:
-        blocks = block_shape(pattern)
-        low, high = COMPILED_BLOCK_AREAS
-        return low <= blocks.mean_area <= high and cls.accepts(pattern)
+        shape = block_shape(pattern)
+        if not (shape.mean_rows >= COMPILED_BLOCK_MIN_SIDE and shape.mean_area <= COMPILED_BLOCK_MAX_AREA):
+            return False
+        blocks = detect_blocks(pattern)
+        return float(np.mean(blocks.n_cols)) >= COMPILED_BLOCK_MIN_SIDE and blocks.is_diagonal
 
     @property
     def fused(self) -> bool:
@@ -239,17 +258,31 @@ class CompiledBlockKernel(CompiledKernel):
         return self._table
 
     def _product(self, ops, x, values):
-        table = self._blocks()
-        units = self.pattern.shape[1]
+        # Differentiated through the gradients registered below, to any order.
+        return ops.sparselayers_block_matmul(x, values, self._blocks(), units=self.pattern.shape[1])
 
-        @tf.custom_gradient
-        def product(x, values):
-            def grad(dy):
-                return ops.sparselayers_block_grad(x, dy, values, table)
 
-            return ops.sparselayers_block_matmul(x, values, table, units=units), grad
+@tf.RegisterGradient("SparselayersBlockMatmul")
+def _block_matmul_grad(op, dy):
+    x, values, table = op.inputs
+    dx, dvalues = build.library().sparselayers_block_grad(x, dy, values, table)
+    return dx, dvalues, None
 
-        return product(x, values)
+
+@tf.RegisterGradient("SparselayersBlockGrad")
+def _block_grad_grad(op, ddx, ddvalues):
+    # dx = dy @ W.T and dW = x.T @ dy per block, both linear: their
+    # gradients are the same block products on the upstream gradients.
+    x, dy, values, table = op.inputs
+    ops = build.library()
+    ddx = tf.zeros_like(x) if ddx is None else ddx
+    ddvalues = tf.zeros_like(values) if ddvalues is None else ddvalues
+    units = int(dy.shape[-1])  # static: the forward op's shape function sets it
+    d_x, d_values = ops.sparselayers_block_grad(ddx, dy, ddvalues, table)
+    d_dy = ops.sparselayers_block_matmul(ddx, values, table, units=units) + ops.sparselayers_block_matmul(
+        x, ddvalues, table, units=units
+    )
+    return d_x, d_dy, d_values, None
 
 
 #: The compiled kernels by name.
