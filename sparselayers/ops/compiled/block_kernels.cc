@@ -30,14 +30,6 @@
 
 namespace sparselayers {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace si = ::tensorflow::shape_inference;
-
 REGISTER_OP("SparselayersBlockMatmul")
     .Input("x: T")
     .Input("values: T")

@@ -26,14 +26,6 @@
 
 namespace sparselayers {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace si = ::tensorflow::shape_inference;
-
 REGISTER_OP("SparselayersRowAxpy")
     .Input("src_t: T")
     .Input("values: T")
