@@ -133,8 +133,8 @@ def main() -> None:
         "# Sparse inputs",
         "",
         f"`python benchmarks/sparse_input.py{' --quick' if args.quick else ''}` on {cpu}, {os.cpu_count()} cores, "
-        f"TensorFlow {tf.__version__}. The machine was shared with other engineers' TensorFlow jobs during this run: "
-        "times are noisy, ratios measured side by side in one process.",
+        f"TensorFlow {tf.__version__}; 1-minute load average {os.getloadavg()[0]:.1f} when it started. "
+        "Step times are measured side by side in one process; each peak in its own process.",
         "",
         f"## {features:,} features, {per_row} nonzeros per row, batch {batch}, Adam",
         "",
