@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import keras
 import numpy as np
-import scipy.sparse
 import tensorflow as tf
 
-from sparselayers import initializers as sparse_initializers
-from sparselayers import evolution_step, pattern_state, seams
-from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
-from sparselayers.ops.context import kernel_context
-from sparselayers.ops.export_kernels import export_kernel
+from sparselayers import seams
 from sparselayers.ops.sparse_input import sparse_input_matmul
+from sparselayers.sparse_kernel import SparseKernelLayer, as_pattern
 from sparselayers.sparsity_pattern import SparsityPattern
 
-
-def as_pattern(pattern: Any) -> SparsityPattern:
-    """Accepts a SparsityPattern, a scipy.sparse matrix, a dense mask or a config dict."""
-    if isinstance(pattern, SparsityPattern):
-        return pattern
-    if scipy.sparse.issparse(pattern):
-        return SparsityPattern.from_scipy(pattern)
-    if isinstance(pattern, dict):
-        return SparsityPattern.from_config(pattern)
-    if isinstance(pattern, (np.ndarray, list, tuple)) or hasattr(pattern, "__array__"):
-        return SparsityPattern.from_dense(pattern)
-    raise TypeError(
-        "`pattern` must be a SparsityPattern, a scipy.sparse matrix or array, or a 2-D mask. "
-        f"Received: pattern of type {type(pattern).__name__}"
-    )
+__all__ = ["SparseDense", "as_pattern", "sparse_dense_layers"]
 
 
 def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
@@ -57,7 +38,7 @@ def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
 
 
 @keras.saving.register_keras_serializable(package="sparselayers")
-class SparseDense(keras.layers.Layer):
+class SparseDense(SparseKernelLayer):
     """Densely-connected layer restricted to a fixed sparsity pattern.
 
     Computes ``activation(x @ W + bias)`` where the ``(input_dim, units)``
@@ -110,110 +91,23 @@ class SparseDense(keras.layers.Layer):
         kernel: str = "auto",
         **kwargs: Any,
     ):
-        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.pattern = as_pattern(pattern)
-        self.units = self.pattern.shape[1]
+        super().__init__(
+            pattern,
+            activation=activation,
+            use_bias=use_bias,
+            values_initializer=values_initializer,
+            bias_initializer=bias_initializer,
+            values_regularizer=values_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            values_constraint=values_constraint,
+            bias_constraint=bias_constraint,
+            kernel=kernel,
+            **kwargs,
+        )
         self.input_dim = self.pattern.shape[0]
-        self.activation = keras.activations.get(activation)
-        if not isinstance(use_bias, (bool, np.bool_)):
-            raise TypeError(f"`use_bias` must be a bool. Received: use_bias={use_bias!r}")
-        self.use_bias = bool(use_bias)
-        self.values_initializer = sparse_initializers.get(values_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.values_regularizer = keras.regularizers.get(values_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.values_constraint = keras.constraints.get(values_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
-        self._kernel_argument = kernel
-        self.set_kernel(kernel)
         self.supports_masking = True
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
-
-    def set_kernel(self, kernel: str) -> None:
-        """Selects the kernel of later calls (``"auto"`` or a name in ``KERNELS``).
-
-        The saved config keeps the constructor's ``kernel`` argument: a choice
-        made for one device (see :func:`sparselayers.autotune`) is not part
-        of the model. Functions traced before keep the kernel they traced.
-        """
-        self._kernel_choice = check_kernel_name(kernel, self.pattern)
-        self._kernel_in_use: str | None = None
-        # "auto" lets a cached autotune measurement override the static rule.
-        self._kernel_request = kernel
-        # Inside an XLA compile, call() uses `jit_kernel_name`, which XLA can
-        # compile. With kernel="auto" that swap is the layer's own choice, so
-        # it supports jit; a kernel the user forced is honoured, so the layer
-        # then supports jit only if that kernel does, and Keras runs it
-        # uncompiled.
-        self.jit_kernel_name = choose_jit_kernel(self.pattern, self._kernel_choice)
-        self.supports_jit = self._kernel_argument == "auto" or KERNELS[self._kernel_choice].supports_jit
-
-    @property
-    def kernel_name(self) -> str:
-        """The kernel of the layer's last call or trace, for its context and batch.
-
-        That is the kernel chosen by ``kernel=`` or :meth:`set_kernel`, unless
-        the call took another: ``jit_kernel_name`` inside XLA, an export form
-        while exporting, or a kernel measured faster for that batch on this
-        device (:func:`sparselayers.autotune`). Before any call, and after
-        :meth:`set_kernel` or :meth:`set_pattern`, the kernel a plain call
-        runs when nothing was measured.
-        """
-        return self._kernel_in_use or self._kernel_choice
-
-    def set_pattern(self, pattern: Any, values: Any = None) -> None:
-        """Replaces the layer's connections, in place, keeping its variables.
-
-        This is the one seam through which a pattern changes after
-        construction (pruning, RigL and SET, loading a saved pattern). The new
-        pattern must have the layer's shape and, once built, its ``nnz``:
-        ``values`` keeps its variable (and the optimizer its slots), and
-        ``values[k]`` now belongs to ``pattern.indices[k]``. Pass ``values``
-        to assign new values in the same step. The kernel follows the new
-        pattern; functions traced under the old pattern raise instead of
-        computing with it (rebuild them with
-        :func:`sparselayers.reset_compiled_functions`).
-
-        >>> import numpy as np, sparselayers as sl
-        >>> layer = sl.SparseDense(sl.patterns.banded((4, 4)), use_bias=False)
-        >>> layer.build((None, 4))
-        >>> layer.set_pattern(sl.patterns.banded((4, 4)).transpose(), values=[1.0, 2.0, 3.0, 4.0])
-        >>> layer(np.eye(4, dtype="float32")).numpy().diagonal().tolist()
-        [1.0, 2.0, 3.0, 4.0]
-        """
-        pattern = as_pattern(pattern)
-        if pattern.shape != self.pattern.shape:
-            raise ValueError(
-                f"`pattern` must keep the layer's shape {self.pattern.shape}. Received: pattern with shape {pattern.shape}"
-            )
-        if self.built and pattern.nnz != self.pattern.nnz:
-            raise ValueError(
-                f"`pattern` must keep the built layer's nnz={self.pattern.nnz} (its values variable). "
-                f"Received: pattern with nnz={pattern.nnz}"
-            )
-        if values is not None:
-            values = np.asarray(values)
-            if values.shape != (pattern.nnz,):
-                raise ValueError(
-                    f"`values` must have shape ({pattern.nnz},). Received: values with shape {values.shape}"
-                )
-        if pattern.input_names is None and pattern.output_names is None:
-            # Same shape, so the layer's unit names still apply.
-            pattern = pattern.with_names(self.pattern.input_names, self.pattern.output_names)
-        kernel = self._kernel_argument
-        if kernel != "auto":
-            try:
-                check_kernel_name(kernel, pattern)
-            except ValueError:
-                # A forced structured kernel no longer fits: choose again, and
-                # say so in the config, which must rebuild this pattern.
-                kernel = self._kernel_argument = "auto"
-        self.pattern = pattern
-        self.set_kernel(kernel)
-        if self.built:
-            if values is not None:
-                self.values.assign(values.astype(self.values.dtype))
-            self._state.bump()
 
     @classmethod
     def from_scipy(cls, matrix: Any, **kwargs: Any) -> SparseDense:
@@ -238,49 +132,7 @@ class SparseDense(keras.layers.Layer):
                 f"The last dimension of the input must equal the pattern's input_dim={self.input_dim}. "
                 f"Received: input_shape={tuple(input_shape)} (last dimension {last})"
             )
-        initializer = self.values_initializer
-        if isinstance(initializer, sparse_initializers.SparseVarianceScaling):
-            initializer = functools.partial(initializer, pattern=self.pattern)
-        self.values = self.add_weight(
-            name="values",
-            shape=(self.pattern.nnz,),
-            initializer=initializer,
-            regularizer=self.values_regularizer,
-            constraint=self.values_constraint,
-        )
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(self.units,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-        self._state = pattern_state.PatternState()
-        self._pattern_checkpoint = pattern_state.PatternCheckpoint(self)
-        self._step_checkpoint = evolution_step.StepCheckpoint(self)
-
-    def _select_kernel(self, flat: tf.Tensor | None = None) -> Any:
-        """The kernel for this call's context (see :mod:`sparselayers.ops.context`) and input ``flat``.
-
-        In the default context a ``kernel="auto"`` layer takes a kernel
-        measured on this device for ``flat``'s batch, if one is cached
-        (:func:`sparselayers.seams.measured_kernel`). The choice becomes
-        :attr:`kernel_name`.
-        """
-        context = kernel_context()
-        if context == "export":
-            kernel = export_kernel(self.pattern, self._kernel_choice, forced=self._kernel_argument != "auto")
-        else:
-            name = self._kernel_choice
-            if context == "xla":
-                name = self.jit_kernel_name
-            elif flat is not None:
-                name = seams.measured_kernel(self, flat, name)
-            kernel = get_kernel(name, self.pattern)
-        self._kernel_in_use = kernel.name
-        return kernel
+        self.build_sparse()
 
     def call(self, inputs):
         if isinstance(inputs, tf.SparseTensor):  # read from its nonzeros, never densified
@@ -290,36 +142,14 @@ class SparseDense(keras.layers.Layer):
             raise TypeError(f"SparseDense needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
-        values = tf.cast(self.values, x.dtype)
         flat = tf.reshape(x, [-1, self.input_dim])
-        kernel = self._select_kernel(flat)
-        if flat.shape[0] is not None:
-            kernel.check_batch(flat.shape[0])
-        y = self._finish(kernel(flat, values))
+        y = self._finish(self._sparse_product(flat))
         if len(x.shape) != 2:
             y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
         return y
 
-    def _finish(self, y: tf.Tensor) -> tf.Tensor:
-        """Bias, activation and the pattern guard on the product ``y``."""
-        if self.bias is not None:
-            y = y + tf.cast(self.bias, y.dtype)
-        if self.activation is not None:
-            y = self.activation(y)
-        # The guard comes last: between the product and the bias add it
-        # would keep Grappler from fusing matmul, bias and activation.
-        return self._state.guard(y, self.name)
-
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[:-1]) + (self.units,)
-
-    def to_scipy(self) -> scipy.sparse.csr_array:
-        """The current kernel as a scipy CSR array (bias not included)."""
-        return self.pattern.to_scipy(keras.ops.convert_to_numpy(self.values))
-
-    def to_dense(self) -> np.ndarray:
-        """The current kernel as a dense ``(input_dim, units)`` NumPy array."""
-        return self.pattern.to_dense(keras.ops.convert_to_numpy(self.values))
 
     def to_frame(self) -> Any:
         """Every entry as a pandas DataFrame ``input, output, weight``: names when the pattern has them.
@@ -330,54 +160,3 @@ class SparseDense(keras.layers.Layer):
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         return mask  # as Dense: a mask over the leading axes passes through
-
-    def save_own_variables(self, store: Any) -> None:
-        super().save_own_variables(store)
-        pattern_state.save_pattern(self.pattern, store)
-        evolution_step.save(self, store)
-
-    def load_own_variables(self, store: Any) -> None:
-        stored = store["0"] if "0" in store else None
-        saved_pattern = pattern_state.load_pattern(store, "the weights file", self)
-        if saved_pattern is not None:
-            pattern_state.check_replacement(self, saved_pattern, "The weights file")
-        if stored is not None and tuple(stored.shape) != (self.pattern.nnz,):
-            raise ValueError(
-                f"Saved values do not match layer '{self.name}': the pattern has "
-                f"nnz={self.pattern.nnz} but the file holds values of shape {tuple(stored.shape)}."
-            )
-        variables = self._trainable_variables + self._non_trainable_variables
-        expected = [str(i) for i in range(len(variables))]
-        missing = [key for key in expected if key not in store]
-        if missing:
-            raise ValueError(
-                f"Layer '{self.name}' expected {len(variables)} variables in the weights file "
-                f"but found none under keys {missing}."
-            )
-        if saved_pattern is not None and not pattern_state.identical(saved_pattern, self.pattern):
-            self.set_pattern(saved_pattern)
-        for key, variable in zip(expected, variables):
-            variable.assign(store[key])
-        evolution_step.load(self, store)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> SparseDense:
-        # Decoded before Keras' from_config, which turns any error into a
-        # TypeError quoting the whole config (megabytes for a large pattern).
-        return super().from_config({**config, "pattern": as_pattern(config["pattern"])})
-
-    def get_config(self) -> dict[str, Any]:
-        base_config = super().get_config()
-        config = {
-            "pattern": self.pattern.get_config(),
-            "activation": keras.activations.serialize(self.activation),
-            "use_bias": self.use_bias,
-            "values_initializer": keras.initializers.serialize(self.values_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            "values_regularizer": keras.regularizers.serialize(self.values_regularizer),
-            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-            "values_constraint": keras.constraints.serialize(self.values_constraint),
-            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
-            "kernel": self._kernel_argument,
-        }
-        return {**base_config, **config}
