@@ -22,7 +22,9 @@ from sparselayers import callbacks, export, initializers, ops, patterns  # noqa:
 from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
+from sparselayers.sparse_conv import SparseConv1D, SparseConv2D  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
 from sparselayers.towers import Towers  # noqa: E402
@@ -42,7 +44,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sparselayers' has no attribute {name!r}")
 
 __all__ = [
+    "SparseConv1D",
+    "SparseConv2D",
     "SparseDense",
+    "SparseKernelLayer",
     "SparsityPattern",
     "Towers",
     "autotune",
@@ -54,6 +59,7 @@ __all__ = [
     "ops",
     "patterns",
     "reset_compiled_functions",
+    "sparse_layers",
     "sparsify",
     "strip_pruning",
 ]

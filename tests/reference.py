@@ -41,3 +41,34 @@ def chain(x, layers) -> np.ndarray:
     for pattern, values, bias, activation in layers:
         h = _ACTIVATIONS[activation](forward(h, pattern, values, bias))
     return h
+
+
+def conv(x, kernel, strides, padding, dilation, bias=None) -> np.ndarray:
+    """Keras' ``channels_last`` convolution in float64, tap by tap (no sparselayers code).
+
+    ``kernel`` has Keras' layout ``(*kernel_size, in_channels, filters)``;
+    ``padding`` is ``"valid"``, ``"same"`` (TensorFlow's split: the extra
+    pad after) or ``"causal"`` (1-D, all before).
+    """
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    sizes = kernel.shape[:-2]
+    pads = []
+    for n, k, s, d in zip(x.shape[1:-1], sizes, strides, dilation):
+        reach = d * (k - 1)
+        if padding == "valid":
+            pads.append((0, 0))
+        elif padding == "causal":
+            pads.append((reach, 0))
+        else:
+            total = max((-(-n // s) - 1) * s + reach + 1 - n, 0)
+            pads.append((total // 2, total - total // 2))
+    x = np.pad(x, [(0, 0), *pads, (0, 0)])
+    outs = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(x.shape[1:-1], sizes, strides, dilation)]
+    y = np.zeros((x.shape[0], *[max(o, 0) for o in outs], kernel.shape[-1]))
+    for tap in np.ndindex(*sizes):
+        window = tuple(
+            slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dilation, outs, strides)
+        )
+        y += np.einsum("...c,cf->...f", x[(slice(None), *window)], kernel[tap])
+    return y if bias is None else y + np.asarray(bias, np.float64)
