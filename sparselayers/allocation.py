@@ -7,6 +7,7 @@ entries by a score and keep the best ones, in the numbers decided here.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -35,17 +36,20 @@ def check_erk_power(erk_power: Any) -> float:
     return float(erk_power)
 
 
-def erk_densities(shapes: Sequence[tuple[int, int]], density: float, erk_power: float = 1.0) -> np.ndarray:
+def erk_densities(shapes: Sequence[tuple[int, ...]], density: float, erk_power: float = 1.0) -> np.ndarray:
     """Per-layer densities of the Erdős–Rényi-Kernel rule (the RigL code's ``erdos_renyi_kernel``).
 
-    Layer ``l`` of shape ``(n_in, n_out)`` gets a density proportional to
-    ``((n_in + n_out) / (n_in * n_out)) ** erk_power``, scaled so that the
+    Layer ``l`` of kernel shape ``(n_in, n_out)`` gets a density proportional
+    to ``((n_in + n_out) / (n_in * n_out)) ** erk_power``; a convolution's
+    kernel ``(kh, kw, c_in, c_out)`` gets RigL's kernel term
+    ``(sum(shape) / prod(shape)) ** erk_power``. Densities are scaled so that the
     kept entries total ``density`` times the layers' summed size. A layer
     whose density would exceed 1 is made full and the others are scaled
     again, until none exceeds 1.
 
     Args:
-        shapes: ``(n_in, n_out)`` of each layer.
+        shapes: each layer's kernel shape in Keras' layout: ``(n_in, n_out)``
+            for Dense, ``(*kernel_size, c_in, c_out)`` for a convolution.
         density: overall density, in ``(0, 1]``.
         erk_power: exponent of the rule, > 0 (1 is the rule of the paper).
 
@@ -57,9 +61,11 @@ def erk_densities(shapes: Sequence[tuple[int, int]], density: float, erk_power: 
     >>> from sparselayers.allocation import erk_densities
     >>> erk_densities([(64, 32), (32, 10)], 0.2).round(3).tolist()
     [0.161, 0.45]
+    >>> erk_densities([(3, 3, 16, 32), (512, 10)], 0.1).round(3).tolist()
+    [0.02, 0.172]
     """
-    sizes = np.array([n_in * n_out for n_in, n_out in shapes], np.float64)
-    raw = np.array([((n_in + n_out) / (n_in * n_out)) ** erk_power for n_in, n_out in shapes], np.float64)
+    sizes = np.array([math.prod(shape) for shape in shapes], np.float64)
+    raw = np.array([(sum(shape) / math.prod(shape)) ** erk_power for shape in shapes], np.float64)
     full = np.zeros(len(shapes), bool)
     while True:
         rest = ~full
@@ -74,14 +80,14 @@ def erk_densities(shapes: Sequence[tuple[int, int]], density: float, erk_power: 
 
 
 def keep_counts(
-    shapes: Sequence[tuple[int, int]], density: float, distribution: str, erk_power: float = 1.0
+    shapes: Sequence[tuple[int, ...]], density: float, distribution: str, erk_power: float = 1.0
 ) -> list[int]:
-    """Entries each layer keeps under ``"uniform"`` or ``"erk"``: ``round(density_l * n_in * n_out)``."""
+    """Entries each layer keeps under ``"uniform"`` or ``"erk"``: ``round(density_l * prod(shape))``."""
     if distribution == "erk":
         densities = erk_densities(shapes, density, erk_power)
     else:
         densities = np.full(len(shapes), density)
-    return [round(float(d) * n_in * n_out) for d, (n_in, n_out) in zip(densities, shapes)]
+    return [round(float(d) * math.prod(shape)) for d, shape in zip(densities, shapes)]
 
 
 def top_entries(scores: np.ndarray, k: int) -> np.ndarray:
@@ -89,7 +95,7 @@ def top_entries(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-scores, kind="stable")[:k])
 
 
-def global_keep(scores: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]], density: float) -> list[np.ndarray]:
+def global_keep(scores: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]], density: float) -> list[np.ndarray]:
     """The entries that one threshold across layers keeps: the ``round(density * total size)`` best scores.
 
     Equal scores go to the earlier layer, then the earlier entry. A layer may
@@ -98,7 +104,7 @@ def global_keep(scores: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]],
     Returns:
         Sorted indices into each layer's ``scores``.
     """
-    total = sum(n_in * n_out for n_in, n_out in shapes)
+    total = sum(math.prod(shape) for shape in shapes)
     kept = top_entries(np.concatenate([np.asarray(s, np.float64) for s in scores]), round(density * total))
     bounds = np.cumsum([0] + [len(s) for s in scores])
     return [kept[(kept >= lo) & (kept < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]

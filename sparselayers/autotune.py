@@ -245,15 +245,15 @@ def autotune(
     True
     """
     from sparselayers.pattern_state import reset_compiled_functions
-    from sparselayers.sparse_dense import sparse_dense_layers
+    from sparselayers.sparse_kernel import sparse_layers
 
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`model` must be a Keras model or layer. Received: model of type {type(model).__name__}")
     rounds = check_int(rounds, "rounds", minimum=1)
-    found = sparse_dense_layers(model)
+    found = sparse_layers(model)
     if not found:
         raise ValueError(
-            f"`model` must contain at least one SparseDense layer to tune. Received: model '{model.name}' without one"
+            f"`model` must contain at least one sparse layer to tune. Received: model '{model.name}' without one"
         )
     calls = _calls_on(model, x)
     timer = timer or wall_clock
@@ -496,8 +496,8 @@ def _training_step(kernel, layer, batch: int, dtype: str, device: str) -> Callab
     kernel, so they are left out.
     """
     with tf.device(device):
-        x = tf.random.stateless_normal((batch, layer.input_dim), seed=(1, 2), dtype=dtype)
-        dy = tf.random.stateless_normal((batch, layer.units), seed=(3, 4), dtype=dtype)
+        x = tf.random.stateless_normal((batch, layer.pattern.shape[0]), seed=(1, 2), dtype=dtype)
+        dy = tf.random.stateless_normal((batch, layer.pattern.shape[1]), seed=(3, 4), dtype=dtype)
         values = tf.identity(tf.cast(layer.values.value, dtype))
 
     @tf.function

@@ -9,6 +9,7 @@ of ``fit`` and ``sparsify`` (see ``docs/finding-a-pattern.md``).
 
 from __future__ import annotations
 
+import logging
 import numbers
 import weakref
 from typing import Any, Sequence
@@ -21,14 +22,10 @@ from keras.src.models.functional import Functional
 from sparselayers._validation import _short, check_int
 from sparselayers.allocation import check_distribution, check_erk_power, global_keep, keep_counts, top_entries
 from sparselayers.ops import check_kernel_name
-from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
+from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers, sparse_twin, twin_types
 from sparselayers.sparsity_pattern import SparsityPattern
 
-# Regularizers and constraints that act entry by entry mean the same thing on
-# the kept values as on the dense kernel; others (MaxNorm, orthogonality, ...)
-# need the 2-D kernel and are dropped.
-_ELEMENTWISE_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
-_ELEMENTWISE_CONSTRAINTS = (keras.constraints.NonNeg,)
+_log = logging.getLogger("sparselayers")
 #: The values of ``criterion``.
 CRITERIA = ("magnitude", "random", "snip")
 
@@ -222,7 +219,7 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     _check_model(model)
     plan = {}
     for layer in _all_layers(model):
-        if not isinstance(layer, SparseDense) or id(layer) in plan:
+        if not isinstance(layer, SparseKernelLayer) or id(layer) in plan:
             continue
         values = keras.ops.convert_to_numpy(layer.values)
         kept = PRUNING_MASKS.get(layer)
@@ -263,7 +260,7 @@ def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, n
             clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
-        else:
+        elif isinstance(layer, keras.layers.Layer):  # not a stateless operation such as `h + x`
             _copy_state(layer, clone)
     return new_model
 
@@ -274,7 +271,7 @@ def _copy_state(layer: keras.layers.Layer, clone: keras.layers.Layer) -> None:
     A container's config (``Towers``) holds the patterns it was built with;
     RigL or SET may have moved them since, and values must follow.
     """
-    for old, new in zip(sparse_dense_layers(layer), sparse_dense_layers(clone)):
+    for old, new in zip(sparse_layers(layer), sparse_layers(clone)):
         if old.pattern != new.pattern:
             new.set_pattern(old.pattern)
     clone.set_weights(layer.get_weights())
@@ -342,14 +339,29 @@ def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def _is_prunable(layer: keras.layers.Layer) -> bool:
-    return isinstance(layer, (keras.layers.Dense, SparseDense))
+    return isinstance(layer, SparseKernelLayer) or sparse_twin(layer) is not None
+
+
+def _left_dense(layers: Sequence[keras.layers.Layer]) -> list[str]:
+    """``'name' (Type)`` of each layer that holds a kernel sparsify cannot convert."""
+    return [
+        f"'{layer.name}' ({type(layer).__name__})"
+        for layer in layers
+        if not _is_prunable(layer)
+        and not isinstance(layer, (keras.Sequential, Functional))
+        and any(len(v.shape) >= 2 for v in getattr(layer, "_trainable_variables", []))
+    ]
 
 
 def _select(model: keras.Model, layers: Any) -> list[keras.layers.Layer]:
     """The layers to prune, each checked, once each, in model order."""
     everything = _all_layers(model)
+    supported = f"{', '.join(twin_types())} and the sparse layers"
     if layers is None:
         chosen = [layer for layer in everything if _is_prunable(layer)]
+        dense = _left_dense(list(dict.fromkeys(everything)))
+        if dense:
+            _log.warning("sparsify leaves these layers dense (it converts %s): %s", supported, ", ".join(dense))
     else:
         if isinstance(layers, str):
             layers = [layers]
@@ -367,38 +379,41 @@ def _select(model: keras.Model, layers: Any) -> list[keras.layers.Layer]:
         wrong = [f"'{layer.name}' ({type(layer).__name__})" for layer in chosen if not _is_prunable(layer)]
         if wrong:
             raise ValueError(
-                f"`layers` must name Dense or SparseDense layers; {', '.join(wrong)} is not one. "
+                f"`layers` must name layers that sparsify converts ({supported}); {', '.join(wrong)} is not one. "
                 f"Received: layers={list(layers)!r}"
             )
     for layer in chosen:
-        if isinstance(layer, keras.layers.Dense):
-            if getattr(layer, "quantization_mode", None) is not None:
-                raise ValueError(
-                    f"`layers` selects the quantized Dense '{layer.name}'; sparsify before quantizing. "
-                    f"Received: layers={layers!r}"
-                )
-            rank = len(layer.kernel.shape)
-            if rank != 2:
-                raise ValueError(
-                    f"`layers` selects Dense '{layer.name}' whose kernel has rank {rank}; sparsify needs a "
-                    f"2-D (input_dim, units) kernel (exclude it with `layers=`). Received: layers={layers!r}"
-                )
+        twin = None if isinstance(layer, SparseKernelLayer) else sparse_twin(layer)
+        reason = twin and twin.check_dense_layer(layer)
+        if reason:
+            raise ValueError(
+                f"`layers` selects {type(layer).__name__} '{layer.name}', which cannot become sparse: {reason} "
+                f"(exclude it with `layers=`). Received: layers={layers!r}"
+            )
     unique = {id(layer): layer for layer in chosen}  # a shared layer appears once
     return list(unique.values())
 
 
+def _kernel_shape(layer: keras.layers.Layer) -> tuple[int, ...]:
+    """The Keras layout of the layer's kernel (ERK's shape)."""
+    if isinstance(layer, SparseKernelLayer):
+        return tuple(layer.kernel_shape())
+    return tuple(layer.kernel.shape)
+
+
 def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     """``(shape, linear positions, values)`` of the entries the layer may keep."""
-    if isinstance(layer, SparseDense):
+    if isinstance(layer, SparseKernelLayer):
         return layer.pattern.shape, layer.pattern.linear, keras.ops.convert_to_numpy(layer.values)
     kernel = keras.ops.convert_to_numpy(layer.kernel)
-    return kernel.shape, np.arange(kernel.size, dtype=np.int64), kernel.ravel()
+    view = kernel.reshape(-1, kernel.shape[-1])  # the 2-D view: every axis but the last against the last
+    return view.shape, np.arange(view.size, dtype=np.int64), view.ravel()
 
 
 def _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data) -> dict[int, tuple]:
     """Per layer id: the kept pattern (with the layer's unit names) and its values."""
     candidates = [_candidates(layer) for layer in chosen]
-    shapes = [shape for shape, _, _ in candidates]
+    shapes = [_kernel_shape(layer) for layer in chosen]
     scores = _scores(model, chosen, candidates, criterion, seed, data)
     if distribution == "global":
         keeps = global_keep(scores, shapes, density)
@@ -412,7 +427,7 @@ def _plan(model, chosen, density, block, distribution, erk_power, criterion, see
     plan = {}
     for layer, (shape, linear, values), keep in zip(chosen, candidates, keeps):
         pattern = SparsityPattern._from_linear(linear[keep], shape)
-        if isinstance(layer, SparseDense):
+        if isinstance(layer, SparseKernelLayer):
             pattern = pattern.with_names(layer.pattern.input_names, layer.pattern.output_names)
         plan[id(layer)] = (pattern, values[keep])
     return plan
@@ -449,7 +464,7 @@ def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], dat
     seed moves.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = [layer.values if isinstance(layer, SparseDense) else layer.kernel for layer in chosen]
+    variables = [layer.values if isinstance(layer, SparseKernelLayer) else layer.kernel for layer in chosen]
     with tf.GradientTape() as tape, keras.StatelessScope():
         y_pred = model(x, training=True)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
@@ -471,29 +486,14 @@ def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:
     return np.flatnonzero(chosen[tile_of])
 
 
-def _sparse_layer(layer: keras.layers.Layer, pattern: SparsityPattern) -> SparseDense:
-    """A SparseDense on ``pattern`` configured like ``layer``."""
-    if isinstance(layer, SparseDense):
+def _sparse_layer(layer: keras.layers.Layer, pattern: SparsityPattern) -> SparseKernelLayer:
+    """A sparse layer on ``pattern`` configured like ``layer`` (a sparse layer, or a Keras layer with a twin)."""
+    if isinstance(layer, SparseKernelLayer):
         config = layer.get_config()
         try:
             check_kernel_name(config["kernel"], pattern)
         except ValueError:
             config["kernel"] = "auto"  # a forced structured kernel no longer fits
         config["pattern"] = pattern
-        return SparseDense.from_config(config)
-    regularizer = layer.kernel_regularizer
-    constraint = layer.kernel_constraint
-    return SparseDense(
-        pattern,
-        activation=layer.activation,
-        use_bias=layer.use_bias,
-        bias_initializer=layer.bias_initializer,
-        values_regularizer=regularizer if isinstance(regularizer, _ELEMENTWISE_REGULARIZERS) else None,
-        bias_regularizer=layer.bias_regularizer,
-        activity_regularizer=layer.activity_regularizer,
-        values_constraint=constraint if isinstance(constraint, _ELEMENTWISE_CONSTRAINTS) else None,
-        bias_constraint=layer.bias_constraint,
-        name=layer.name,
-        dtype=layer.dtype_policy,
-        trainable=layer.trainable,
-    )
+        return type(layer).from_config(config)
+    return sparse_twin(layer).from_dense_layer(layer, pattern)

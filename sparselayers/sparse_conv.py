@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.sparse_kernel import SparseKernelLayer
+from sparselayers.sparse_kernel import SparseKernelLayer, register_twin
 
 _PADDINGS = {1: ("valid", "same", "causal"), 2: ("valid", "same")}
 
@@ -141,6 +141,24 @@ class SparseConv(SparseKernelLayer):
     def kernel_shape(self) -> tuple[int, ...]:
         return (*self.kernel_size, self.in_channels, self.filters)
 
+    @classmethod
+    def check_dense_layer(cls, layer: keras.layers.Layer) -> str | None:
+        if layer.data_format != "channels_last":
+            return f"its data_format is {layer.data_format!r}; sparse convolutions need 'channels_last'"
+        if layer.groups != 1:
+            return f"it has groups={layer.groups}; sparse convolutions take groups=1"
+        return super().check_dense_layer(layer)
+
+    @classmethod
+    def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
+        return dict(
+            kernel_size=layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format="channels_last",
+        )
+
     def build(self, input_shape: Any) -> None:
         if len(input_shape) != self.rank + 2 or input_shape[-1] != self.in_channels:
             raise ValueError(
@@ -215,6 +233,7 @@ class SparseConv(SparseKernelLayer):
         }
 
 
+@register_twin(keras.layers.Conv1D)
 @keras.saving.register_keras_serializable(package="sparselayers")
 class SparseConv1D(SparseConv):
     """1-D convolution (temporal) restricted to a fixed sparsity pattern.
@@ -264,6 +283,7 @@ class SparseConv1D(SparseConv):
     rank = 1
 
 
+@register_twin(keras.layers.Conv2D)
 @keras.saving.register_keras_serializable(package="sparselayers")
 class SparseConv2D(SparseConv):
     """2-D convolution (spatial) restricted to a fixed sparsity pattern.

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from sparselayers import seams
 from sparselayers.ops.sparse_input import sparse_input_matmul
-from sparselayers.sparse_kernel import SparseKernelLayer, as_pattern
+from sparselayers.sparse_kernel import SparseKernelLayer, as_pattern, register_twin
 from sparselayers.sparsity_pattern import SparsityPattern
 
 __all__ = ["SparseDense", "as_pattern", "sparse_dense_layers"]
@@ -37,6 +37,7 @@ def sparse_dense_layers(model: keras.layers.Layer) -> list[SparseDense]:
     return [layer for layer in found if isinstance(layer, SparseDense)]
 
 
+@register_twin(keras.layers.Dense)
 @keras.saving.register_keras_serializable(package="sparselayers")
 class SparseDense(SparseKernelLayer):
     """Densely-connected layer restricted to a fixed sparsity pattern.
@@ -108,6 +109,13 @@ class SparseDense(SparseKernelLayer):
         self.input_dim = self.pattern.shape[0]
         self.supports_masking = True
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
+
+    @classmethod
+    def check_dense_layer(cls, layer: keras.layers.Layer) -> str | None:
+        rank = len(layer.kernel.shape)
+        if rank != 2:
+            return f"its kernel has rank {rank}; SparseDense needs a 2-D (input_dim, units) kernel"
+        return super().check_dense_layer(layer)
 
     @classmethod
     def from_scipy(cls, matrix: Any, **kwargs: Any) -> SparseDense:

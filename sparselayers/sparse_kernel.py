@@ -55,6 +55,45 @@ def as_pattern(pattern: Any) -> SparsityPattern:
     )
 
 
+#: Keras layer class -> the sparse layer class that replaces it (filled by ``register_twin``).
+_TWINS: dict[type, type[SparseKernelLayer]] = {}
+
+# Regularizers and constraints that act entry by entry mean the same thing on
+# the kept values as on the dense kernel; others (MaxNorm, orthogonality, ...)
+# need the full kernel and are dropped.
+_ELEMENTWISE_REGULARIZERS = (keras.regularizers.L1, keras.regularizers.L2, keras.regularizers.L1L2)
+_ELEMENTWISE_CONSTRAINTS = (keras.constraints.NonNeg,)
+
+
+def register_twin(keras_class: type) -> Any:
+    """Class decorator: the decorated sparse layer replaces ``keras_class`` (and its subclasses) in ``sparsify``."""
+
+    def register(sparse_class: type[SparseKernelLayer]) -> type[SparseKernelLayer]:
+        _TWINS[keras_class] = sparse_class
+        return sparse_class
+
+    return register
+
+
+def sparse_twin(layer: Any) -> type[SparseKernelLayer] | None:
+    """The sparse layer class that can replace the Keras layer ``layer``, or None.
+
+    >>> import keras, sparselayers as sl
+    >>> from sparselayers.sparse_kernel import sparse_twin
+    >>> sparse_twin(keras.layers.Conv2D(4, 3)).__name__, sparse_twin(keras.layers.Conv3D(4, 3))
+    ('SparseConv2D', None)
+    """
+    for klass in type(layer).__mro__:
+        if klass in _TWINS:
+            return _TWINS[klass]
+    return None
+
+
+def twin_types() -> list[str]:
+    """Names of the Keras layer types that ``sparsify`` converts."""
+    return sorted(klass.__name__ for klass in _TWINS)
+
+
 def sparse_layers(model: keras.layers.Layer) -> list[SparseKernelLayer]:
     """Every sparse layer inside ``model`` (any type), nested models and ``Towers`` included.
 
@@ -130,6 +169,47 @@ class SparseKernelLayer(keras.layers.Layer):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self._kernel_argument = kernel
         self.set_kernel(kernel)
+
+    # The Keras layer this type replaces ---------------------------------------
+
+    @classmethod
+    def check_dense_layer(cls, layer: keras.layers.Layer) -> str | None:
+        """Why the Keras ``layer`` cannot become this type (a phrase), or None when it can."""
+        if getattr(layer, "quantization_mode", None) is not None:
+            return "it is quantized (sparsify before quantizing)"
+        return None
+
+    @classmethod
+    def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
+        """The constructor arguments of this type that the Keras ``layer`` sets, besides the shared ones."""
+        return {}
+
+    @classmethod
+    def from_dense_layer(cls, layer: keras.layers.Layer, pattern: Any) -> SparseKernelLayer:
+        """An unbuilt layer of this type on ``pattern``, configured like the Keras ``layer``.
+
+        Same name, activation, bias settings, dtype policy and trainability;
+        kernel regularizers and constraints carry over when they act entry by
+        entry (``L1``, ``L2``, ``L1L2``, ``NonNeg``), others need the full
+        kernel and are dropped.
+        """
+        regularizer = layer.kernel_regularizer
+        constraint = layer.kernel_constraint
+        return cls(
+            pattern,
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            bias_initializer=layer.bias_initializer,
+            values_regularizer=regularizer if isinstance(regularizer, _ELEMENTWISE_REGULARIZERS) else None,
+            bias_regularizer=layer.bias_regularizer,
+            activity_regularizer=layer.activity_regularizer,
+            values_constraint=constraint if isinstance(constraint, _ELEMENTWISE_CONSTRAINTS) else None,
+            bias_constraint=layer.bias_constraint,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+            trainable=layer.trainable,
+            **cls.dense_layer_arguments(layer),
+        )
 
     # The layout of the kernel ---------------------------------------------
 

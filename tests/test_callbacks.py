@@ -118,9 +118,9 @@ def test_bad_arguments_raise_at_construction(callback, kwargs, error, text):
 def test_bad_models_raise_at_the_start_of_fit():
     dense = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3)])
     dense.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match="needs a model with a SparseDense layer"):
+    with pytest.raises(ValueError, match="needs a model with a sparse layer"):
         fit(dense, sl.callbacks.SET(1, 0.3))
-    with pytest.raises(ValueError, match=r"`layers` must name SparseDense layers.*\['nope'\] not found"):
+    with pytest.raises(ValueError, match=r"`layers` must name sparse layers.*\['nope'\] not found"):
         fit(build(), sl.callbacks.RigL(1, 0.3, layers=["hidden", "nope"]))
     steps_unknown = tf.data.Dataset.from_generator(
         lambda: iter([(X[:16], Y[:16])]), output_signature=(tf.TensorSpec((None, 12)), tf.TensorSpec((None, 3)))

@@ -395,7 +395,7 @@ def test_bad_layer_names_are_refused():
     with pytest.raises(ValueError, match=r"`layers` names layers that are not in the model: \['nope'\]"):
         sl.sparsify(model, density=0.5, layers=["d", "nope"])
     for name in ["einsum", "drop"]:
-        with pytest.raises(ValueError, match=f"`layers` must name Dense or SparseDense layers; '{name}'"):
+        with pytest.raises(ValueError, match=rf"`layers` must name layers that sparsify converts \(Conv1D, Conv2D, Dense and the sparse layers\); '{name}'"):
             sl.sparsify(model, density=0.5, layers=[name])
     with pytest.raises(TypeError, match="`layers` must be a list of layer names"):
         sl.sparsify(model, density=0.5, layers=[1])
@@ -405,7 +405,7 @@ def test_bad_layer_names_are_refused():
 
 def test_a_dense_kernel_of_rank_three_is_refused():
     model = keras.Sequential([keras.Input((4,)), RankThreeKernelDense(3, name="odd")])
-    with pytest.raises(ValueError, match="`layers` selects Dense 'odd' whose kernel has rank 3"):
+    with pytest.raises(ValueError, match="`layers` selects RankThreeKernelDense 'odd', which cannot become sparse: its kernel has rank 3"):
         sl.sparsify(model, density=0.5)
 
 

@@ -20,7 +20,7 @@ from sparselayers._validation import _short, check_int, check_layer_names
 from sparselayers.callbacks.fan_in import drop_within_units, unit_counts
 from sparselayers.distribute import agreement
 from sparselayers.pattern_state import reset_compiled_functions
-from sparselayers.sparse_dense import SparseDense, sparse_dense_layers
+from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -182,7 +182,7 @@ class _RecordingKernel:
 
 
 @contextlib.contextmanager
-def _recording(layers: list[SparseDense], tape: tf.GradientTape) -> Iterator[dict[int, list]]:
+def _recording(layers: list[SparseKernelLayer], tape: tf.GradientTape) -> Iterator[dict[int, list]]:
     """Within this block, every call of ``layers`` records ``(x, x @ W)``.
 
     Wraps the layer's kernel-choice seam, per instance, so the layer's own
@@ -222,7 +222,7 @@ def _retrace_if_patterns_changed(model: keras.Model) -> None:
     ``jit_compile=True`` compute NaN. Rebuilding only on a change keeps
     the batch-recording wrappers other callbacks installed on the current one.
     """
-    versions = tuple(getattr(getattr(layer, "_state", None), "_python_version", None) for layer in sparse_dense_layers(model))
+    versions = tuple(getattr(getattr(layer, "_state", None), "_python_version", None) for layer in sparse_layers(model))
     if getattr(model, "_sparselayers_pattern_versions", None) != versions:
         reset_compiled_functions(model)
         object.__setattr__(model, "_sparselayers_pattern_versions", versions)
@@ -254,7 +254,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         # draws what the uninterrupted run would have.
         self._seed = self.seed if seed is not None else np.random.SeedSequence().entropy
         self.updates: list[dict[str, Any]] = []
-        self._layers: list[SparseDense] = []
+        self._layers: list[SparseKernelLayer] = []
         self._batch = None
         self._recording_batch = False
         self._in_fit = False
@@ -289,12 +289,12 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     # Layers ----------------------------------------------------------------
 
-    def _select_layers(self) -> list[SparseDense]:
+    def _select_layers(self) -> list[SparseKernelLayer]:
         name = type(self).__name__
-        found = sparse_dense_layers(self.model)
+        found = sparse_layers(self.model)
         if not found:
             raise ValueError(
-                f"{name} needs a model with a SparseDense layer; model '{self.model.name}' has none."
+                f"{name} needs a model with a sparse layer; model '{self.model.name}' has none."
             )
         if self.layer_names is not None:
             names = set(self.layer_names)
@@ -303,7 +303,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
             missing = [n for n in self.layer_names if n not in known]
             if missing:
                 raise ValueError(
-                    "`layers` must name SparseDense layers of the model. "
+                    "`layers` must name sparse layers of the model. "
                     f"Received: layers={self.layer_names} ({missing} not found; "
                     f"available: {sorted(layer.path for layer in found)})"
                 )
@@ -323,7 +323,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
             warnings.warn(f"{name} leaves {reason}.", stacklevel=3)
         if not evolving:
             raise ValueError(
-                f"{name} found no SparseDense layer that can evolve in model '{self.model.name}'."
+                f"{name} found no sparse layer that can evolve in model '{self.model.name}'."
             )
         return evolving
 
@@ -592,13 +592,13 @@ class _DynamicSparsity(keras.callbacks.Callback):
         if changed:
             _retrace_if_patterns_changed(self.model)
 
-    def _prepare(self, layers: list[SparseDense]) -> Any:
+    def _prepare(self, layers: list[SparseKernelLayer]) -> Any:
         """What ``_grow`` needs for this update (RigL: the layers' gradients)."""
         return None
 
     def _grow(
         self,
-        layer: SparseDense,
+        layer: SparseKernelLayer,
         kept: np.ndarray,
         n: int,
         rng: np.random.Generator,
@@ -608,12 +608,12 @@ class _DynamicSparsity(keras.callbacks.Callback):
         """``n`` sorted row-major positions outside the sorted ``kept``; ``per_unit[j]`` in column ``j`` if given."""
         raise NotImplementedError
 
-    def _record(self, step: int, layer: SparseDense, fraction: float, dropped: int, new: int) -> None:
+    def _record(self, step: int, layer: SparseKernelLayer, fraction: float, dropped: int, new: int) -> None:
         self.updates.append(
             {"step": step, "layer": layer.path, "drop_fraction": fraction, "dropped": dropped, "new": new}
         )
 
-    def _update_layer(self, layer: SparseDense, number: int, step: int, fraction: float, prepared: Any) -> bool:
+    def _update_layer(self, layer: SparseKernelLayer, number: int, step: int, fraction: float, prepared: Any) -> bool:
         pattern = layer.pattern
         per_unit = unit_counts(pattern, fraction) if self.constant_fan_in else None
         n = round(fraction * pattern.nnz) if per_unit is None else int(per_unit.sum())

@@ -15,7 +15,7 @@ from sparselayers.distribute import agreement
 from sparselayers.callbacks.dynamic import _DynamicSparsity, _recording, random_positions, top_gradient_positions
 from sparselayers.callbacks.fan_in import random_within_units, top_gradient_within_units
 from sparselayers.ops.context import observing_layers
-from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparse_kernel import SparseKernelLayer
 
 
 class RigL(_DynamicSparsity):
@@ -30,8 +30,8 @@ class RigL(_DynamicSparsity):
             update, in [0, 1); it decays to 0 at ``end_step`` (cosine).
         end_step: step from which the pattern stays fixed; default 75% of the
             steps ``fit`` runs.
-        layers: names (or paths) of the SparseDense layers to evolve; default
-            every SparseDense that can.
+        layers: names (or paths) of the sparse layers to evolve; default
+            every sparse layer that can.
         seed: seed of the random draws that complete the growth when too few
             positions have a nonzero gradient; None draws a fresh one.
         tile_elements: dense gradient entries scored at once (at least one
@@ -50,7 +50,7 @@ class RigL(_DynamicSparsity):
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: an argument out of range; at the start of ``fit``, a
-            model with no SparseDense that can evolve, a name in ``layers``
+            model with no sparse layer that can evolve, a name in ``layers``
             that matches none, or an unknown number of steps without
             ``end_step``.
 
@@ -94,7 +94,7 @@ class RigL(_DynamicSparsity):
             )
         super().attach(model, optimizer)
 
-    def _prepare(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
+    def _prepare(self, layers: list[SparseKernelLayer]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
         if self._batch is None:
             warnings.warn(
                 "RigL did not see the batch of this step (was model.train_function replaced?); "
@@ -104,7 +104,7 @@ class RigL(_DynamicSparsity):
             return {}
         return self._layer_gradients(layers)
 
-    def _layer_gradients(self, layers: list[SparseDense]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
+    def _layer_gradients(self, layers: list[SparseKernelLayer]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
         """Per layer: its input ``x`` and the loss gradient ``dy`` of ``x @ W``, on the kept batch."""
         data = self._batch
         strategy = self.model.distribute_strategy
@@ -137,7 +137,7 @@ class RigL(_DynamicSparsity):
 
     def _grow(
         self,
-        layer: SparseDense,
+        layer: SparseKernelLayer,
         kept: np.ndarray,
         n: int,
         rng: np.random.Generator,
@@ -157,7 +157,7 @@ class RigL(_DynamicSparsity):
         return grown
 
     def _grow_within_units(
-        self, layer: SparseDense, kept: np.ndarray, per_unit: np.ndarray, rng: np.random.Generator, prepared: Any
+        self, layer: SparseKernelLayer, kept: np.ndarray, per_unit: np.ndarray, rng: np.random.Generator, prepared: Any
     ) -> np.ndarray:
         units = layer.pattern.shape[1]
         grown = np.zeros(0, np.int64)

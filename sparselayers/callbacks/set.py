@@ -10,7 +10,7 @@ import numpy as np
 from sparselayers._validation import check_bool
 from sparselayers.callbacks.dynamic import _DynamicSparsity, random_positions
 from sparselayers.callbacks.fan_in import random_within_units
-from sparselayers.sparse_dense import SparseDense
+from sparselayers.sparse_kernel import SparseKernelLayer
 
 
 class SET(_DynamicSparsity):
@@ -25,8 +25,8 @@ class SET(_DynamicSparsity):
             update, in [0, 1); it decays to 0 at ``end_step`` (cosine).
         end_step: step from which the pattern stays fixed; default 75% of the
             steps ``fit`` runs.
-        layers: names (or paths) of the SparseDense layers to evolve; default
-            every SparseDense that can.
+        layers: names (or paths) of the sparse layers to evolve; default
+            every sparse layer that can.
         seed: seed of the random draws; None draws a fresh one.
         constant_fan_in: drop and grow within each output unit, so that
             every unit keeps its fan-in (as SRigL; see
@@ -40,7 +40,7 @@ class SET(_DynamicSparsity):
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: an argument out of range; at the start of ``fit``, a
-            model with no SparseDense that can evolve, a name in ``layers``
+            model with no sparse layer that can evolve, a name in ``layers``
             that matches none, or an unknown number of steps without
             ``end_step``.
 
@@ -73,7 +73,7 @@ class SET(_DynamicSparsity):
 
     def _grow(
         self,
-        layer: SparseDense,
+        layer: SparseKernelLayer,
         kept: np.ndarray,
         n: int,
         rng: np.random.Generator,
