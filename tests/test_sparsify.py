@@ -440,3 +440,47 @@ def test_pruning_benchmark_quick_mode_writes_table_and_plot(tmp_path):
     for method in ["dense", "static random", "one-shot sparsify", "gradual sparsify"]:
         assert f"| {method} |" in table
     assert (tmp_path / "pruning.png").stat().st_size > 0
+
+
+def _functional_model():
+    """Operators, keras.ops calls, a shared layer and a nested model: any Functional graph."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,), name="x")
+    shared = keras.layers.Dense(8, name="shared")
+    h = keras.layers.Dense(8, name="d1")(inputs)
+    h = keras.ops.relu(h) + inputs
+    h = shared(shared(h))
+    inner_inputs = keras.Input((8,))
+    inner = keras.Model(inner_inputs, keras.layers.Dense(4, name="inner_d")(inner_inputs) * 2.0, name="inner")
+    return keras.Model(inputs, keras.ops.tanh(inner(h)))
+
+
+def _numpy_functional(kernels, biases, x):
+    x = np.asarray(x, np.float64)
+    h = np.maximum(x @ kernels["d1"] + biases["d1"], 0.0) + x
+    for _ in range(2):
+        h = h @ kernels["shared"] + biases["shared"]
+    return np.tanh(2.0 * (h @ kernels["inner_d"] + biases["inner_d"]))
+
+
+def test_any_functional_graph_goes_through_sparsify_and_strip_pruning():
+    model = _functional_model()
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    full = sl.sparsify(model, density=1.0)
+    np.testing.assert_array_equal(full(x), model(x))
+    pruned = sl.sparsify(model, density=0.5)
+    names = ("d1", "shared", "inner_d")
+    layers = {layer.name: layer for layer in sl.sparse_layers(pruned)}
+    assert sorted(layers) == sorted(names)
+    kernels = {name: layers[name].to_dense().astype(np.float64) for name in names}
+    biases = {name: layers[name].bias.numpy() for name in names}
+    for name in names:
+        dense = next(layer for layer in model._flatten_layers() if layer.name == name).kernel.numpy()
+        kept = kernels[name] != 0
+        assert kept.sum() == round(0.5 * dense.size)
+        np.testing.assert_array_equal(kernels[name][kept], dense[kept])
+    np.testing.assert_allclose(pruned(x), _numpy_functional(kernels, biases, x), rtol=1e-5, atol=1e-5)
+    layers["d1"].values.assign(np.where(np.arange(layers["d1"].pattern.nnz) % 2, layers["d1"].values.numpy(), 0.0))
+    stripped = sl.strip_pruning(pruned)
+    assert stripped.get_layer("d1").pattern.nnz == layers["d1"].pattern.nnz // 2
+    np.testing.assert_array_equal(stripped(x), pruned(x))
