@@ -90,6 +90,28 @@ def test_towers_and_3d_inputs_export(format, tmp_path):  # noqa: A002
 
 
 @pytest.mark.parametrize("format", FORMATS)
+def test_sparse_convolutions_export_exactly(format, tmp_path):  # noqa: A002
+    inputs = keras.Input((9, 9, 3))
+    conv = sl.SparseConv2D(sl.patterns.random((27, 6), density=0.3, seed=0), 3, strides=2, padding="same", activation="relu")
+    h = sl.SparseConv2D(sl.patterns.random((6, 4), density=0.5, seed=1), 1)(conv(inputs))  # pointwise
+    sequence = keras.layers.Reshape((25, 4))(h)
+    h = sl.SparseConv1D(sl.patterns.random((12, 2), density=0.5, seed=2), 3, padding="causal")(sequence)
+    model = keras.Model(inputs, h)
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    path = _export(model, tmp_path, format)
+    artifact = sl.export.ExportedModel(path)
+    pointwise, causal = (layer for layer in model.layers[2:] if isinstance(layer, sl.SparseKernelLayer))
+    for batch in (1, 4):
+        x = rng.normal(size=(batch, 9, 9, 3)).astype("float32")
+        h = np.maximum(reference.conv(x, conv.to_dense(), (2, 2), "same", (1, 1), conv.bias.numpy()), 0.0)
+        h = reference.conv(h, pointwise.to_dense(), (1, 1), "valid", (1, 1), pointwise.bias.numpy())
+        expected = reference.conv(h.reshape(batch, 25, 4), causal.to_dense(), (1,), "causal", (1,), causal.bias.numpy())
+        np.testing.assert_allclose(artifact(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("format", FORMATS)
 def test_an_evolved_pattern_exports_with_its_current_connections(format, tmp_path):  # noqa: A002
     """After set_pattern (RigL, SET, sparsify), the artifact pairs each value with its new connection."""
     inputs = keras.Input((12,))
