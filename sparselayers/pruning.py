@@ -398,15 +398,15 @@ def _kernel_shape(layer: keras.layers.Layer) -> tuple[int, ...]:
     """The Keras layout of the layer's kernel (ERK's shape)."""
     if isinstance(layer, SparseKernelLayer):
         return tuple(layer.kernel_shape())
-    return tuple(layer.kernel.shape)
+    return tuple(sparse_twin(layer).dense_kernel_variable(layer).shape)
 
 
 def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
     """``(shape, linear positions, values)`` of the entries the layer may keep."""
     if isinstance(layer, SparseKernelLayer):
         return layer.pattern.shape, layer.pattern.linear, keras.ops.convert_to_numpy(layer.values)
-    kernel = keras.ops.convert_to_numpy(layer.kernel)
-    view = kernel.reshape(-1, kernel.shape[-1])  # the 2-D view: every axis but the last against the last
+    twin = sparse_twin(layer)
+    view = twin.dense_kernel_view(keras.ops.convert_to_numpy(twin.dense_kernel_variable(layer)))
     return view.shape, np.arange(view.size, dtype=np.int64), view.ravel()
 
 
@@ -464,12 +464,20 @@ def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], dat
     seed moves.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    variables = [layer.values if isinstance(layer, SparseKernelLayer) else layer.kernel for layer in chosen]
+    variables = [
+        layer.values if isinstance(layer, SparseKernelLayer) else sparse_twin(layer).dense_kernel_variable(layer)
+        for layer in chosen
+    ]
     with tf.GradientTape() as tape, keras.StatelessScope():
         y_pred = model(x, training=True)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
     grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [keras.ops.convert_to_numpy(g).ravel() for g in grads]
+    return [
+        keras.ops.convert_to_numpy(g).ravel()
+        if isinstance(layer, SparseKernelLayer)
+        else sparse_twin(layer).dense_kernel_view(keras.ops.convert_to_numpy(g)).ravel()
+        for layer, g in zip(chosen, grads)
+    ]
 
 
 def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:

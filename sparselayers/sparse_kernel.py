@@ -180,6 +180,19 @@ class SparseKernelLayer(keras.layers.Layer):
         return None
 
     @classmethod
+    def dense_kernel_variable(cls, layer: keras.layers.Layer) -> Any:
+        """The Keras ``layer``'s kernel variable, in its own layout (ERK reads its shape, SNIP its gradient)."""
+        return layer.kernel
+
+    @classmethod
+    def dense_kernel_view(cls, kernel: np.ndarray) -> np.ndarray:
+        """The 2-D view ``(rows, units)`` of a kernel in the Keras layout, over which patterns are laid.
+
+        Every axis but the last against the last: ``Dense`` and convolutions.
+        """
+        return kernel.reshape(-1, kernel.shape[-1])
+
+    @classmethod
     def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
         """The constructor arguments of this type that the Keras ``layer`` sets, besides the shared ones."""
         return {}
