@@ -260,6 +260,10 @@ def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, n
             clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
             if clone.bias is not None:
                 clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
+            sparse = isinstance(layer, SparseKernelLayer)
+            extras = layer.extra_weights() if sparse else sparse_twin(layer).dense_extra_weights(layer)
+            for target, source in zip(clone.extra_weights(), extras, strict=True):
+                target.assign(keras.ops.convert_to_numpy(source))
         elif isinstance(layer, keras.layers.Layer):  # not a stateless operation such as `h + x`
             _copy_state(layer, clone)
     return new_model

@@ -47,6 +47,35 @@ def _size(x: tf.Tensor, axis: int) -> Any:
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
+def _set_window(
+    layer: Any, kernel_size: Any, strides: Any, padding: Any, dilation_rate: Any, data_format: Any, causal: bool = True
+) -> None:
+    """Checks and stores the sliding window's arguments on ``layer`` (of rank ``layer.rank``), as Keras does.
+
+    ``causal=False`` refuses ``padding="causal"`` in 1-D too (as Keras' separable convolutions).
+    """
+    rank = layer.rank
+    layer.kernel_size = _tuple(kernel_size, rank, "kernel_size")
+    layer.strides = _tuple(strides, rank, "strides")
+    layer.dilation_rate = _tuple(dilation_rate, rank, "dilation_rate")
+    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:
+        raise ValueError(
+            "`strides > 1` is not supported together with `dilation_rate > 1` (as in Keras). "
+            f"Received: strides={layer.strides} and dilation_rate={layer.dilation_rate}"
+        )
+    allowed = _PADDINGS[rank] if causal else _PADDINGS[2]
+    if not isinstance(padding, str) or padding.lower() not in allowed:
+        raise ValueError(f"`padding` must be one of {list(allowed)}. Received: padding={padding!r}")
+    layer.padding = padding.lower()
+    resolved = keras.config.image_data_format() if data_format is None else data_format
+    if resolved != "channels_last":
+        raise ValueError(
+            "`data_format` must be 'channels_last': sparse convolutions read channels on the last axis "
+            f"(transpose the input instead). Received: data_format={resolved!r}"
+        )
+    layer.data_format = "channels_last"
+
+
 def output_length(length: int | None, kernel: int, stride: int, dilation: int, padding: str) -> int | None:
     """Keras' output length of one spatial axis (None stays None)."""
     if length is None:
@@ -86,26 +115,7 @@ class SparseConv(SparseKernelLayer):
         kernel: str = "auto",
         **kwargs: Any,
     ):
-        rank = self.rank
-        self.kernel_size = _tuple(kernel_size, rank, "kernel_size")
-        self.strides = _tuple(strides, rank, "strides")
-        self.dilation_rate = _tuple(dilation_rate, rank, "dilation_rate")
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                "`strides > 1` is not supported together with `dilation_rate > 1` (as in Keras). "
-                f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}"
-            )
-        allowed = _PADDINGS[rank]
-        if not isinstance(padding, str) or padding.lower() not in allowed:
-            raise ValueError(f"`padding` must be one of {list(allowed)}. Received: padding={padding!r}")
-        self.padding = padding.lower()
-        resolved = keras.config.image_data_format() if data_format is None else data_format
-        if resolved != "channels_last":
-            raise ValueError(
-                "`data_format` must be 'channels_last': sparse convolutions read channels on the last axis "
-                f"(transpose the input instead). Received: data_format={resolved!r}"
-            )
-        self.data_format = "channels_last"
+        _set_window(self, kernel_size, strides, padding, dilation_rate, data_format)
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups != 1:
             raise ValueError(
                 "`groups` must be 1: a grouped convolution is a block-diagonal pattern over the "
@@ -136,7 +146,7 @@ class SparseConv(SparseKernelLayer):
             )
         self.filters = self.units
         self.in_channels = rows // taps
-        self.input_spec = keras.layers.InputSpec(ndim=rank + 2, axes={-1: self.in_channels})
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={-1: self.in_channels})
 
     def kernel_shape(self) -> tuple[int, ...]:
         return (*self.kernel_size, self.in_channels, self.filters)

@@ -193,6 +193,20 @@ class SparseKernelLayer(keras.layers.Layer):
         return kernel.reshape(-1, kernel.shape[-1])
 
     @classmethod
+    def dense_kernel_regularization(cls, layer: keras.layers.Layer) -> tuple[Any, Any]:
+        """The Keras ``layer``'s ``(regularizer, constraint)`` of the kernel that becomes ``values``."""
+        return layer.kernel_regularizer, layer.kernel_constraint
+
+    @classmethod
+    def dense_extra_weights(cls, layer: keras.layers.Layer) -> list[Any]:
+        """The Keras ``layer``'s weights besides its kernel and bias, in the order of :meth:`extra_weights`."""
+        return []
+
+    def extra_weights(self) -> list[Any]:
+        """This layer's weights besides ``values`` and the bias (a separable convolution's depthwise kernel)."""
+        return []
+
+    @classmethod
     def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
         """The constructor arguments of this type that the Keras ``layer`` sets, besides the shared ones."""
         return {}
@@ -206,8 +220,7 @@ class SparseKernelLayer(keras.layers.Layer):
         entry (``L1``, ``L2``, ``L1L2``, ``NonNeg``), others need the full
         kernel and are dropped.
         """
-        regularizer = layer.kernel_regularizer
-        constraint = layer.kernel_constraint
+        regularizer, constraint = cls.dense_kernel_regularization(layer)
         return cls(
             pattern,
             activation=layer.activation,

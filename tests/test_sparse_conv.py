@@ -163,3 +163,57 @@ def test_input_channels_that_do_not_match_the_pattern_fail_at_build():
     layer = sl.SparseConv2D(np.ones((3 * 3 * 2, 4)), 3)
     with pytest.raises(ValueError, match=r"in_channels=2.*Received: input_shape=\(None, 8, 8, 3\)"):
         layer.build((None, 8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    "rank, options",
+    [
+        (1, dict(kernel_size=3, padding="same", dilation_rate=2, depth_multiplier=2)),
+        (1, dict(kernel_size=2, strides=2, padding="same")),
+        (2, dict(kernel_size=(3, 2), padding="same", depth_multiplier=3)),
+        (2, dict(kernel_size=3, strides=2, padding="valid")),
+    ],
+)
+def test_separable_convolutions_equal_keras_with_a_sparse_pointwise_kernel(rank, options):
+    sparse_class = {1: sl.SparseSeparableConv1D, 2: sl.SparseSeparableConv2D}[rank]
+    keras_class = {1: keras.layers.SeparableConv1D, 2: keras.layers.SeparableConv2D}[rank]
+    channels, filters, multiplier = 3, 5, options.get("depth_multiplier", 1)
+    pattern = sl.patterns.random((channels * multiplier, filters), density=0.4, seed=0)
+    layer = sparse_class(pattern, activation="relu", dtype="float64", **options)
+    twin = keras_class(filters, activation="relu", dtype="float64", **options)
+    input_shape = (2, *(9,) * rank, channels)
+    rng = np.random.default_rng(0)
+    layer.build(input_shape)
+    twin.build(input_shape)
+    layer.depthwise_kernel.assign(rng.normal(size=layer.depthwise_kernel.shape))
+    layer.values.assign(rng.normal(size=pattern.nnz))
+    layer.bias.assign(rng.normal(size=filters))
+    twin.set_weights([layer.depthwise_kernel.numpy(), layer.to_dense(), layer.bias.numpy()])
+    x = rng.normal(size=input_shape)
+    upstream = rng.normal(size=twin(x).shape)
+    y, dx, dvalues = _gradients(layer, layer.values, x, upstream)
+    y_keras, dx_keras, dkernel = _gradients(twin, twin.pointwise_kernel, x, upstream)
+    np.testing.assert_allclose(y, y_keras, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_keras, rtol=1e-12, atol=1e-12)
+    view = dkernel.reshape(pattern.shape)
+    np.testing.assert_allclose(dvalues, [view[i, j] for i, j in pattern.indices.tolist()], rtol=1e-12, atol=1e-12)
+    assert layer.compute_output_shape(input_shape) == y.shape
+
+
+def test_sparsify_converts_the_pointwise_kernel_of_separable_convolutions():
+    model = keras.Sequential([
+        keras.Input((10, 10, 3)),
+        keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, padding="same", activation="relu", name="sep"),
+        keras.layers.Reshape((100, 6)),
+        keras.layers.SeparableConv1D(4, 3, name="sep1d"),
+    ])
+    x = np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype("float32")
+    full = sl.sparsify(model, density=1.0)
+    np.testing.assert_array_equal(full(x), model(x))
+    pruned = sl.sparsify(model, density=0.5)
+    layer = pruned.get_layer("sep")
+    assert isinstance(layer, sl.SparseSeparableConv2D) and layer.pattern.nnz == round(0.5 * 6 * 6)
+    np.testing.assert_array_equal(layer.depthwise_kernel.numpy(), model.get_layer("sep").depthwise_kernel.numpy())
+    pointwise = model.get_layer("sep").pointwise_kernel.numpy().reshape(6, 6)
+    kept = layer.pattern.to_dense() != 0
+    assert np.abs(pointwise[kept]).min() >= np.abs(pointwise[~kept]).max()
