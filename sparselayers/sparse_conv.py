@@ -266,9 +266,9 @@ class SparseConv1D(SparseConv):
             ``strides > 1``).
         data_format: ``"channels_last"`` (or None with that Keras default).
         groups: 1; a grouped convolution is a block-diagonal pattern.
-        activation, use_bias, values_initializer, bias_initializer,
-        values_regularizer, bias_regularizer, activity_regularizer,
-        values_constraint, bias_constraint, kernel: as for
+        activation: Keras activation, default none; the other shared
+            arguments (``use_bias``, ``values_*``, ``bias_*``,
+            ``activity_regularizer``, ``kernel``) are those of
             :class:`~sparselayers.SparseDense`.
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
 
@@ -313,9 +313,9 @@ class SparseConv2D(SparseConv):
         dilation_rate: an int or a pair (not with ``strides > 1``).
         data_format: ``"channels_last"`` (or None with that Keras default).
         groups: 1; a grouped convolution is a block-diagonal pattern.
-        activation, use_bias, values_initializer, bias_initializer,
-        values_regularizer, bias_regularizer, activity_regularizer,
-        values_constraint, bias_constraint, kernel: as for
+        activation: Keras activation, default none; the other shared
+            arguments (``use_bias``, ``values_*``, ``bias_*``,
+            ``activity_regularizer``, ``kernel``) are those of
             :class:`~sparselayers.SparseDense`.
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
 

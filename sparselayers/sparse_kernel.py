@@ -112,8 +112,9 @@ def sparse_layers(model: keras.layers.Layer) -> list[SparseKernelLayer]:
     ...     keras.layers.Flatten(),
     ...     sl.SparseDense(sl.patterns.random((24, 2), density=0.5, seed=0), name="head"),
     ... ])
-    >>> [layer.name for layer in sl.sparse_layers(model)]
-    ['conv', 'head']
+    >>> names = [layer.name for layer in sl.sparse_layers(model)]
+    >>> names == ["conv", "head"]
+    True
     """
     found = model._flatten_layers(include_self=True, recursive=True)
     return [layer for layer in found if isinstance(layer, SparseKernelLayer)]
@@ -132,9 +133,9 @@ class SparseKernelLayer(keras.layers.Layer):
         pattern: a :class:`SparsityPattern`, a scipy.sparse matrix or array
             (its stored entries), or a 2-D 0/1 mask, over the kernel's 2-D
             view ``(rows, units)``.
-        activation, use_bias, values_initializer, bias_initializer,
-        values_regularizer, bias_regularizer, activity_regularizer,
-        values_constraint, bias_constraint, kernel: as for
+        activation: Keras activation, default none; the other shared
+            arguments (``use_bias``, ``values_*``, ``bias_*``,
+            ``activity_regularizer``, ``kernel``) are those of
             :class:`~sparselayers.SparseDense`.
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
     """

@@ -196,15 +196,16 @@ class SparseSeparableConv1D(SparseSeparableConv):
         pattern: a :class:`~sparselayers.SparsityPattern`, scipy.sparse
             matrix or 0/1 mask of shape ``(in_channels * depth_multiplier,
             filters)``.
-        kernel_size, strides, dilation_rate, data_format: as for
-            :class:`~sparselayers.SparseConv1D`.
+        kernel_size: the window, as for :class:`~sparselayers.SparseConv1D`
+            (with ``strides``, ``dilation_rate`` and ``data_format``).
         padding: ``"valid"`` or ``"same"`` (as Keras' separable convolutions).
         depth_multiplier: depthwise channels per input channel.
-        depthwise_initializer, depthwise_regularizer, depthwise_constraint:
-            Keras arguments of the dense depthwise kernel.
-        activation, use_bias, values_initializer, bias_initializer,
-        values_regularizer, bias_regularizer, activity_regularizer,
-        values_constraint, bias_constraint, kernel: as for
+        depthwise_initializer: Keras initializer of the dense depthwise
+            kernel (``depthwise_regularizer`` and ``depthwise_constraint``
+            as in Keras).
+        activation: Keras activation, default none; the other shared
+            arguments (``use_bias``, ``values_*``, ``bias_*``,
+            ``activity_regularizer``, ``kernel``) are those of
             :class:`~sparselayers.SparseDense`.
         **kwargs: Keras ``Layer`` arguments.
 
