@@ -244,6 +244,7 @@ def autotune(
     >>> row.chosen == min(row.ms, key=row.ms.get) == model.layers[0].kernel_name
     True
     """
+    from sparselayers.ops.sparse_input import SPARSE_INPUT
     from sparselayers.pattern_state import reset_compiled_functions
     from sparselayers.sparse_kernel import sparse_layers
 
@@ -265,7 +266,12 @@ def autotune(
     for layer in _ordered(found, calls):
         call = calls.get(id(layer))
         if layer._kernel_argument != "auto" or call is None:
-            reason = f"kernel={layer._kernel_argument!r} forced" if call else "not called by model(x)"
+            if call:
+                reason = f"kernel={layer._kernel_argument!r} forced"
+            elif layer.kernel_name == SPARSE_INPUT:
+                reason = "a sparse batch: read from its nonzeros, no kernel to choose"
+            else:
+                reason = "not called by model(x)"
             rows.append(_row(layer, call, {}, {}, layer.kernel_name, reason))
             continue
         batch, dtype = call

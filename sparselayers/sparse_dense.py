@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers import seams
-from sparselayers.ops.sparse_input import sparse_input_matmul
+from sparselayers.ops.sparse_input import SPARSE_INPUT, sparse_input_matmul
 from sparselayers.sparse_kernel import SparseKernelLayer, as_pattern, register_twin
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -144,6 +144,7 @@ class SparseDense(SparseKernelLayer):
 
     def call(self, inputs):
         if isinstance(inputs, tf.SparseTensor):  # read from its nonzeros, never densified
+            self._kernel_in_use = SPARSE_INPUT
             return self._finish(sparse_input_matmul(inputs, self.pattern, self.values, self.compute_dtype))
         x = inputs
         if x.dtype == tf.string or x.dtype == tf.bool:

@@ -280,7 +280,11 @@ class SparseKernelLayer(keras.layers.Layer):
         That is the kernel chosen by ``kernel=`` or :meth:`set_kernel`, unless
         the call took another: ``jit_kernel_name`` inside XLA, an export form
         while exporting, or a kernel measured faster for that batch on this
-        device (:func:`sparselayers.autotune`). Before any call, and after
+        device (:func:`sparselayers.autotune`), or ``"sparse_input"`` when
+        a ``SparseDense`` read a sparse batch from its nonzeros. A compiled
+        kernel whose ops could not run (switched off, not built, or not
+        accepting the pattern) reports the pure-TF twin that computed
+        instead. Before any call, and after
         :meth:`set_kernel` or :meth:`set_pattern`, the kernel a plain call
         runs when nothing was measured.
         """
@@ -303,7 +307,7 @@ class SparseKernelLayer(keras.layers.Layer):
                 name = self.jit_kernel_name
             elif flat is not None:
                 name = seams.measured_kernel(self, flat, name)
-            kernel = get_kernel(name, self.pattern)
+            kernel = get_kernel(name, self.pattern).resolved()
         self._kernel_in_use = kernel.name
         return kernel
 

@@ -296,6 +296,9 @@ def test_switched_off_the_kernels_compute_with_their_twins(tmp_path):
         b = sl.patterns.block_diagonal([(10, 40)] * 5)
         blocks = sl.SparseDense(b, kernel="compiled_block", use_bias=False)
         assert np.allclose(blocks(x).numpy(), x @ b.to_dense(blocks.values.numpy()), atol=1e-5), "wrong block product"
+        # kernel_name names what computed: the twins, not the switched-off compiled kernels
+        assert layer.kernel_name == sl.ops.compiled.pure_tf_kernel("compiled_csr", p), layer.kernel_name
+        assert blocks.kernel_name == "block", blocks.kernel_name
         assert sl.SparseDense(b).kernel_name == "block"
         assert sl.SparseDense(p).kernel_name == sl.ops.choose_kernel(p)
         assert not build.available() and build.library_path() is None

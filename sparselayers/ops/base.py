@@ -55,6 +55,10 @@ class Kernel:
     def check_batch(self, batch: int) -> None:
         """Raises ValueError, before any op runs, if ``batch`` rows exceed a limit of the kernel."""
 
+    def resolved(self) -> Kernel:
+        """The kernel that a call here actually runs: itself, or another it hands the call to."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pattern!r})"
 

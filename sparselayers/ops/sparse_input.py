@@ -19,7 +19,10 @@ import tensorflow as tf
 from sparselayers.ops.base import accumulation_cast, constant
 from sparselayers.sparsity_pattern import SparsityPattern
 
-__all__ = ["SparseInputProduct", "sparse_input_matmul"]
+__all__ = ["SPARSE_INPUT", "SparseInputProduct", "sparse_input_matmul"]
+
+#: The ``kernel_name`` of a layer whose last call read a sparse batch from its nonzeros.
+SPARSE_INPUT = "sparse_input"
 
 
 class SparseInputProduct:

@@ -103,6 +103,10 @@ class CompiledKernel(Kernel):
 
         return get_kernel(self.twin_for(self.pattern), self.pattern)
 
+    def resolved(self) -> Kernel:
+        """Its pure-TF twin where the compiled ops would not run (so ``kernel_name`` tells the truth)."""
+        return self if compiled_allowed() and self.fused else self._twin()
+
     def __call__(self, x, values):
         if not compiled_allowed() or not self.fused:
             return self._twin()(x, values)
