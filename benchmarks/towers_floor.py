@@ -27,6 +27,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SPARSELAYERS_AUTOTUNE_CACHE", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The sparselayers of this checkout, not an installed one.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
         calls[name] = (steps(keras.Model(inputs, towers(inputs)))[1], (x, y))
     calls["3 GEMMs"] = (three_gemms(batch, TRUNK, TOWERS * HIDDEN[0]), ())
     flops = 3 * 2 * batch * TRUNK * TOWERS * HIDDEN[0]
-    print(f"Machine: {machine()}")
+    print(f"Machine: {machine()}, load average {os.getloadavg()[0]:.1f}; sparselayers from {os.path.dirname(sl.__file__)}")
     print(f"Towers({TOWERS}, hidden_units={HIDDEN}) over {TRUNK} inputs, batch {batch}, SGD training step, "
           f"compiled ops {'built' if sl.ops.compiled.available() else 'NOT available'}; median ms\n")
     print("| measurement | Towers step ms | pure-TF layout step ms | 3 GEMMs ms | GEMM GFLOP/s | Towers / GEMMs "
