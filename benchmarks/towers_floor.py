@@ -40,13 +40,6 @@ from run import interleaved_medians, machine, steps  # noqa: E402
 TOWERS, HIDDEN, TRUNK = 1024, [16, 16], 256
 
 
-class PureTFTowers(sl.Towers):
-    """``Towers`` on its pure-TF tower layout, as before the fused tower op (for the side-by-side figure)."""
-
-    def _fused(self, inputs) -> bool:
-        return False
-
-
 def three_gemms(batch: int, trunk: int, units: int):
     """The first layer's three products as plain GEMMs, on operands made once."""
     rng = np.random.default_rng(1)
@@ -78,29 +71,24 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, TRUNK)).astype("float32"))
     y = tf.constant(rng.normal(size=(batch, TOWERS)).astype("float32"))
-    calls = {}
-    for name, layer in (("Towers step", sl.Towers), ("pure-TF layout step", PureTFTowers)):
-        keras.utils.set_random_seed(0)
-        towers = layer(TOWERS, hidden_units=HIDDEN)
-        inputs = keras.Input((TRUNK,))
-        calls[name] = (steps(keras.Model(inputs, towers(inputs)))[1], (x, y))
+    keras.utils.set_random_seed(0)
+    towers = sl.Towers(TOWERS, hidden_units=HIDDEN)
+    inputs = keras.Input((TRUNK,))
+    calls = {"Towers step": (steps(keras.Model(inputs, towers(inputs)))[1], (x, y))}
     calls["3 GEMMs"] = (three_gemms(batch, TRUNK, TOWERS * HIDDEN[0]), ())
     flops = 3 * 2 * batch * TRUNK * TOWERS * HIDDEN[0]
     print(f"Machine: {machine()}, load average {os.getloadavg()[0]:.1f}; sparselayers from {os.path.dirname(sl.__file__)}")
     print(f"Towers({TOWERS}, hidden_units={HIDDEN}) over {TRUNK} inputs, batch {batch}, SGD training step, "
           f"compiled ops {'built' if sl.ops.compiled.available() else 'NOT available'}; median ms\n")
-    print("| measurement | Towers step ms | pure-TF layout step ms | 3 GEMMs ms | GEMM GFLOP/s | Towers / GEMMs "
-          "| pure-TF layout / GEMMs |\n|---|---:|---:|---:|---:|---:|---:|")
-    ratios, before = [], []
+    print("| measurement | Towers step ms | 3 GEMMs ms | GEMM GFLOP/s | Towers / GEMMs |\n|---|---:|---:|---:|---:|")
+    ratios = []
     for k in range(args.repeat):
         medians = interleaved_medians(calls, budget=args.budget)
-        step, old, gemms = medians["Towers step"], medians["pure-TF layout step"], medians["3 GEMMs"]
+        step, gemms = medians["Towers step"], medians["3 GEMMs"]
         ratios.append(step / gemms)
-        before.append(old / gemms)
-        print(f"| {k + 1} | {1000 * step:.2f} | {1000 * old:.2f} | {1000 * gemms:.2f} | {flops / gemms / 1e9:.0f} "
-              f"| {step / gemms:.2f}x | {old / gemms:.2f}x |", flush=True)
-    for name, values in (("Towers", ratios), ("pure-TF layout", before)):
-        print(f"{name} / GEMMs: median {np.median(values):.2f}x, range {min(values):.2f}x to {max(values):.2f}x")
+        print(f"| {k + 1} | {1000 * step:.2f} | {1000 * gemms:.2f} | {flops / gemms / 1e9:.0f} | {step / gemms:.2f}x |",
+              flush=True)
+    print(f"Towers / GEMMs: median {np.median(ratios):.2f}x, range {min(ratios):.2f}x to {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

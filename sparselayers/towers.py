@@ -12,9 +12,6 @@ import tensorflow as tf
 from sparselayers import initializers as sparse_initializers
 from sparselayers import patterns
 from sparselayers._validation import _short, check_int
-from sparselayers.ops.compiled import build
-from sparselayers.ops.compiled.kernels import compiled_allowed
-from sparselayers.ops.compiled.towers import tower_layer
 from sparselayers.ops.context import layers_observed
 from sparselayers.pattern_state import identical
 from sparselayers.sparse_dense import SparseDense, as_pattern
@@ -174,8 +171,6 @@ class Towers(keras.layers.Layer):
             for layer in self.tower_layers:
                 x = layer(x)
             return x
-        if self._fused(inputs):
-            return self._fused_call(inputs)
         # Activations kept as (tower, batch, unit) from the first block layer
         # to the last: each layer is one batched matmul, with no transposes
         # in between (and none in the gradients).
@@ -194,49 +189,6 @@ class Towers(keras.layers.Layer):
         if len(inputs.shape) == 2:
             return y
         return tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.n_towers * self.output_units]], axis=0))
-
-    def _fused(self, inputs) -> bool:
-        """Whether this call runs the compiled tower op: it computes ReLU or
-        linear hidden layers in float32 or float64, wherever compiled ops may run."""
-        return (
-            self.activation in (keras.activations.relu, keras.activations.linear)
-            and tf.as_dtype(self.compute_dtype) in (tf.float32, tf.float64)
-            and (inputs.dtype == self.compute_dtype or not inputs.dtype.is_floating)
-            and compiled_allowed()
-            and build.enabled()
-            and build.available()
-        )
-
-    def _fused_call(self, inputs):
-        """The tower layout without transposes: the first layer's product
-        ``(batch, n_towers * h)`` as the first layer writes it, then each
-        block layer as one op that adds the previous layer's bias and
-        activation to its input as it reads it (and, in its gradient, their
-        gradients), so that the 16 MiB activations of a ``Towers(1024,
-        [16, 16])`` at batch 256 are never copied, biased or activated in
-        passes of their own."""
-        first, *rest = self.tower_layers
-        x = tf.cast(inputs, self.compute_dtype)
-        flat = tf.reshape(x, [-1, first.input_dim])
-        kernel = first._select_kernel(flat)
-        if flat.shape[0] is not None:
-            kernel.check_batch(flat.shape[0])
-        h = kernel(flat, tf.cast(first.values, x.dtype))
-        relu = self.activation is keras.activations.relu
-        previous = first
-        for layer in rest:
-            bias = tf.zeros([previous.units], x.dtype) if previous.bias is None else tf.cast(previous.bias, x.dtype)
-            h = tower_layer(h, bias, tf.cast(layer.values, x.dtype), self.n_towers, relu)
-            previous = layer
-        if previous.bias is not None:
-            h = h + tf.cast(previous.bias, x.dtype)
-        if previous.activation is not None:
-            h = previous.activation(h)
-        for layer in self.tower_layers:
-            h = layer._state.guard(h, layer.name)
-        if len(inputs.shape) == 2:
-            return h
-        return tf.reshape(h, tf.concat([tf.shape(inputs)[:-1], [self.n_towers * self.output_units]], axis=0))
 
     def _in_tower_layout(self) -> bool:
         """True while every layer after the first still has its block-diagonal

@@ -381,39 +381,3 @@ def test_two_processes_building_at_once_compile_once(built, tmp_path):
     assert pathlib.Path(path).read_bytes() == pathlib.Path(built).read_bytes()
     assert (tmp_path / "builds").read_text().count("build") == 1
     assert sorted(p.suffix for p in folder.iterdir()) == [".lock", ".so"]  # no temporary left
-
-
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
-@pytest.mark.parametrize("towers,r,c,batch", [(5, 4, 3, 7), (3, 17, 1, 1), (2, 1, 18, 0), (40, 16, 16, 9)])
-def test_the_tower_op_matches_the_float64_reference(built, relu, dtype, tol, towers, r, c, batch):
-    # act(a + bias) @ W for `towers` blocks of r x c, and its gradients
-    # w.r.t. a, bias and W for sum(dy * y); then the gradient of
-    # h = sum(u * d/da sum(dy * y)) w.r.t. W: sum_b u * act'(a + bias) * dy.
-    from sparselayers.ops.compiled.towers import tower_layer
-
-    rng = np.random.default_rng(5)
-    a, u = (rng.normal(size=(batch, towers * r)) for _ in range(2))
-    bias, w, dy = rng.normal(size=towers * r), rng.normal(size=towers * r * c), rng.normal(size=(batch, towers * c))
-    pre = a.reshape(batch, towers, r) + bias.reshape(towers, r)
-    s = (pre > 0).astype(np.float64) if relu else np.ones_like(pre)
-    w_blocks = w.reshape(towers, r, c)
-    dy_blocks = dy.reshape(batch, towers, c)
-    y = np.einsum("bnr,nrc->bnc", pre * s, w_blocks).reshape(batch, -1)
-    d_pre = np.einsum("bnc,nrc->bnr", dy_blocks, w_blocks) * s
-    d_w = np.einsum("bnr,bnc->nrc", pre * s, dy_blocks)
-    dd_w = np.einsum("bnr,bnc->nrc", u.reshape(batch, towers, r) * s, dy_blocks)
-    at, bt, wt = (tf.constant(v, dtype) for v in (a, bias, w))
-    with tf.GradientTape(persistent=True) as outer:
-        outer.watch([at, bt, wt])
-        with tf.GradientTape() as inner:
-            inner.watch([at, bt, wt])
-            out = tower_layer(at, bt, wt, towers, relu)
-            loss = tf.reduce_sum(out * tf.constant(dy, dtype))
-        g_a, g_b, g_w = inner.gradient(loss, [at, bt, wt])
-        h = tf.reduce_sum(tf.constant(u, dtype) * g_a)
-    np.testing.assert_allclose(out.numpy(), y, rtol=tol, atol=tol)
-    np.testing.assert_allclose(g_a.numpy(), d_pre.reshape(batch, -1), rtol=tol, atol=tol)
-    np.testing.assert_allclose(g_b.numpy(), d_pre.sum(axis=0).ravel(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(g_w.numpy(), d_w.ravel(), rtol=tol, atol=tol)
-    np.testing.assert_allclose(outer.gradient(h, wt).numpy(), dd_w.ravel(), rtol=tol, atol=tol)

@@ -1,7 +1,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import sparselayers as sl
 from tests import reference
@@ -124,60 +123,3 @@ def test_evolved_towers_legacy_h5_is_exact(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.h5", compile=False)  # Keras cannot restore "mse" from h5
     want = towers_reference(model.layers[0], x)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, rtol=1e-5, atol=1e-5)
-
-
-def towers_backprop(towers, x, upstream):
-    """Output of ``towers`` on ``x`` and the gradients of ``sum(upstream * output)`` w.r.t. ``x``, every
-    layer's values and bias, by float64 NumPy backpropagation through dense kernels (ReLU or linear)."""
-    relu = towers.activation is keras.activations.relu
-    hs, zs = [np.asarray(x, np.float64)], []
-    for k, layer in enumerate(towers.tower_layers):
-        last = k == len(towers.tower_layers) - 1
-        z = reference.forward(hs[-1], layer.pattern, layer.values.numpy(), None if layer.bias is None else layer.bias.numpy())
-        zs.append(z)
-        hs.append(z if last or not relu else np.maximum(z, 0))
-    grads, d = [], np.asarray(upstream, np.float64)
-    for k in reversed(range(len(towers.tower_layers))):
-        layer = towers.tower_layers[k]
-        if k < len(towers.tower_layers) - 1 and relu:
-            d = d * (zs[k] > 0)
-        d_x, d_values, d_bias = reference.gradients(hs[k], layer.pattern, layer.values.numpy(), d)
-        grads[:0] = [d_values] + ([d_bias] if layer.bias is not None else [])
-        d = d_x
-    return hs[-1], d, grads
-
-
-@pytest.mark.parametrize("activation", ["relu", "linear"])
-@pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("jit", [False, True])
-def test_relu_towers_match_the_float64_reference(activation, use_bias, jit):
-    # ReLU and linear towers run the compiled tower op where it is built
-    # (XLA: the pure-TF tower layout); both against float64 NumPy.
-    towers = sl.Towers(6, hidden_units=[5, 3], output_units=2, activation=activation, use_bias=use_bias)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(7, 4))
-    towers.build((None, 4))
-    for layer in towers.tower_layers:
-        if layer.bias is not None:
-            layer.bias.assign(rng.normal(size=layer.units).astype("float32"))
-    upstream = rng.normal(size=(7, 12))
-    variables = [v for layer in towers.tower_layers for v in ([layer.values] + ([layer.bias] if use_bias else []))]
-
-    @tf.function(jit_compile=jit)
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = towers(x)
-            loss = tf.reduce_sum(y * tf.constant(upstream, tf.float32))
-        return y, tape.gradient(loss, [x, *variables])
-
-    xt = tf.constant(x, tf.float32)
-    y, (d_x, *d_vars) = step(xt)
-    ops = {op.type for op in step.get_concrete_function(xt).graph.get_operations()}
-    fused = sl.ops.compiled.available() and not jit
-    assert ("SparselayersTowerForward" in ops) == fused
-    y_ref, d_x_ref, d_vars_ref = towers_backprop(towers, x, upstream)
-    np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(d_x.numpy(), d_x_ref, rtol=1e-4, atol=1e-4)
-    for got, want in zip(d_vars, d_vars_ref):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
