@@ -9,6 +9,10 @@ assert inside ``tf.function``). This times, side by side as ``run.py`` does
 ``sparse_input_matmul`` (checked) beside ``SparseInputProduct`` (the same
 product, unchecked), forward and forward plus the gradient for the layer's
 values, and prints the ratio.
+
+``--cpu-time`` times instead the process's CPU time with TensorFlow on one
+thread, calls taking turns in the same way: on a machine shared with other
+work, wall time measures the neighbours as much as the check.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SPARSELAYERS_AUTOTUNE_CACHE", "0")
@@ -56,22 +61,49 @@ def _calls(features: int, units: int, fan_in: int, batch: int, per_row: int) -> 
         def step(x, product=product):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(tf.square(product(x)))
-            return tape.gradient(loss, values)
+            return tf.convert_to_tensor(tape.gradient(loss, values))
 
         calls[("forward", name)] = (tf.function(product), (x,))
         calls[("step", name)] = (tf.function(step), (x,))
     return calls
 
 
+def cpu_time_medians(calls: dict, rounds: int, seconds: float) -> dict:
+    """Median CPU seconds per call of each call; each round runs every call, in turn, for about ``seconds``."""
+    for fn, args in calls.values():
+        fn(*args)  # traced
+    times: dict = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (fn, args) in calls.items():
+            fn(*args)  # refills the caches the previous call evicted, untimed
+            count, start = 0, time.process_time()
+            while True:
+                tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+                count += 1
+                if time.process_time() - start >= seconds:
+                    break
+            times[name].append((time.process_time() - start) / count)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny case: checks that it runs")
-    quick = parser.parse_args().quick
-    print(f"Machine: {machine()}\nMedian ms inside tf.function; checked / unchecked\n")
+    parser.add_argument("--cpu-time", action="store_true", help="CPU time on one thread instead of wall time")
+    options = parser.parse_args()
+    quick = options.quick
+    if options.cpu_time:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    what = "CPU ms, TensorFlow on one thread" if options.cpu_time else "ms"
+    print(f"Machine: {machine()}\nMedian {what} inside tf.function; checked / unchecked\n")
     print("| features | units x fan_in | batch | nonzeros per row | forward checked | forward unchecked | ratio "
           "| step checked | step unchecked | ratio |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in QUICK if quick else CASES:
-        medians = interleaved_medians(_calls(*case), budget=2 if quick else 20)
+        if options.cpu_time:
+            medians = cpu_time_medians(_calls(*case), rounds=3 if quick else 15, seconds=0.05 if quick else 0.3)
+        else:
+            medians = interleaved_medians(_calls(*case), budget=2 if quick else 20)
         ms = {key: 1e3 * value for key, value in medians.items()}
         features, units, fan_in, batch, per_row = case
         cells = []

@@ -108,8 +108,9 @@ def _checked(x: tf.SparseTensor, input_dim: int) -> tf.SparseTensor:
 
     The product would otherwise drop a negative sample index without a word
     and fail on the others with a message about its internal gathers. Two
-    reductions over the indices decide; the offending index is looked up only
-    when they fail.
+    reductions over the indices decide; eagerly, the offending index is looked
+    up only when they fail, and inside a ``tf.function`` the assertion prints
+    the smallest and largest indices (formatting more would cost every step).
     """
     low = tf.reduce_min(x.indices, axis=0)  # an empty input: int64 max, which passes
     high = tf.reduce_max(x.indices, axis=0)
