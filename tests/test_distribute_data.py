@@ -1,5 +1,9 @@
 """sl.distribute.data.sharded_batches on one process: rows, files, shuffling, bad input."""
 
+import json
+import subprocess
+import sys
+import textwrap
 import types
 
 import h5py
@@ -7,6 +11,7 @@ import numpy as np
 import pytest
 
 from sparselayers.distribute.data import sharded_batches
+from tests.cluster import ENV
 
 
 def rows_of(dataset):
@@ -77,3 +82,57 @@ def test_repeat_goes_on_with_the_epochs_a_finite_dataset_gives():
     for _ in range(3):
         for batch in finite:
             np.testing.assert_array_equal(next(endless).numpy(), batch.numpy())
+
+
+# Two replicas on one worker (two logical CPUs: device setup is per process, so a fresh one).
+_TWO_LOCAL_REPLICAS = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import numpy as np, tensorflow as tf, keras
+    import sparselayers as sl
+    from sparselayers.distribute.data import sharded_batches
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rows, batch = map(int, sys.argv[1:])
+    x = np.random.default_rng(0).normal(size=(rows, 10)).astype("float32")
+    dataset = sharded_batches(x, x @ np.ones((10, 20), "float32"), global_batch_size=batch, strategy=strategy)
+    seen = []
+    for xb, _ in dataset:
+        seen.append(np.concatenate([part.numpy() for part in strategy.experimental_local_results(xb)]).tolist())
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        layer = sl.SparseDense(sl.patterns.random((10, 20), density=1.0, seed=0))
+        model = keras.Sequential([keras.Input((10,)), layer])
+        model.compile(optimizer="sgd", loss="mse")
+    steps = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda step, logs: steps.append(step))
+    pruning = sl.callbacks.GradualPruning(0.1, frequency=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(dataset, epochs=1, verbose=0, callbacks=[counter, pruning])
+    print(json.dumps({
+        "cardinality": int(dataset.cardinality), "batches": seen, "fit_steps": len(steps),
+        "warnings": [str(w.message) for w in caught if "ran out of data" in str(w.message)],
+        "kept": int(np.count_nonzero(layer.values.numpy())), "size": 10 * 20,
+    }))
+    """
+)
+
+
+def test_two_local_replicas_count_each_global_batch_once():
+    rows, batch = 96, 8
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_LOCAL_REPLICAS, str(rows), str(batch)],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = rows // batch
+    x = np.random.default_rng(0).normal(size=(rows, 10)).astype("float32")
+    assert result["batches"] == [x[k * batch : (k + 1) * batch].tolist() for k in range(steps)]
+    assert result["cardinality"] == steps
+    assert result["fit_steps"] == steps and not result["warnings"]
+    # GradualPruning's default end_step (75% of fit's steps) is reached: the final density.
+    assert abs(result["kept"] - 0.1 * result["size"]) <= 1

@@ -1,5 +1,7 @@
 """sl.knowledge.read_topology on hand-written files in GenNet's topology.csv format."""
 
+import io
+
 import keras
 import numpy as np
 import pandas as pd
@@ -86,3 +88,54 @@ def test_bad_topologies(tmp_path, text, message):
 def test_not_a_path_or_frame():
     with pytest.raises(TypeError, match="`path_or_frame` must be a path to topology.csv or a pandas DataFrame"):
         sl.knowledge.read_topology(42)
+
+
+HEADER = "layer0_node,layer0_name,layer1_node,layer1_name\n"
+
+
+def test_names_are_read_as_text(tmp_path):
+    # Names a CSV parser would take for numbers or missing values: 1.1 and 1.10, 0672 and 672, NA, nan.
+    rows = [
+        (0, "1.1", 0, "0672"), (1, "1.10", 1, "672"), (2, "rs3", 2, "NA"), (3, "nan", 2, "NA"), (4, "1e3", 0, "0672"),
+    ]
+    text = HEADER + "".join(f"{a},{b},{c},{d}\n" for a, b, c, d in rows)
+    tables = sl.knowledge.read_topology(_write(tmp_path, text))
+    assert tables[0].input_names == tuple(name for _, name, _, _ in rows)  # in layer0_node order
+    assert tables[0].output_names == ("0672", "672", "NA")
+    assert _edges(tables[0]) == {(name, gene) for _, name, _, gene in rows}
+    # A frame read as text gives the same; one whose names pandas parsed is refused.
+    as_text = pd.read_csv(tmp_path / "topology.csv", dtype=str, keep_default_na=False)
+    assert sl.knowledge.read_topology(as_text)[0] == tables[0]
+    parsed = pd.read_csv(tmp_path / "topology.csv")  # "nan" became NaN
+    with pytest.raises(ValueError, match=r"row 3: layer0_name is missing.*pd.read_csv\(path, dtype=str"):
+        sl.knowledge.read_topology(parsed)
+
+
+BAD_ROWS = [
+    (HEADER + "0,a,0,g\n1,,0,g\n", r"line 3: layer0_name is empty"),
+    (HEADER + "0,a,0,g\n1,b,0,   \n", r"line 3: layer1_name is empty"),
+    (HEADER + "0,a,0,g\n1,b,0,\n", r"line 3: layer1_name is empty"),
+    (HEADER + "0,a,0,g\n1,b,1,h\n1.5,c,1,h\n", r"line 4: layer0_node must be a whole number >= 0\. Received: '1.5'"),
+    (HEADER + "0,a,0,g\n1,b,-1,h\n", r"line 3: layer1_node must be a whole number >= 0. Received: '-1'"),
+    (HEADER + "0,a,0,g\n,b,0,g\n", r"line 3: layer0_node must be a whole number >= 0. Received: ''"),
+    (HEADER + "0,a,0,g\n1,a,0,g\n", r"line 3: layer0_name 'a' has two nodes. Received: 0 \(line 2\) and 1"),
+    (HEADER + "0,a,0,g\n1,b,0,h\n", r"line 3: layer1_node 0 has two names. Received: 'g' \(line 2\) and 'h'"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_ROWS)
+def test_a_bad_row_is_named(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        sl.knowledge.read_topology(_write(tmp_path, text))
+
+
+def test_a_frame_row_is_named_by_its_index():
+    frame = pd.DataFrame(
+        {"layer0_node": [0, 1], "layer0_name": ["a", None], "layer1_node": [0, 0], "layer1_name": ["g", "g"]},
+        index=[10, 11],
+    )
+    with pytest.raises(ValueError, match=r"row 11: layer0_name is missing"):
+        sl.knowledge.read_topology(frame)
+    parsed = pd.read_csv(io.StringIO(HEADER + "0,1.1,0,g\n1,1.10,0,g\n"))  # pandas: both 1.1
+    with pytest.raises(ValueError, match=r"layer0_name must hold names as text; pandas parsed row 0 into 1\.1 \("):
+        sl.knowledge.read_topology(parsed)

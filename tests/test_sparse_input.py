@@ -172,3 +172,55 @@ def test_fit_on_sparse_input_needs_no_more_memory_than_keras_dense():
     ours = _peak_growth("sparselayers", *sizes)
     keras_dense = _peak_growth("keras", *sizes)
     assert ours <= keras_dense, (ours, keras_dense)
+
+
+def _seven_input_layer():
+    layer = sl.SparseDense(sl.patterns.random((7, 3), density=0.5, seed=0), dtype="float64")
+    layer.build((None, 7))
+    return layer
+
+
+# (indices, dense_shape, what the message names): each index outside (batch, input_dim).
+OUT_OF_RANGE = [
+    ([[0, 1], [-1, 0]], [2, 7], r"inputs.indices\[1\] = \[-1, 0\]"),
+    ([[2, 0]], [2, 7], r"inputs.indices\[0\] = \[2, 0\]"),
+    ([[0, 7]], [2, 7], r"inputs.indices\[0\] = \[0, 7\]"),
+    ([[1, 3], [0, -1]], [2, 7], r"inputs.indices\[1\] = \[0, -1\]"),
+]
+
+
+@pytest.mark.parametrize("indices, dense_shape, received", OUT_OF_RANGE)
+def test_an_index_outside_the_input_names_the_input(indices, dense_shape, received):
+    x = tf.SparseTensor(indices, [1.0] * len(indices), dense_shape)
+    with pytest.raises(ValueError, match=r"`inputs` must be a SparseTensor whose indices lie in \[0, dense_shape\)"):
+        _seven_input_layer()(x)
+    with pytest.raises(ValueError, match=received + r" with dense_shape=\[2, 7\]"):
+        _seven_input_layer()(x)
+
+
+@pytest.mark.parametrize(
+    "indices, dense_shape",
+    [(indices, shape) for indices, shape, _ in OUT_OF_RANGE] + [([[0, 1]], [2, 5])],  # last: 5 columns for 7 inputs
+)
+def test_inside_tf_function_an_index_outside_the_input_fails_clearly(indices, dense_shape):
+    layer = _seven_input_layer()
+    traced = tf.function(layer, input_signature=[tf.SparseTensorSpec([None, None], tf.float64)])
+    x = tf.SparseTensor(indices, tf.ones(len(indices), tf.float64), dense_shape)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"`inputs` must be a SparseTensor whose indices lie in"):
+        traced(x)
+    good = tf.SparseTensor([[1, 6], [0, 0]], tf.constant([2.0, 3.0], tf.float64), [2, 7])
+    dense = np.zeros((2, 7))
+    dense[1, 6], dense[0, 0] = 2.0, 3.0
+    want = reference.forward(dense, layer.pattern, layer.values.numpy(), layer.bias.numpy())
+    np.testing.assert_allclose(traced(good).numpy(), want, rtol=1e-12)  # unordered indices are fine
+
+
+def test_repeated_indices_add_up():
+    layer = _seven_input_layer()
+    indices = np.array([[0, 2], [1, 4], [0, 2], [0, 2], [1, 0]])
+    values = np.array([1.5, -2.0, 0.25, 4.0, 3.0])
+    x = tf.SparseTensor(indices, values, [2, 7])
+    dense = np.zeros((2, 7))
+    np.add.at(dense, tuple(indices.T), values)  # the rule scipy.sparse and tf.sparse.sparse_dense_matmul follow
+    want = reference.forward(dense, layer.pattern, layer.values.numpy(), layer.bias.numpy())
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-12)

@@ -147,8 +147,30 @@ def sharded_batches(
     if replicas == 1:
         return pipeline(0, 1)
 
+    local_replicas = []
+
     def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = replicas // context.num_input_pipelines
+        local_replicas.append(local)
         return pipeline(context.input_pipeline_id * local, local)
 
-    return strategy.distribute_datasets_from_function(per_worker)
+    distributed = strategy.distribute_datasets_from_function(per_worker)
+    if not repeat and local_replicas:
+        _count_steps_not_shares(distributed, steps, local_replicas[0])
+    return distributed
+
+
+def _count_steps_not_shares(distributed: Any, steps: int, local_replicas: int) -> None:
+    """Makes ``distributed.cardinality`` the number of steps, which ``fit`` reads.
+
+    TensorFlow reports the element count of a worker's dataset, which holds
+    one share per local replica for each step: with 2 replicas on a worker,
+    twice the steps. ``fit`` would then run past the end of the data ("ran
+    out of data"), and callbacks that default to a fraction of ``fit``'s
+    steps (RigL's and GradualPruning's ``end_step``) would never get there.
+    The count is only reported: iteration ends with the data either way, and
+    TF's iterator only asks whether the count is 0 or infinite, which stays
+    as it was. A TensorFlow that counts steps already is left alone.
+    """
+    if getattr(distributed, "_cardinality", None) == steps * local_replicas != steps:
+        distributed._cardinality = np.int64(steps)

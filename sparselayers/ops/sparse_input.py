@@ -65,6 +65,10 @@ def _product(pattern: SparsityPattern) -> SparseInputProduct:
 def sparse_input_matmul(x: tf.SparseTensor, pattern: SparsityPattern, values: tf.Tensor, dtype: str) -> tf.Tensor:
     """``x @ W`` for a 2-D ``tf.SparseTensor`` ``x``, in ``dtype`` (the layer's compute dtype for integers).
 
+    The indices of ``x`` may come in any order; an index given more than
+    once adds up its values, as ``tf.sparse.sparse_dense_matmul`` and
+    ``scipy.sparse`` do (``tf.sparse.to_dense`` refuses repeats instead).
+
     Args:
         x: ``(batch, input_dim)`` sparse tensor, any numeric dtype.
         pattern: the :class:`SparsityPattern` of ``W``.
@@ -72,10 +76,15 @@ def sparse_input_matmul(x: tf.SparseTensor, pattern: SparsityPattern, values: tf
         dtype: the dtype for integer ``x``; floating ``x`` keeps its own.
 
     Returns:
-        A dense ``(batch, units)`` tensor, equal to ``tf.sparse.to_dense(x) @ W``.
+        A dense ``(batch, units)`` tensor, equal to
+        ``tf.sparse.sparse_dense_matmul(x, W)`` (and to
+        ``tf.sparse.to_dense(x) @ W`` when no index repeats).
 
     Raises:
-        ValueError: ``x`` is not 2-D.
+        ValueError: ``x`` is not 2-D; eagerly: an index of ``x`` outside
+            ``[0, dense_shape)``, or ``dense_shape[1]`` not ``input_dim``.
+        tf.errors.InvalidArgumentError: the same inside a ``tf.function``
+            (with the smallest and largest indices and the dense shape).
         TypeError: ``x`` holds strings or booleans.
 
     Example:
@@ -91,6 +100,38 @@ def sparse_input_matmul(x: tf.SparseTensor, pattern: SparsityPattern, values: tf
         raise ValueError(f"A sparse input must be 2-D (batch, input_dim). Received: a SparseTensor of shape {x.shape}")
     if x.dtype == tf.string or x.dtype == tf.bool:
         raise TypeError(f"SparseDense needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
+    x = _checked(x, pattern.shape[0])
     if not x.dtype.is_floating:
         x = tf.SparseTensor(x.indices, tf.cast(x.values, dtype), x.dense_shape)
     return _product(pattern)(x, tf.cast(values, x.dtype))
+
+
+def _checked(x: tf.SparseTensor, input_dim: int) -> tf.SparseTensor:
+    """``x``, once its indices are known to lie in ``[0, dense_shape)`` and ``dense_shape[1] == input_dim``.
+
+    The product would otherwise drop a negative sample index without a word
+    and fail on the others with a message about its internal gathers. Two
+    reductions over the indices decide; eagerly, the offending index is looked
+    up only when they fail, and inside a ``tf.function`` the assertion prints
+    the smallest and largest indices (formatting more would cost every step).
+    """
+    low = tf.reduce_min(x.indices, axis=0)  # an empty input: int64 max, which passes
+    high = tf.reduce_max(x.indices, axis=0)
+    valid = tf.reduce_all(low >= 0) & tf.reduce_all(high < x.dense_shape) & tf.equal(x.dense_shape[1], input_dim)
+    rule = (
+        "`inputs` must be a SparseTensor whose indices lie in [0, dense_shape), with dense_shape "
+        f"(batch, {input_dim}) for input_dim={input_dim}. Received: "
+    )
+    if tf.executing_eagerly():
+        if not bool(valid):
+            indices, shape = x.indices.numpy(), x.dense_shape.numpy()
+            outside = np.flatnonzero(((indices < 0) | (indices >= shape)).any(axis=1))
+            where = f"inputs.indices[{outside[0]}] = {indices[outside[0]].tolist()} with " if len(outside) else ""
+            raise ValueError(f"{rule}{where}dense_shape={shape.tolist()}")
+        return x
+    check = tf.debugging.Assert(
+        valid,
+        [rule + "smallest (sample, feature) indices", low, "largest", high, "dense_shape", x.dense_shape],
+    )
+    with tf.control_dependencies([check]):
+        return tf.SparseTensor(tf.identity(x.indices), x.values, x.dense_shape)
