@@ -24,6 +24,7 @@ from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
 from sparselayers.sparse_conv import SparseConv1D, SparseConv2D  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers.sparse_einsum import SparseEinsumDense  # noqa: E402
 from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
@@ -47,6 +48,7 @@ __all__ = [
     "SparseConv1D",
     "SparseConv2D",
     "SparseDense",
+    "SparseEinsumDense",
     "SparseKernelLayer",
     "SparsityPattern",
     "Towers",

@@ -406,7 +406,7 @@ def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray,
     if isinstance(layer, SparseKernelLayer):
         return layer.pattern.shape, layer.pattern.linear, keras.ops.convert_to_numpy(layer.values)
     twin = sparse_twin(layer)
-    view = twin.dense_kernel_view(keras.ops.convert_to_numpy(twin.dense_kernel_variable(layer)))
+    view = twin.dense_kernel_view(keras.ops.convert_to_numpy(twin.dense_kernel_variable(layer)), layer)
     return view.shape, np.arange(view.size, dtype=np.int64), view.ravel()
 
 
@@ -475,7 +475,7 @@ def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], dat
     return [
         keras.ops.convert_to_numpy(g).ravel()
         if isinstance(layer, SparseKernelLayer)
-        else sparse_twin(layer).dense_kernel_view(keras.ops.convert_to_numpy(g)).ravel()
+        else sparse_twin(layer).dense_kernel_view(keras.ops.convert_to_numpy(g), layer).ravel()
         for layer, g in zip(chosen, grads)
     ]
 

@@ -185,10 +185,12 @@ class SparseKernelLayer(keras.layers.Layer):
         return layer.kernel
 
     @classmethod
-    def dense_kernel_view(cls, kernel: np.ndarray) -> np.ndarray:
+    def dense_kernel_view(cls, kernel: np.ndarray, layer: keras.layers.Layer | None = None) -> np.ndarray:
         """The 2-D view ``(rows, units)`` of a kernel in the Keras layout, over which patterns are laid.
 
         Every axis but the last against the last: ``Dense`` and convolutions.
+        A type whose view depends on the Keras ``layer`` (the axes of an
+        ``EinsumDense`` equation) reads it from ``layer``.
         """
         return kernel.reshape(-1, kernel.shape[-1])
 
@@ -229,6 +231,10 @@ class SparseKernelLayer(keras.layers.Layer):
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the equivalent Keras kernel, whose C-order reshape to ``pattern.shape`` is the 2-D view."""
         return self.pattern.shape
+
+    def bias_shape(self) -> tuple[int, ...]:
+        """The bias variable's shape: one entry per unit, unless the Keras twin shapes its bias otherwise."""
+        return (self.units,)
 
     def to_scipy(self) -> scipy.sparse.csr_array:
         """The kernel's 2-D view as a scipy CSR array (bias not included)."""
@@ -301,7 +307,7 @@ class SparseKernelLayer(keras.layers.Layer):
         return kernel(flat, tf.cast(self.values, flat.dtype))
 
     def _finish(self, y: tf.Tensor) -> tf.Tensor:
-        """Bias, activation and the pattern guard on the product ``y`` (units on the last axis)."""
+        """Bias, activation and the pattern guard on the product ``y``, against which the bias (:meth:`bias_shape`) broadcasts."""
         if self.bias is not None:
             y = y + tf.cast(self.bias, y.dtype)
         if self.activation is not None:
@@ -382,7 +388,7 @@ class SparseKernelLayer(keras.layers.Layer):
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias",
-                shape=(self.units,),
+                shape=self.bias_shape(),
                 initializer=self.bias_initializer,
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
