@@ -25,6 +25,7 @@ from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
 from sparselayers.sparse_conv import SparseConv1D, SparseConv2D  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparse_einsum import SparseEinsumDense  # noqa: E402
+from sparselayers.sparse_embedding import SparseEmbedding  # noqa: E402
 from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
 from sparselayers.sparsity_pattern import SparsityPattern  # noqa: E402
@@ -49,6 +50,7 @@ __all__ = [
     "SparseConv2D",
     "SparseDense",
     "SparseEinsumDense",
+    "SparseEmbedding",
     "SparseKernelLayer",
     "SparsityPattern",
     "Towers",
