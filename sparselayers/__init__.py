@@ -22,6 +22,7 @@ from sparselayers import callbacks, export, initializers, ops, patterns  # noqa:
 from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
+from sparselayers.sparse_attention import SparseMultiHeadAttention  # noqa: E402
 from sparselayers.sparse_conv import SparseConv1D, SparseConv2D  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
 from sparselayers.sparse_einsum import SparseEinsumDense  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "SparseEinsumDense",
     "SparseEmbedding",
     "SparseKernelLayer",
+    "SparseMultiHeadAttention",
     "SparsityPattern",
     "Towers",
     "autotune",

@@ -89,9 +89,42 @@ def sparse_twin(layer: Any) -> type[SparseKernelLayer] | None:
     return None
 
 
+#: Keras layer class -> the class that replaces it by making its kernel sublayers sparse (``register_container_twin``).
+_CONTAINER_TWINS: dict[type, type] = {}
+
+
+def register_container_twin(keras_class: type) -> Any:
+    """Class decorator: the decorated layer replaces ``keras_class`` in ``sparsify`` by converting its sublayers.
+
+    For layers whose kernels live in sublayers built by the layer itself
+    (``MultiHeadAttention``'s projections). The decorated class provides
+    ``kernel_sublayers(layer) -> dict[str, Layer]`` (the convertible
+    sublayers of a built ``keras_class`` or decorated layer, by a key of its
+    own) and ``from_dense_layer(layer, patterns)``, an unbuilt layer
+    configured like ``layer`` whose sublayer ``key`` is sparse on
+    ``patterns[key]`` (dense where None). ``sparsify`` then plans the
+    sublayers like any other layer; every weight of the layer must live in
+    those sublayers.
+    """
+
+    def register(container_class: type) -> type:
+        _CONTAINER_TWINS[keras_class] = container_class
+        return container_class
+
+    return register
+
+
+def container_twin(layer: Any) -> type | None:
+    """The class that makes ``layer``'s kernel sublayers sparse (see :func:`register_container_twin`), or None."""
+    for klass in type(layer).__mro__:
+        if klass in _CONTAINER_TWINS:
+            return _CONTAINER_TWINS[klass]
+    return None
+
+
 def twin_types() -> list[str]:
     """Names of the Keras layer types that ``sparsify`` converts."""
-    return sorted(klass.__name__ for klass in _TWINS)
+    return sorted(klass.__name__ for klass in (*_TWINS, *_CONTAINER_TWINS))
 
 
 def sparse_layers(model: keras.layers.Layer) -> list[SparseKernelLayer]:
