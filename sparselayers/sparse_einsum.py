@@ -163,7 +163,7 @@ class SparseEinsumDense(SparseKernelLayer):
     >>> layer = sl.SparseEinsumDense(pattern, "abc,cde->abde", (None, 4, 8), bias_axes="de")
     >>> layer(np.ones((2, 5, 16), "float32")).shape
     TensorShape([2, 5, 4, 8])
-    >>> layer.kernel_shape(), layer.bias.shape
+    >>> layer.kernel_shape(), tuple(layer.bias.shape)
     ((16, 4, 8), (4, 8))
     """
 
