@@ -22,8 +22,11 @@ from sparselayers import callbacks, export, initializers, ops, patterns  # noqa:
 from sparselayers.autotune import autotune  # noqa: E402
 from sparselayers.pattern_state import reset_compiled_functions  # noqa: E402
 from sparselayers.pruning import sparsify, strip_pruning  # noqa: E402
+from sparselayers.sparse_attention import SparseMultiHeadAttention  # noqa: E402
 from sparselayers.sparse_conv import SparseConv1D, SparseConv2D  # noqa: E402
 from sparselayers.sparse_dense import SparseDense  # noqa: E402
+from sparselayers.sparse_einsum import SparseEinsumDense  # noqa: E402
+from sparselayers.sparse_embedding import SparseEmbedding  # noqa: E402
 from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers  # noqa: E402
 from sparselayers.sparse_separable_conv import SparseSeparableConv1D, SparseSeparableConv2D  # noqa: E402
 from sparselayers import knowledge  # noqa: E402  (builds on SparseDense)
@@ -48,7 +51,10 @@ __all__ = [
     "SparseConv1D",
     "SparseConv2D",
     "SparseDense",
+    "SparseEinsumDense",
+    "SparseEmbedding",
     "SparseKernelLayer",
+    "SparseMultiHeadAttention",
     "SparseSeparableConv1D",
     "SparseSeparableConv2D",
     "SparsityPattern",

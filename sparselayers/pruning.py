@@ -22,7 +22,7 @@ from keras.src.models.functional import Functional
 from sparselayers._validation import _short, check_int
 from sparselayers.allocation import check_distribution, check_erk_power, global_keep, keep_counts, top_entries
 from sparselayers.ops import check_kernel_name
-from sparselayers.sparse_kernel import SparseKernelLayer, sparse_layers, sparse_twin, twin_types
+from sparselayers.sparse_kernel import SparseKernelLayer, container_twin, sparse_layers, sparse_twin, twin_types
 from sparselayers.sparsity_pattern import SparsityPattern
 
 _log = logging.getLogger("sparselayers")
@@ -247,6 +247,8 @@ def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, n
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
         if id(layer) in plan:
             clone = _sparse_layer(layer, plan[id(layer)][0])
+        elif _planned_sublayers(layer, plan):
+            clone = _sparse_container(layer, plan)
         else:
             clone = layer.__class__.from_config(layer.get_config())
         clones.append((layer, clone))
@@ -256,17 +258,41 @@ def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, n
     if not new_model.built:  # a Sequential built by a call, without an Input
         new_model.build(model.input_shape)
     for layer, clone in clones:
-        if id(layer) in plan:
-            clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
-            if clone.bias is not None:
-                clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
-            sparse = isinstance(layer, SparseKernelLayer)
-            extras = layer.extra_weights() if sparse else sparse_twin(layer).dense_extra_weights(layer)
-            for target, source in zip(clone.extra_weights(), extras, strict=True):
-                target.assign(keras.ops.convert_to_numpy(source))
-        elif isinstance(layer, keras.layers.Layer):  # not a stateless operation such as `h + x`
-            _copy_state(layer, clone)
+        _fill(layer, clone, plan)
     return new_model
+
+
+def _fill(layer: keras.layers.Layer, clone: keras.layers.Layer, plan: dict[int, tuple]) -> None:
+    """The clone's weights: planned values and the bias, or everything of ``layer``."""
+    if id(layer) in plan:
+        clone.values.assign(plan[id(layer)][1].astype(clone.values.dtype))
+        if clone.bias is not None:
+            clone.bias.assign(keras.ops.convert_to_numpy(layer.bias))
+        sparse = isinstance(layer, SparseKernelLayer)
+        extras = layer.extra_weights() if sparse else sparse_twin(layer).dense_extra_weights(layer)
+        for target, source in zip(clone.extra_weights(), extras, strict=True):
+            target.assign(keras.ops.convert_to_numpy(source))
+    elif _planned_sublayers(layer, plan):
+        new = container_twin(clone).kernel_sublayers(clone)
+        for key, old in container_twin(layer).kernel_sublayers(layer).items():
+            _fill(old, new[key], plan)
+    elif isinstance(layer, keras.layers.Layer):  # not a stateless operation such as `h + x`
+        _copy_state(layer, clone)
+
+
+def _planned_sublayers(layer: Any, plan: dict[int, tuple]) -> bool:
+    """Whether ``layer`` is a container (``MultiHeadAttention``) with a kernel sublayer in ``plan``."""
+    twin = container_twin(layer)
+    return twin is not None and any(id(sub) in plan for sub in twin.kernel_sublayers(layer).values())
+
+
+def _sparse_container(layer: keras.layers.Layer, plan: dict[int, tuple]) -> keras.layers.Layer:
+    """The container's twin, each planned sublayer on its planned pattern, sparse ones on theirs, dense ones dense."""
+    patterns = {
+        key: plan[id(sub)][0] if id(sub) in plan else getattr(sub, "pattern", None)
+        for key, sub in container_twin(layer).kernel_sublayers(layer).items()
+    }
+    return container_twin(layer).from_dense_layer(layer, patterns)
 
 
 def _copy_state(layer: keras.layers.Layer, clone: keras.layers.Layer) -> None:
@@ -333,12 +359,14 @@ def _check_block(block: Any) -> tuple[int, int] | None:
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Every layer of ``model`` and of the Sequential/Functional models inside it."""
+    """Every layer of ``model``, of the Sequential/Functional models inside it, and containers' kernel sublayers."""
     found = []
     for layer in model.layers:
         found.append(layer)
         if isinstance(layer, (keras.Sequential, Functional)):
             found.extend(_all_layers(layer))
+        elif container_twin(layer) is not None and layer.built:
+            found.extend(container_twin(layer).kernel_sublayers(layer).values())
     return found
 
 
@@ -380,6 +408,12 @@ def _select(model: keras.Model, layers: Any) -> list[keras.layers.Layer]:
                 f"Received: layers={list(layers)!r}"
             )
         chosen = [layer for layer in everything if layer.name in layers]
+        # Naming a container (a MultiHeadAttention) names its kernel sublayers.
+        chosen = [
+            sub
+            for layer in chosen
+            for sub in (container_twin(layer).kernel_sublayers(layer).values() if container_twin(layer) else [layer])
+        ]
         wrong = [f"'{layer.name}' ({type(layer).__name__})" for layer in chosen if not _is_prunable(layer)]
         if wrong:
             raise ValueError(
@@ -410,7 +444,7 @@ def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray,
     if isinstance(layer, SparseKernelLayer):
         return layer.pattern.shape, layer.pattern.linear, keras.ops.convert_to_numpy(layer.values)
     twin = sparse_twin(layer)
-    view = twin.dense_kernel_view(keras.ops.convert_to_numpy(twin.dense_kernel_variable(layer)))
+    view = twin.dense_kernel_view(keras.ops.convert_to_numpy(twin.dense_kernel_variable(layer)), layer)
     return view.shape, np.arange(view.size, dtype=np.int64), view.ravel()
 
 
@@ -479,7 +513,7 @@ def snip_gradients(model: keras.Model, chosen: Sequence[keras.layers.Layer], dat
     return [
         keras.ops.convert_to_numpy(g).ravel()
         if isinstance(layer, SparseKernelLayer)
-        else sparse_twin(layer).dense_kernel_view(keras.ops.convert_to_numpy(g)).ravel()
+        else sparse_twin(layer).dense_kernel_view(keras.ops.convert_to_numpy(g), layer).ravel()
         for layer, g in zip(chosen, grads)
     ]
 
@@ -503,7 +537,7 @@ def _sparse_layer(layer: keras.layers.Layer, pattern: SparsityPattern) -> Sparse
     if isinstance(layer, SparseKernelLayer):
         config = layer.get_config()
         try:
-            check_kernel_name(config["kernel"], pattern)
+            check_kernel_name(config.get("kernel", "auto"), pattern)  # a lookup has no "kernel"
         except ValueError:
             config["kernel"] = "auto"  # a forced structured kernel no longer fits
         config["pattern"] = pattern

@@ -89,9 +89,42 @@ def sparse_twin(layer: Any) -> type[SparseKernelLayer] | None:
     return None
 
 
+#: Keras layer class -> the class that replaces it by making its kernel sublayers sparse (``register_container_twin``).
+_CONTAINER_TWINS: dict[type, type] = {}
+
+
+def register_container_twin(keras_class: type) -> Any:
+    """Class decorator: the decorated layer replaces ``keras_class`` in ``sparsify`` by converting its sublayers.
+
+    For layers whose kernels live in sublayers built by the layer itself
+    (``MultiHeadAttention``'s projections). The decorated class provides
+    ``kernel_sublayers(layer) -> dict[str, Layer]`` (the convertible
+    sublayers of a built ``keras_class`` or decorated layer, by a key of its
+    own) and ``from_dense_layer(layer, patterns)``, an unbuilt layer
+    configured like ``layer`` whose sublayer ``key`` is sparse on
+    ``patterns[key]`` (dense where None). ``sparsify`` then plans the
+    sublayers like any other layer; every weight of the layer must live in
+    those sublayers.
+    """
+
+    def register(container_class: type) -> type:
+        _CONTAINER_TWINS[keras_class] = container_class
+        return container_class
+
+    return register
+
+
+def container_twin(layer: Any) -> type | None:
+    """The class that makes ``layer``'s kernel sublayers sparse (see :func:`register_container_twin`), or None."""
+    for klass in type(layer).__mro__:
+        if klass in _CONTAINER_TWINS:
+            return _CONTAINER_TWINS[klass]
+    return None
+
+
 def twin_types() -> list[str]:
     """Names of the Keras layer types that ``sparsify`` converts."""
-    return sorted(klass.__name__ for klass in _TWINS)
+    return sorted(klass.__name__ for klass in (*_TWINS, *_CONTAINER_TWINS))
 
 
 def sparse_layers(model: keras.layers.Layer) -> list[SparseKernelLayer]:
@@ -186,10 +219,12 @@ class SparseKernelLayer(keras.layers.Layer):
         return layer.kernel
 
     @classmethod
-    def dense_kernel_view(cls, kernel: np.ndarray) -> np.ndarray:
+    def dense_kernel_view(cls, kernel: np.ndarray, layer: keras.layers.Layer | None = None) -> np.ndarray:
         """The 2-D view ``(rows, units)`` of a kernel in the Keras layout, over which patterns are laid.
 
         Every axis but the last against the last: ``Dense`` and convolutions.
+        A type whose view depends on the Keras ``layer`` (the axes of an
+        ``EinsumDense`` equation) reads it from ``layer``.
         """
         return kernel.reshape(-1, kernel.shape[-1])
 
@@ -243,6 +278,10 @@ class SparseKernelLayer(keras.layers.Layer):
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the equivalent Keras kernel, whose C-order reshape to ``pattern.shape`` is the 2-D view."""
         return self.pattern.shape
+
+    def bias_shape(self) -> tuple[int, ...]:
+        """The bias variable's shape: one entry per unit, unless the Keras twin shapes its bias otherwise."""
+        return (self.units,)
 
     def to_scipy(self) -> scipy.sparse.csr_array:
         """The kernel's 2-D view as a scipy CSR array (bias not included)."""
@@ -319,7 +358,7 @@ class SparseKernelLayer(keras.layers.Layer):
         return kernel(flat, tf.cast(self.values, flat.dtype))
 
     def _finish(self, y: tf.Tensor) -> tf.Tensor:
-        """Bias, activation and the pattern guard on the product ``y`` (units on the last axis)."""
+        """Bias, activation and the pattern guard on the product ``y``, against which the bias (:meth:`bias_shape`) broadcasts."""
         if self.bias is not None:
             y = y + tf.cast(self.bias, y.dtype)
         if self.activation is not None:
@@ -400,7 +439,7 @@ class SparseKernelLayer(keras.layers.Layer):
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias",
-                shape=(self.units,),
+                shape=self.bias_shape(),
                 initializer=self.bias_initializer,
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,

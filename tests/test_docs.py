@@ -6,7 +6,10 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGES = ["docs/quickstart.md", "docs/index.md", "docs/towers.md", "docs/knowledge.md", "docs/gennet.md", "docs/autotune.md", "docs/finding-a-pattern.md", "docs/convolutions.md", "README.md"]
+PAGES = [
+    "docs/quickstart.md", "docs/index.md", "docs/towers.md", "docs/knowledge.md", "docs/gennet.md", "docs/autotune.md",
+    "docs/finding-a-pattern.md", "docs/convolutions.md", "docs/attention-and-embeddings.md", "README.md",
+]
 
 
 @pytest.mark.parametrize("page", PAGES)

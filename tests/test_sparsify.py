@@ -394,13 +394,11 @@ def test_bad_layer_names_are_refused():
     model = keras.Model(inputs, keras.layers.Dense(2, name="d")(hidden))
     with pytest.raises(ValueError, match=r"`layers` names layers that are not in the model: \['nope'\]"):
         sl.sparsify(model, density=0.5, layers=["d", "nope"])
-    for name in ["einsum", "drop"]:
-        with pytest.raises(ValueError, match=rf"`layers` must name layers that sparsify converts \(Conv1D, Conv2D, Dense and the sparse layers\); '{name}'"):
-            sl.sparsify(model, density=0.5, layers=[name])
+    with pytest.raises(ValueError, match=r"`layers` must name layers that sparsify converts \(Conv1D, Conv2D, Dense, EinsumDense, Embedding, MultiHeadAttention and the sparse layers\); 'drop'"):
+        sl.sparsify(model, density=0.5, layers=["drop"])
     with pytest.raises(TypeError, match="`layers` must be a list of layer names"):
         sl.sparsify(model, density=0.5, layers=[1])
-    # By default only Dense and SparseDense are pruned: EinsumDense stays.
-    assert type(sl.sparsify(model, density=0.5).get_layer("einsum")) is keras.layers.EinsumDense
+    assert type(sl.sparsify(model, density=0.5).get_layer("einsum")) is sl.SparseEinsumDense
 
 
 def test_a_dense_kernel_of_rank_three_is_refused():

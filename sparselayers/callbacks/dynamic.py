@@ -71,6 +71,17 @@ def random_positions(
     return ranks + np.searchsorted(taken - np.arange(taken.size), ranks, side="right")
 
 
+def input_gradient_tile(x: tf.Tensor | tf.SparseTensor, dy: tf.Tensor) -> tf.Tensor:
+    """``x.T @ dy``: a tile of the dense kernel gradient, for a dense or sparse layer input ``x``.
+
+    An embedding's input is the one-hot matrix of its ids, ``(batch,
+    input_dim)``, a ``tf.SparseTensor`` that is never densified.
+    """
+    if isinstance(x, tf.SparseTensor):
+        return tf.sparse.sparse_dense_matmul(x, dy, adjoint_a=True)
+    return tf.matmul(x, dy, transpose_a=True)
+
+
 def top_gradient_positions(
     x: tf.Tensor,
     dy: tf.Tensor,
@@ -85,7 +96,7 @@ def top_gradient_positions(
     ``max(tile_elements, input_dim)`` gradient entries exist at once.
 
     Args:
-        x: ``(batch, input_dim)`` float32 layer input.
+        x: ``(batch, input_dim)`` float32 layer input (dense, or a ``tf.SparseTensor``).
         dy: ``(batch, units)`` float32 gradient of the loss at ``x @ W``.
         kept: sorted row-major positions never chosen.
         n: how many positions to choose at most.
@@ -107,7 +118,7 @@ def top_gradient_positions(
     best = np.zeros(0, np.int64)
     for start in range(0, units, width):
         stop = min(units, start + width)
-        tile = tf.matmul(x, dy[:, start:stop], transpose_a=True)
+        tile = input_gradient_tile(x, dy[:, start:stop])
         tile = tf.abs(tile if tile_sum is None else tile_sum(tile))
         lo, hi = np.searchsorted(sorted_cols, [start, stop])
         inside = by_col[lo:hi]

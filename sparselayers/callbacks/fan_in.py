@@ -69,6 +69,8 @@ def top_gradient_within_units(
     (``tile_sum`` sums a tile over a cluster's workers there too); equal
     scores go to the lower row.
     """
+    from sparselayers.callbacks.dynamic import input_gradient_tile  # dynamic imports this module
+
     input_dim, units = int(x.shape[1]), int(dy.shape[1])
     width = max(1, tile_elements // input_dim)
     kept_rows, kept_cols = np.divmod(kept, units)
@@ -78,7 +80,7 @@ def top_gradient_within_units(
         k = int(per_unit[start:stop].max(initial=0))
         if k == 0:
             continue
-        tile = tf.matmul(dy[:, start:stop], x, transpose_a=True)  # (columns, input_dim)
+        tile = tf.transpose(input_gradient_tile(x, dy[:, start:stop]))  # (columns, input_dim)
         tile = tf.abs(tile if tile_sum is None else tile_sum(tile))
         inside = (kept_cols >= start) & (kept_cols < stop)
         if inside.any():

@@ -132,7 +132,8 @@ class RigL(_DynamicSparsity):
                 continue
             xs = [tf.cast(x_in, tf.float32) for x_in, _ in calls[id(layer)]]
             dys = [tf.cast(next(grads), tf.float32) for _ in calls[id(layer)]]
-            gradients[id(layer)] = (tf.concat(xs, axis=0), tf.concat(dys, axis=0) * share)
+            x_all = tf.sparse.concat(0, xs) if isinstance(xs[0], tf.SparseTensor) else tf.concat(xs, axis=0)
+            gradients[id(layer)] = (x_all, tf.concat(dys, axis=0) * share)
         return gradients
 
     def _grow(
