@@ -335,7 +335,7 @@ def cached_library(folder: pathlib.Path) -> pathlib.Path:
         private = pathlib.Path(tempfile.mkdtemp(prefix="sparselayers-kernels-"))
         logger.warning(
             "sparselayers: cannot write or trust %s (%s); building into %s for this process. Point %s to a "
-            "folder of this account that others cannot write to keep the build.",
+            "folder of this account that others cannot write, to keep the build for later processes.",
             folder, error, private, "SPARSELAYERS_CACHE_DIR",
         )
         return _build(cxx, private / name)
