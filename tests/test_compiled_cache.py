@@ -213,8 +213,8 @@ def test_a_cache_folder_shared_between_accounts_serves_both(built):
         shared.chmod(0o1777)  # as /tmp: everyone may add, no one may remove another's files
         first = _layer_in_a_process(shared, fake)
         second = _layer_in_a_process(shared, fake, user=NOBODY)
-        assert assert_runs_the_built_library(first, library).parent == user_folder(shared)
         theirs = assert_runs_the_built_library(second, library)
+        assert assert_runs_the_built_library(first, library).parent == user_folder(shared)
         assert (top / "builds").read_text().count("build") == 2  # once per account
         # Kept for that account's later processes: its own private folder, its file and the hash it recorded.
         assert theirs.parent == user_folder(shared, NOBODY) and theirs.stat().st_uid == NOBODY
