@@ -49,6 +49,7 @@ import tensorflow as tf
 
 from sparselayers import seams
 from sparselayers._cache import CACHE_DIR_ENV, _cache_folder
+from sparselayers._env import flag
 from sparselayers._validation import check_int
 from sparselayers.ops import KERNELS, check_kernel_name, get_kernel
 from sparselayers.ops.choose import DENSE_PRODUCT_KERNELS, fits_dense
@@ -578,7 +579,7 @@ def _cpu_model() -> str:
 
 def cache_enabled() -> bool:
     """False when ``SPARSELAYERS_AUTOTUNE_CACHE`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get(CACHE_ENABLED_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return flag(CACHE_ENABLED_ENV, default=True)
 
 
 def cache_path() -> pathlib.Path:

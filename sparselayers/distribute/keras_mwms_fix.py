@@ -22,8 +22,9 @@ call Keras' own functions unchanged. Each wrapper is installed only if the
 installed Keras still contains the faulty call (its source is read at
 import), so a Keras release that fixes the bug is left alone. The first time
 a wrapper acts, it says so once on the ``sparselayers`` logger, naming the
-upstream issue. ``SPARSELAYERS_KERAS_MWMS_FIX=0`` in the environment before
-``import sparselayers`` turns the workaround off.
+upstream issue. ``SPARSELAYERS_KERAS_MWMS_FIX=0`` (or ``false``, ``no``,
+``off``) in the environment before ``import sparselayers`` turns the
+workaround off.
 
 To drop the workaround once Keras is fixed: delete this module and its call
 in ``sparselayers/__init__.py``; ``tests/test_multi_worker.py`` then checks
@@ -40,10 +41,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from typing import Any
 
 import keras
+
+from sparselayers._env import flag
 
 ISSUE = "keras-team/keras#20585"
 ENVIRONMENT_VARIABLE = "SPARSELAYERS_KERAS_MWMS_FIX"
@@ -123,7 +125,8 @@ def installed() -> list[str]:
     Returns:
         Names among ``"reduce_per_replica"`` and ``"_maybe_symbolic_build"``;
         empty when Keras needs no workaround, the backend is not TensorFlow,
-        or ``SPARSELAYERS_KERAS_MWMS_FIX=0`` was set before import.
+        or ``SPARSELAYERS_KERAS_MWMS_FIX=0`` (or ``false``, ``no``, ``off``)
+        was set before import.
     """
     return sorted(_originals)
 
@@ -131,13 +134,13 @@ def installed() -> list[str]:
 def install() -> list[str]:
     """Installs the workaround where the installed Keras still needs it.
 
-    Idempotent. Does nothing when ``SPARSELAYERS_KERAS_MWMS_FIX=0`` or the
-    Keras backend is not TensorFlow.
+    Idempotent. Does nothing when ``SPARSELAYERS_KERAS_MWMS_FIX`` is ``0``,
+    ``false``, ``no`` or ``off``, or the Keras backend is not TensorFlow.
 
     Returns:
         The names of the replaced Keras functions, as :func:`installed`.
     """
-    if os.environ.get(ENVIRONMENT_VARIABLE, "1").strip() == "0" or keras.backend.backend() != "tensorflow":
+    if not flag(ENVIRONMENT_VARIABLE, default=True) or keras.backend.backend() != "tensorflow":
         return installed()
     trainer = _trainer_module()
     if "reduce_per_replica" not in _originals and _still_faulty(trainer.reduce_per_replica, _FAULTY_REDUCE):
