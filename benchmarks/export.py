@@ -5,8 +5,8 @@
 
 For each pattern (random at densities 0.1% to 30%, block diagonal, banded),
 a one-layer model ``SparseDense(pattern)`` (kernel="auto"; exported by
-default, whose size follows nnz, and inside ``sl.export.densified()``, the
-latency-first layout) and the same model
+default, in the format's sparse encoding, inside ``sl.export.gather_graph()``
+and inside ``sl.export.densified()``) and the same model
 with a dense kernel (``keras.layers.Dense`` holding ``pattern.to_dense(values)``)
 are exported with Keras' own ``model.export(path, format=...)`` to LiteRT and
 to ONNX. Each artifact runs at batch 1 in its deployment runtime (the LiteRT
@@ -40,17 +40,18 @@ from sparselayers.ops.context import exporting  # noqa: E402
 
 FORMATS = {"litert": ".tflite", "onnx": ".onnx"}
 #: Rows of the table: (label, Keras format, extra model.export arguments,
-#: inside ``sl.export.densified()``). The plain rows are the default, whose
-#: size follows nnz; "densified" rows the latency-first layout (dense kernel
-#: from 6% density); "sparse weights" is LiteRT's own sparse weight format:
-#: the layer exports its densified kernel, which the converter stores sparse
-#: (see docs/deploying.md).
+#: layout block or None). The plain rows are the default: the dense product
+#: stored in the format's sparse encoding (LiteRT sparse tensors, ONNX
+#: sparse_initializer); "gather graph" rows are ``sl.export.gather_graph()``
+#: (ELL or gather and segment sum, for runtimes without sparse tensors);
+#: "densified" rows ``sl.export.densified()`` (dense kernel from 6% density).
 VARIANTS = [
-    ("litert", "litert", {}, False),
-    ("onnx", "onnx", {}, False),
-    ("litert densified", "litert", {}, True),
-    ("onnx densified", "onnx", {}, True),
-    ("litert sparse weights", "litert", {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}, False),
+    ("litert", "litert", {}, None),
+    ("onnx", "onnx", {}, None),
+    ("litert gather graph", "litert", {}, "gather_graph"),
+    ("onnx gather graph", "onnx", {}, "gather_graph"),
+    ("litert densified", "litert", {}, "densified"),
+    ("onnx densified", "onnx", {}, "densified"),
 ]
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3]
 
@@ -111,27 +112,30 @@ def per_call_times(calls: dict, x: np.ndarray, budget: float, rounds: int) -> di
     return {name: float(np.min(t)) for name, t in times.items()}
 
 
+def _layout(name: str | None):
+    return getattr(sl.export, name)() if name else contextlib.nullcontext()
+
+
 def run(n: int, densities: list[float], budget: float, rounds: int, directory: str) -> list[dict]:
     x = np.random.default_rng(1).normal(size=(1, n)).astype("float32")
     rows = []
     for label, density, pattern in cases(n, densities):
         sparse, dense = models(pattern)
         calls, sizes, kernels = {}, {}, {}
-        for variant, format, options, densified in VARIANTS:  # noqa: A001
-            layout = sl.export.densified() if densified else contextlib.nullcontext()
-            with exporting(format, **options), layout:
+        for variant, format, options, layout in VARIANTS:  # noqa: A001
+            with exporting(format, **options), _layout(layout):
                 kernels[variant] = sparse.layers[-1]._select_kernel().name
             for name, model in (("sparse", sparse), ("dense", dense)):
-                if name == "dense" and (options or densified):
+                if name == "dense" and (options or layout):
                     continue  # the dense baseline is the plain export
-                with sl.export.densified() if densified else contextlib.nullcontext():
+                with _layout(layout):
                     path = export(model, directory, f"{name}-{len(calls)}", format, **options)
                 # 1e-4: the dense baseline sums 2048 terms per output, in another order than Keras
                 sl.export.check_export(model, path, np.repeat(x, 3, axis=0), atol=1e-4)
                 calls[name, variant] = sl.export.ExportedModel(path, num_threads=1)
                 sizes[name, variant] = os.path.getsize(path)
         times = per_call_times(calls, x, budget, rounds)
-        for variant, format, options, densified in VARIANTS:  # noqa: A001
+        for variant, format, options, layout in VARIANTS:  # noqa: A001
             baseline = format  # the plain export of the dense model
             row = {
                 "case": label,
@@ -181,10 +185,9 @@ def plot(rows: list[dict], n: int, path: str) -> None:
     for ax, format in zip(axes, FORMATS):  # noqa: A001
         swept = [r for r in rows if r["format"] == format and r["density"] is not None]
         d = [100 * r["density"] for r in swept]
-        ax.plot(d, [r["sparse_us"] for r in swept], "o-", color="C0", label="SparseDense (kernel='auto')")
-        if format == "litert":
-            fc = [r for r in rows if r["format"] == "litert sparse weights" and r["density"] is not None]
-            ax.plot(d, [r["sparse_us"] for r in fc], "v-", color="C1", label="SparseDense, EXPERIMENTAL_SPARSITY")
+        ax.plot(d, [r["sparse_us"] for r in swept], "o-", color="C0", label="SparseDense, default (sparse storage)")
+        gathered = [r for r in rows if r["format"] == f"{format} gather graph" and r["density"] is not None]
+        ax.plot(d, [r["sparse_us"] for r in gathered], "v-", color="C1", label="SparseDense, sl.export.gather_graph()")
         densified = [r for r in rows if r["format"] == f"{format} densified" and r["density"] is not None]
         ax.plot(d, [r["sparse_us"] for r in densified], "x:", color="C5", label="SparseDense, sl.export.densified()")
         ax.plot(d, [r["dense_us"] for r in swept], "s--", color="C2", label="same model, dense kernel")

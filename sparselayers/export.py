@@ -2,9 +2,14 @@
 
 Export itself is Keras' own call: ``model.export("m.tflite", format="litert")``
 or ``model.export("m.onnx", format="onnx")``. While Keras traces the model,
-every :class:`~sparselayers.SparseDense` swaps its kernel for one the format
-can express (:mod:`sparselayers.ops.export_kernels`), reading the same
-values. The functions here run an artifact with the runtime a deployment
+every sparse layer swaps its kernel for one the format can express
+(:mod:`sparselayers.ops.export_kernels`), reading the same values. By
+default a scattered pattern traces its kernel with exact zeros, and the
+converter stores it in the format's own sparse encoding (LiteRT's sparse
+tensors, ONNX's ``sparse_initializer``; :mod:`sparselayers.ops.sparse_storage`):
+the file follows the entries, the runtime multiplies at dense speed or
+faster. :func:`gather_graph` and :func:`densified` are the layouts for
+runtimes without sparse tensors. The functions here run an artifact with the runtime a deployment
 uses (the LiteRT interpreter, onnxruntime) and compare it with the Keras
 model, which is what a test or a release script should do after exporting.
 They need the ``export`` extra: ``pip install "sparselayers[export]"``.
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sparselayers.ops.context import densified_export
+from sparselayers.ops.context import densified_export, gather_graph_export
 
 #: Largest max absolute difference :func:`check_export` accepts by default
 #: between the artifact's float32 outputs and the Keras model's.
@@ -61,15 +66,15 @@ def _litert_interpreter(path: str, num_threads: int | None) -> Any:
 
 
 def densified() -> Any:
-    """Within this block, exports store scattered patterns as a dense kernel: the latency-first layout.
+    """Within this block, exports store scattered patterns as a plain dense kernel.
 
-    By default a LiteRT or ONNX artifact's size follows ``nnz`` at any
-    density (ELL or gather-and-segment-sum forms). At batch 1 a dense matmul
-    outruns those forms from about 3% to 5% density (``benchmarks/export.py``),
-    so when latency matters more than size, export inside this block: from a
-    density of 6% a scattered layer multiplies by its densified kernel and
-    the artifact stores ``4 * input_dim * units`` bytes. Block and banded
-    layers keep their kernels either way.
+    For runtimes that read neither LiteRT's sparse tensors nor ONNX's
+    ``sparse_initializer``: from a density of 6% a scattered layer
+    multiplies by its densified kernel and the artifact stores
+    ``4 * input_dim * units`` bytes; below, it takes the
+    :func:`gather_graph` form. Block and banded layers keep their kernels
+    either way. By default (outside this block) the same dense product is
+    stored sparse, which is as fast and several times smaller.
 
     Example:
 
@@ -77,14 +82,117 @@ def densified() -> Any:
     >>> inputs = keras.Input((64,))
     >>> model = keras.Model(inputs, sl.SparseDense(sl.patterns.random((64, 64), density=0.1, seed=0))(inputs))
     >>> _ = model(np.zeros((1, 64), "float32"))
-    >>> small, fast = (os.path.join(tempfile.mkdtemp(), name) for name in ("small.onnx", "fast.onnx"))
+    >>> small, plain = (os.path.join(tempfile.mkdtemp(), name) for name in ("small.onnx", "plain.onnx"))
     >>> model.export(small, format="onnx", verbose=False)
     >>> with sl.export.densified():
-    ...     model.export(fast, format="onnx", verbose=False)
-    >>> os.path.getsize(small) < os.path.getsize(fast)
+    ...     model.export(plain, format="onnx", verbose=False)
+    >>> os.path.getsize(small) < os.path.getsize(plain)
     True
     """
     return densified_export()
+
+
+def gather_graph() -> Any:
+    """Within this block, exports store scattered patterns as index constants and a gather graph.
+
+    For runtimes without sparse tensors that still need a file whose size
+    follows the entries: each output gathers its inputs, multiplies by its
+    values and sums (ELL; gather and ``unsorted_segment_sum`` when columns
+    are very uneven), about 8 bytes per entry, with builtin ops only. At
+    batch 1 it is slower than a dense matmul from about 1% (onnxruntime) to
+    3% (LiteRT) density (``benchmarks/export.py``); the default export is
+    not.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, sparselayers as sl
+    >>> inputs = keras.Input((64,))
+    >>> layer = sl.SparseDense(sl.patterns.random((64, 64), density=0.1, seed=0))
+    >>> model = keras.Model(inputs, layer(inputs))
+    >>> _ = model(np.zeros((1, 64), "float32"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "gather.onnx")
+    >>> with sl.export.gather_graph():
+    ...     model.export(path, format="onnx", verbose=False)
+    >>> layer.kernel_name
+    'ell'
+    """
+    return gather_graph_export()
+
+
+def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The weights that an artifact stores in its format's sparse encoding, and how its runtime reads them.
+
+    Args:
+        path: a ``.tflite`` or ``.onnx`` file.
+
+    Returns:
+        One dict per sparse weight, with ``name``, ``shape`` (dense) and
+        ``entries`` (stored values, padding of blocks included). For LiteRT
+        also ``block``, the shape of its blocks in the tensor's own layout
+        (``(1, 1)`` for random sparsity; ``FULLY_CONNECTED`` stores
+        ``(units, input_dim)``, so its ``(1, 4)`` blocks are 4 consecutive
+        inputs of one unit) and ``read_by``, the operator that reads it:
+        ``"DENSIFY"`` when the interpreter expands it once at load, or the
+        operator that multiplies by it sparse (``"FULLY_CONNECTED"``).
+
+    Raises:
+        ValueError: ``path`` is neither ``.tflite`` nor ``.onnx``.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, sparselayers as sl
+    >>> inputs = keras.Input((64,))
+    >>> model = keras.Model(inputs, sl.SparseDense(sl.patterns.random((64, 32), density=0.1, seed=0))(inputs))
+    >>> _ = model(np.zeros((1, 64), "float32"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
+    >>> model.export(path, format="litert", verbose=False)
+    >>> [(w["shape"], w["block"], w["read_by"]) for w in sl.export.sparse_weights(path)]
+    [((32, 64), (1, 1), 'DENSIFY')]
+    """
+    path = os.fspath(path)
+    if artifact_format(path) == "onnx":
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        return [
+            {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims))}
+            for t in graph.sparse_initializer
+        ]
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    found = []
+    for subgraph in model.subgraphs:
+        readers: dict[int, str] = {}
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            for index in op.inputs if op.inputs is not None else ():
+                readers.setdefault(int(index), names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
+        for index, tensor in enumerate(subgraph.tensors):
+            sparsity = tensor.sparsity
+            if sparsity is None:
+                continue
+            shape = tuple(int(d) for d in tensor.shape)
+            block_map = [int(d) for d in sparsity.blockMap] if sparsity.blockMap is not None else []
+            metadata = sparsity.dimMetadata
+            block = tuple(
+                int(metadata[len(shape) + block_map.index(d)].denseSize) if d in block_map else 1 for d in range(len(shape))
+            )
+            buffer = model.buffers[tensor.buffer]
+            entries = (len(buffer.data) if buffer.data is not None else int(buffer.size)) // _ITEM_BYTES.get(tensor.type, 4)
+            found.append({
+                "name": (tensor.name or b"").decode(), "shape": shape, "entries": entries, "block": block,
+                "read_by": readers.get(index, ""),
+            })
+    return found
+
+
+#: Bytes per element of LiteRT tensor types a sparse weight may have (schema's TensorType codes).
+_ITEM_BYTES = {0: 4, 1: 2, 9: 1, 3: 1}
 
 
 class ExportedModel:
@@ -110,7 +218,10 @@ class ExportedModel:
             import onnx
             import onnxruntime
 
-            onnx.checker.check_model(self.path, full_check=True)
+            # onnx's strict shape inference types a sparse_initializer as a sparse
+            # tensor, which MatMul does not take; onnxruntime densifies it at load.
+            sparse = len(onnx.load(self.path, load_external_data=False).graph.sparse_initializer) > 0
+            onnx.checker.check_model(self.path, full_check=not sparse)
             options = onnxruntime.SessionOptions()
             if num_threads is not None:
                 options.intra_op_num_threads = options.inter_op_num_threads = num_threads

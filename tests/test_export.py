@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import keras
@@ -37,11 +38,13 @@ CASES = {
     "banded": (sl.patterns.banded((16, 16), lower=2, upper=3), "banded", "banded"),
     "dense-forced": (sl.patterns.random((16, 8), density=0.3, seed=1), "dense", "dense"),
     "gather-forced": (sl.patterns.random((16, 8), density=0.2, seed=2), "gather", "gather"),
-    "auto-sparse": (sl.patterns.random((64, 32), density=0.05, seed=3), "auto", "ell"),
-    "auto-uneven": (_uneven(), "auto", "gather"),
-    "auto-dense": (sl.patterns.random((16, 8), density=0.7, seed=4), "auto", "dense"),  # dense is the smaller artifact
-    "empty": (sl.SparsityPattern.from_dense(np.zeros((6, 3))), "auto", "ell"),
+    "auto-sparse": (sl.patterns.random((64, 32), density=0.05, seed=3), "auto", "dense"),  # stored sparse
+    "auto-uneven": (_uneven(), "auto", "dense"),
+    "auto-dense": (sl.patterns.random((16, 8), density=0.7, seed=4), "auto", "dense"),
+    "empty": (sl.SparsityPattern.from_dense(np.zeros((6, 3))), "auto", "dense"),
 }
+#: Inside sl.export.gather_graph(): (case, the export kernel it must trace with)
+GATHER_GRAPH_CASES = {"auto-sparse": "ell", "auto-uneven": "gather", "auto-dense": "dense", "empty": "ell"}
 
 
 def _model(layer, input_shape):
@@ -61,14 +64,19 @@ def _export(model, tmp_path, format):  # noqa: A002
 
 
 @pytest.mark.parametrize("format", FORMATS)
-@pytest.mark.parametrize("case", CASES)
-def test_exported_artifact_computes_the_layer(case, format, tmp_path):  # noqa: A002
+@pytest.mark.parametrize(
+    "case, layout",
+    [(case, "default") for case in CASES] + [(case, "gather_graph") for case in GATHER_GRAPH_CASES],
+)
+def test_exported_artifact_computes_the_layer(case, layout, format, tmp_path):  # noqa: A002
     pattern, kernel, expected_kernel = CASES[case]
     layer = sl.SparseDense(pattern, kernel=kernel)
     model = _model(layer, (pattern.shape[0],))
-    with exporting(format):
-        assert layer._select_kernel().name == expected_kernel
-    artifact = sl.export.ExportedModel(_export(model, tmp_path, format))
+    block = sl.export.gather_graph if layout == "gather_graph" else contextlib.nullcontext
+    with exporting(format), block():
+        assert layer._select_kernel().name == (GATHER_GRAPH_CASES[case] if layout == "gather_graph" else expected_kernel)
+    with block():
+        artifact = sl.export.ExportedModel(_export(model, tmp_path, format))
     values, bias = (keras.ops.convert_to_numpy(w) for w in (layer.values, layer.bias))
     for batch in (1, 7):  # one artifact, two batch sizes: the batch dimension is dynamic
         x = np.random.default_rng(batch).normal(size=(batch, pattern.shape[0])).astype("float32")
@@ -154,28 +162,35 @@ def test_size_grows_with_nnz_not_with_the_dense_kernel(tmp_path):
         assert sl.export.check_export(model, path, x) <= 1e-5
 
 
-def test_default_export_size_follows_nnz_and_densified_is_one_option_away(tmp_path):
-    """512 x 512 at 10%: by default ~26k entries; sl.export.densified() stores the 1 MiB dense kernel."""
+def test_default_export_size_follows_nnz_and_the_other_layouts_are_one_block_away(tmp_path):
+    """512 x 512 at 10%: by default ~26k entries stored sparse; densified() stores the 1 MiB dense kernel."""
     pattern = sl.patterns.random((512, 512), density=0.10, seed=0)
     layer = sl.SparseDense(pattern)
     model = _model(layer, (512,))
     x = np.random.default_rng(0).normal(size=(3, 512)).astype("float32")
+    dense_bytes = 512 * 512 * 4
+    # Bytes per entry: LiteRT a float32 value and at most an int32 index; ONNX an int64 index.
+    per_entry = {"litert": 8, "onnx": 12}
     for format in FORMATS:  # noqa: A001
         with exporting(format):
-            assert layer._select_kernel().name == "ell"
+            assert layer._select_kernel().name == "dense"
             with sl.export.densified():
                 assert layer._select_kernel().name == "dense"
+            with sl.export.gather_graph():
+                assert layer._select_kernel().name == "ell"
         small = _export(model, tmp_path, format)
-        small_size = os.path.getsize(small)
         assert sl.export.check_export(model, small, x) <= 1e-5
-        fast = os.path.join(tmp_path, "fast" + FORMATS[format])
-        with sl.export.densified():
-            model.export(fast, format=format, verbose=False)
-        assert sl.export.check_export(model, fast, x) <= 1e-5
-        dense_bytes = 512 * 512 * 4
-        assert os.path.getsize(fast) >= dense_bytes
-        # About 12 bytes per entry (int32 index, int32 value position, float32 value) plus padding.
-        assert small_size < 16 * pattern.nnz < dense_bytes, (format, small_size)
+        assert os.path.getsize(small) <= per_entry[format] * pattern.nnz + 4 * 512 + 16 * 2**10, format
+        for name, block in (("densified", sl.export.densified()), ("gather", sl.export.gather_graph())):
+            path = os.path.join(tmp_path, name + FORMATS[format])
+            with block:
+                model.export(path, format=format, verbose=False)
+            assert sl.export.check_export(model, path, x) <= 1e-5
+            assert not sl.export.sparse_weights(path), (format, name)  # no sparse tensors in these layouts
+            if name == "densified":
+                assert os.path.getsize(path) >= dense_bytes
+            else:  # an int32 index and a float32 value per ELL slot, plus padding
+                assert os.path.getsize(path) < 16 * pattern.nnz < dense_bytes
 
 
 def test_check_export_rejects_an_artifact_of_another_model(tmp_path):
@@ -280,22 +295,18 @@ def test_deploying_page_examples_run(tmp_path, monkeypatch):
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
 
 
-def test_litert_sparse_weights_option_exports_the_dense_form_stored_sparse(tmp_path):
-    """optimizations=[EXPERIMENTAL_SPARSITY]: the layer traces its densified kernel, stored sparse."""
-    sparsity = {"optimizations": [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]}
+def test_explicit_litert_sparsity_option_is_kept_and_not_repeated(tmp_path):
+    """optimizations=[EXPERIMENTAL_SPARSITY] given by hand: the same artifact as the default."""
     pattern = sl.patterns.random((256, 256), density=0.02, seed=0)
-    layer = sl.SparseDense(pattern)
-    model = _model(layer, (256,))
-    with exporting("litert", **sparsity):
-        assert layer._select_kernel().name == "dense"
-    with exporting("onnx", **sparsity):  # a LiteRT converter option: ONNX ignores it
-        assert layer._select_kernel().name == "ell"
+    model = _model(sl.SparseDense(pattern), (256,))
     model(np.zeros((1, 256), "float32"))
+    options = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     path = os.path.join(tmp_path, "sparse.tflite")
-    model.export(path, format="litert", verbose=False, **sparsity)
+    model.export(path, format="litert", verbose=False, optimizations=options)
+    assert options == [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]  # the caller's list is not changed
     x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
     assert sl.export.check_export(model, path, x) <= 1e-5
-    assert os.path.getsize(path) < 256 * 256 * 4 / 4  # the folded dense kernel would be 256 KiB
+    assert os.path.getsize(path) == os.path.getsize(_export(model, tmp_path, "litert"))
 
 
 def test_export_benchmark_quick_mode_writes_table_and_plot(tmp_path):
@@ -311,11 +322,157 @@ def test_export_benchmark_quick_mode_writes_table_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in (tmp_path / "export.md").read_text().splitlines() if line.startswith("| ")]
     kernels = {(r[0].strip(), r[2].strip()): r[3].strip() for r in rows[2:]}
-    assert kernels[("random 1.0%", "onnx")] == "ell"
-    assert kernels[("random 1.0%", "litert sparse weights")] == "dense"
+    assert kernels[("random 1.0%", "onnx")] == "dense"
+    assert kernels[("random 1.0%", "onnx gather graph")] == "ell"
     assert kernels[("random 30.0%", "litert densified")] == "dense"
     sizes = {(r[0].strip(), r[2].strip()): float(r[7].replace(",", "")) for r in rows[2:]}
-    # 256 x 256 at 30%: the default (nnz-sized or dense, the smaller) never exceeds the densified artifact.
-    assert sizes[("random 30.0%", "onnx")] <= sizes[("random 30.0%", "onnx densified")] * 1.05
+    # 256 x 256 at 30%: the default (stored sparse) is smaller than the densified artifact.
+    assert sizes[("random 30.0%", "onnx")] < sizes[("random 30.0%", "onnx densified")]
     assert {kernels[("banded +-16", "onnx")], kernels[("block diagonal 32 x (8x8)", "litert")]} == {"banded", "block"}
     assert (tmp_path / "export.png").stat().st_size > 0
+
+
+# What lands in the artifact: sparse encodings, sparse kernels, size ------------------------
+
+
+def _litert_sparse_tensors(path):
+    """(dense shape, block shape, op reading it) of every LiteRT tensor with a sparsity field, read from the schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    op_names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    subgraph = model.subgraphs[0]
+    reader = {}
+    for op in subgraph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        for index in op.inputs:
+            reader[int(index)] = op_names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+    found = []
+    for index, tensor in enumerate(subgraph.tensors):
+        if tensor.sparsity is not None:
+            rank = len(tensor.shape)
+            # Dimensions past the tensor's rank in the traversal order are the blocks' own.
+            block = [1] * rank
+            for k, d in enumerate(tensor.sparsity.blockMap if tensor.sparsity.blockMap is not None else []):
+                block[int(d)] = int(tensor.sparsity.dimMetadata[rank + k].denseSize)
+            found.append((tuple(int(d) for d in tensor.shape), tuple(block), reader.get(index)))
+    return found
+
+
+def _onnx_sparse_initializers(path):
+    import onnx
+
+    return {t.values.name: tuple(t.dims) for t in onnx.load(path).graph.sparse_initializer}
+
+
+def _layer_type_model(kind):
+    """A model of one sparse layer type at density 0.1, its input shape."""
+    rng = np.random.default_rng(0)
+
+    def random(shape):
+        return sl.patterns.random(shape, density=0.1, seed=int(rng.integers(1000)))
+
+    if kind == "dense":
+        shape = (256,)
+        layers = [sl.SparseDense(random((256, 192)), activation="relu"), sl.SparseDense(random((192, 64)))]
+    elif kind == "towers":
+        shape = (128,)
+        layers = [sl.SparseDense(random((128, 256)), activation="relu"), sl.Towers(4, hidden_units=[32], output_units=2)]
+    elif kind == "conv2d":
+        shape = (8, 8, 16)
+        layers = [sl.SparseConv2D(random((144, 96)), 3, strides=2, padding="same", activation="relu"),
+                  sl.SparseConv2D(random((96, 128)), 1)]
+    elif kind == "conv1d":
+        shape = (12, 32)
+        layers = [sl.SparseConv1D(random((96, 128)), 3, padding="causal", activation="relu"),
+                  sl.SparseConv1D(random((128, 64)), 1)]
+    else:
+        shape = (8, 8, 64)
+        layers = [sl.SparseSeparableConv2D(random((64, 192)), 3, padding="same")]
+    inputs = keras.Input(shape)
+    h = inputs
+    for layer in layers:
+        h = layer(h)
+    model = keras.Model(inputs, h)
+    for variable in model.weights:  # outputs of order 1, so that atol=1e-5 is a float32 tolerance
+        variable.assign(0.2 * rng.normal(size=variable.shape).astype("float32"))
+    return model, shape
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("kind", ["dense", "towers", "conv2d", "conv1d", "separable"])
+def test_every_sparse_layer_type_exports_exactly_with_sparse_storage(kind, format, tmp_path):  # noqa: A002
+    model, shape = _layer_type_model(kind)
+    path = _export(model, tmp_path, format)
+    x = np.random.default_rng(1).normal(size=(3, *shape)).astype("float32")
+    assert sl.export.check_export(model, path, x) <= 1e-5
+    layers = sl.sparse_layers(model)
+    with exporting(format):
+        scattered = [layer for layer in layers if layer._select_kernel().name == "dense"]
+    assert scattered
+    if format == "litert":
+        stored = _litert_sparse_tensors(path)
+        # FULLY_CONNECTED holds (units, rows): the transpose of the pattern's 2-D view.
+        assert {s for s, _, _ in stored} >= {layer.pattern.shape[::-1] for layer in scattered}
+    else:
+        assert set(_onnx_sparse_initializers(path).values()) >= {layer.pattern.shape for layer in scattered}
+    assert [(w["shape"], w.get("block")) for w in sl.export.sparse_weights(path)] == (
+        [(s, b) for s, b, _ in _litert_sparse_tensors(path)] if format == "litert"
+        else [(s, None) for s in _onnx_sparse_initializers(path).values()]
+    )
+    # Size follows the entries: LiteRT a float32 value and at most an int32 index
+    # each, ONNX an int64 index; other weights (biases, depthwise kernels,
+    # Towers' block-diagonal layers) dense. The densified artifact holds every
+    # zero too: the default saves at least half of their bytes.
+    entries = sum(layer.pattern.nnz for layer in scattered)
+    zeros = sum(layer.pattern.shape[0] * layer.pattern.shape[1] for layer in scattered) - entries
+    other = sum(int(np.prod(w.shape)) for w in model.weights) - entries
+    per_entry = {"litert": 8, "onnx": 12}[format]
+    assert os.path.getsize(path) <= per_entry * entries + 4 * other + 16 * 2**10
+    densified = os.path.join(tmp_path, "densified" + FORMATS[format])
+    with sl.export.densified():
+        model.export(densified, format=format, verbose=False)
+    assert os.path.getsize(path) < os.path.getsize(densified) - 0.5 * 4 * zeros
+
+
+def _mlp(block, density=0.1):
+    inputs = keras.Input((256,))
+    h = keras.layers.Dense(128, activation="relu")(inputs)
+    dense = keras.Model(inputs, keras.layers.Dense(64)(h))
+    return sl.sparsify(dense, density=density, block=block, seed=0)
+
+
+@pytest.mark.parametrize(
+    "block, kernel_block, read_by",
+    [((4, 1), (1, 4), "FULLY_CONNECTED"), ((1, 4), (1, 1), "DENSIFY"), (None, (1, 1), "DENSIFY")],
+)
+def test_litert_multiplies_1x4_blocks_sparse_and_densifies_other_patterns(block, kernel_block, read_by, tmp_path):
+    """4 consecutive inputs of one unit, sparsify's block=(4, 1), are FULLY_CONNECTED's 1x4 blocks."""
+    model = _mlp(block)
+    path = _export(model, tmp_path, "litert")
+    x = np.random.default_rng(0).normal(size=(5, 256)).astype("float32")
+    assert sl.export.check_export(model, path, x) <= 1e-5
+    stored = _litert_sparse_tensors(path)
+    assert sorted(s for s, _, _ in stored) == [(64, 128), (128, 256)]
+    assert {(b, r) for _, b, r in stored} == {(kernel_block, read_by)}
+
+
+def test_dynamic_range_quantized_export_stores_weights_dense_and_says_why(tmp_path):
+    """TFLite's int8 1x16 sparse FULLY_CONNECTED is wrong in dynamic range mode: the default leaves it out."""
+    model = _mlp((16, 1), density=0.1)
+    model(np.zeros((1, 256), "float32"))
+    x = np.random.default_rng(0).normal(size=(7, 256)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    path = os.path.join(tmp_path, "int8.tflite")
+    with pytest.warns(UserWarning, match="int8 weights are stored dense"):
+        model.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT])
+    assert not _litert_sparse_tensors(path)
+    assert np.abs(sl.export.ExportedModel(path)(x) - expected).max() <= 0.02 * np.abs(expected).max()
+    both = os.path.join(tmp_path, "int8-sparse.tflite")
+    with pytest.warns(UserWarning, match="returned wrong outputs"):
+        model.export(both, format="litert", verbose=False,
+                     optimizations=[tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY])
+    assert {b for _, b, _ in _litert_sparse_tensors(both)} == {(1, 16)}
+    # What the warning is about: outputs off by more than the outputs' own range.
+    assert np.abs(sl.export.ExportedModel(both)(x) - expected).max() > np.abs(expected).max()

@@ -134,32 +134,36 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     SavedModel keeps ``preferred``: TensorFlow serves every kernel. For
     LiteRT and ONNX, a block or banded kernel keeps its structure, and a
     kernel the user forced keeps its computation (dense or gather). Other
-    patterns get, by default, a form whose artifact size follows ``nnz``:
-    ``"ell"``, or ``"gather"`` when the columns are too uneven for ELL
-    (:data:`ELL_MAX_PADDING`); ``"dense"`` only where the dense kernel is
-    the smaller artifact (4 bytes per cell against about 8 per ELL slot:
-    from a density of about 1/2). Inside
-    :func:`sparselayers.export.densified` the latency-first layout applies
-    instead: ``"dense"`` from a density of :data:`EXPORT_DENSE_MIN_DENSITY`.
-    A LiteRT export with
-    ``optimizations=[tf.lite.Optimize.EXPERIMENTAL_SPARSITY]`` gets
-    ``"dense"`` at every density: the converter then stores the folded
-    kernel in a sparse format that LiteRT multiplies by sparse kernels. A
-    forced kernel that the format cannot express raises ValueError before
+    patterns get, by default, ``"dense"``: the kernel with exact zeros,
+    which the converter stores in its own sparse format
+    (:mod:`sparselayers.ops.sparse_storage`), so the file follows ``nnz``
+    and the runtime multiplies at dense speed or faster. Two blocks change
+    that layout for runtimes without sparse tensors:
+
+    * :func:`sparselayers.export.gather_graph`: a graph of index constants,
+      gathers and sums, whose size follows ``nnz`` on any runtime:
+      ``"ell"``, or ``"gather"`` when the columns are too uneven for ELL
+      (:data:`ELL_MAX_PADDING`), and ``"dense"`` only where it is the
+      smaller artifact (from a density of about 1/2). Patterns whose dense
+      kernel would not fit in :data:`DENSE_MAX_ENTRIES` always take it.
+    * :func:`sparselayers.export.densified`: ``"dense"`` stored dense from a
+      density of :data:`EXPORT_DENSE_MIN_DENSITY`, the gather graph below.
+
+    A forced kernel that the format cannot express raises ValueError before
     conversion.
 
     >>> import sparselayers as sl
     >>> from sparselayers.ops.context import exporting
+    >>> p = sl.patterns.random((1024, 1024), density=0.1, seed=0)
     >>> with exporting("onnx"):
-    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.1, seed=0), "dense")
-    'ell'
-    >>> with exporting("onnx"), sl.export.densified():
-    ...     sl.ops.choose_export_kernel(sl.patterns.random((1024, 1024), density=0.1, seed=0), "dense")
+    ...     sl.ops.choose_export_kernel(p, "dense")
     'dense'
+    >>> with exporting("onnx"), sl.export.gather_graph():
+    ...     sl.ops.choose_export_kernel(p, "dense")
+    'ell'
     """
-    from sparselayers.ops.context import export_densified, export_format, export_options
-
     from sparselayers.ops.compiled import pure_tf_kernel
+    from sparselayers.ops.context import export_densified, export_format, export_gather_graph
 
     format = export_format()  # noqa: A001
     if format in (None, "tf_saved_model"):
@@ -175,6 +179,17 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     preferred = pure_tf_kernel(preferred, pattern)
     if preferred in ("block", "banded") and pattern.nnz:
         return preferred
+    if not fits_dense(pattern):
+        return _gather_graph_kernel(pattern)
+    if export_densified():
+        return "dense" if pattern.density >= EXPORT_DENSE_MIN_DENSITY else _gather_graph_kernel(pattern)
+    if export_gather_graph():
+        return _gather_graph_kernel(pattern)
+    return "dense"
+
+
+def _gather_graph_kernel(pattern: SparsityPattern) -> str:
+    """``"ell"``, ``"gather"`` or ``"dense"``: the smallest artifact without sparse tensors."""
     units = pattern.shape[1]
     ell_slots = units * pattern.fan_in.max(initial=0)
     sparse = "ell" if ell_slots <= ELL_MAX_PADDING * (pattern.nnz + units) else "gather"
@@ -183,15 +198,6 @@ def choose_export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bo
     # an int32 row and column and a float32 value per entry; dense a float32
     # per cell.
     sparse_bytes = 8 * ell_slots if sparse == "ell" else 12 * pattern.nnz
-    if fits_dense(pattern) and (
-        4 * pattern.shape[0] * units < sparse_bytes
-        or (export_densified() and pattern.density >= EXPORT_DENSE_MIN_DENSITY)
-        or (format == "litert" and _sparsity_requested(export_options()))
-    ):
+    if fits_dense(pattern) and 4 * pattern.shape[0] * units < sparse_bytes:
         return "dense"
     return sparse
-
-
-def _sparsity_requested(options: dict) -> bool:
-    """Whether converter options ask LiteRT to encode sparse weights."""
-    return any(getattr(o, "name", o) == "EXPERIMENTAL_SPARSITY" for o in options.get("optimizations") or ())

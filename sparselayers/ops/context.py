@@ -65,6 +65,28 @@ def export_densified() -> bool:
     return getattr(_state, "densified", False)
 
 
+@contextlib.contextmanager
+def gather_graph_export() -> Iterator[None]:
+    """Within this block, LiteRT and ONNX exports keep scattered patterns as index constants and a gather graph.
+
+    The form for runtimes without sparse tensors: the artifact holds each
+    entry's value and input index (ELL, or gather and segment sum), no dense
+    kernel and no sparse tensor encoding. Public as
+    :func:`sparselayers.export.gather_graph`.
+    """
+    previous = getattr(_state, "gather_graph", False)
+    _state.gather_graph = True
+    try:
+        yield
+    finally:
+        _state.gather_graph = previous
+
+
+def export_gather_graph() -> bool:
+    """True inside :func:`gather_graph_export`."""
+    return getattr(_state, "gather_graph", False)
+
+
 def export_format() -> str | None:
     """The format being exported to, or None outside an export.
 
@@ -109,6 +131,22 @@ def _frame_options(frame: Any) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         kwargs = getattr(local.get("self"), "kwargs", None)
     return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def keras_exporter_local(format: str, name: str, accept: Any = lambda value: True) -> Any:  # noqa: A002
+    """The local ``name`` of the innermost frame of Keras' ``format`` exporter that has one ``accept`` takes, or None.
+
+    Those locals hold what the exporter converts with: LiteRT's
+    ``LiteRTExporter`` as ``self``, ONNX's output ``filepath``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if _KERAS_EXPORTERS.get(frame.f_globals.get("__name__", "")) == format:
+            value = frame.f_locals.get(name)
+            if value is not None and accept(value):
+                return value
+        frame = frame.f_back
+    return None
 
 
 def _keras_export() -> tuple[str | None, dict[str, Any]]:

@@ -31,7 +31,8 @@ from tensorflow.python.framework.ops import EagerTensor
 
 from sparselayers.ops.base import Kernel
 from sparselayers.ops.choose import EXPORTABLE, choose_export_kernel
-from sparselayers.ops.context import export_format
+from sparselayers.ops.context import export_densified, export_format, export_gather_graph
+from sparselayers.ops.sparse_storage import request_sparse_storage
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -222,9 +223,12 @@ class DenseExportKernel(ExportKernel):
     """Densifies ``values`` with one gather from an in-graph position table, then a matmul.
 
     Converters fold the gather of the frozen values into a dense weight
-    constant (TFLite's converter folds this gather where it left a
-    ``scatter_nd`` unfolded), so the artifact runs a plain dense matmul and
-    stores ``input_dim * units`` floats: for dense patterns only.
+    constant with exact zeros (TFLite's converter folds this gather where it
+    left a ``scatter_nd`` unfolded), so the artifact runs a plain matmul. By
+    default the converter then stores that constant in its sparse format
+    (:mod:`sparselayers.ops.sparse_storage`); inside
+    :func:`sparselayers.export.densified` it stays ``input_dim * units``
+    floats.
     """
 
     name = "dense"
@@ -259,11 +263,17 @@ def export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = Fa
     """The kernel a layer calls while it is traced for export (see :func:`choose_export_kernel`).
 
     SavedModel export gets the training kernel ``preferred``; LiteRT and
-    ONNX get an export form (cached per pattern).
+    ONNX get an export form (cached per pattern). A dense form asks the
+    converter to store the kernel sparse (:mod:`sparselayers.ops.sparse_storage`),
+    except inside :func:`sparselayers.export.densified` and
+    :func:`sparselayers.export.gather_graph`, the layouts for runtimes
+    without sparse tensors.
     """
     from sparselayers.ops import get_kernel
 
     name = choose_export_kernel(pattern, preferred, forced=forced)
     if export_format() in (None, "tf_saved_model"):
         return get_kernel(name, pattern)
+    if name == "dense" and not (export_densified() or export_gather_graph()):
+        request_sparse_storage()
     return _export_kernel(name, pattern)
