@@ -1,0 +1,213 @@
+"""Products of a sparse convolution kernel with an image: patches (im2col) and the direct convolution.
+
+A convolution's kernel is a sparse matrix over its 2-D view ``(prod(kernel_size)
+* in_channels, filters)`` (taps in C order, channels within a tap). Two
+formulations compute its product with a ``channels_last`` image:
+
+* :func:`patches` lays the image out as the patch matrix, which any kernel of
+  :mod:`sparselayers.ops` multiplies. Pure TF: it runs in every context (XLA,
+  export, SavedModel) and with every kernel, and it is the twin of
+* :class:`DirectConv`, the compiled direct sparse convolution (Park et al.,
+  ICLR 2017): each pattern entry adds its value times the input shifted by
+  its tap, read in place. It runs where the compiled kernels may
+  (:func:`direct_conv`), for unit strides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from sparselayers.ops.base import constant
+from sparselayers.ops.compiled import build
+from sparselayers.ops.compiled.kernels import compiled_allowed
+from sparselayers.sparsity_pattern import SparsityPattern
+
+#: Density below which ``kernel="auto"`` convolves with :class:`DirectConv`
+#: (``benchmarks/conv.py``, see ``benchmarks/CONV.md``).
+DIRECT_MAX_DENSITY = 0.25
+_OP_DTYPES = (tf.float32, tf.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's window: per spatial axis its size, stride and dilation, and the padding."""
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation_rate: tuple[int, ...]
+    padding: str
+
+    def pads(self, spatial: list[Any]) -> list[list[Any]]:
+        """``[before, after]`` per spatial axis of lengths ``spatial`` (ints or scalar tensors), as Keras pads."""
+        pads = []
+        for n, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            reach = d * (k - 1)
+            if self.padding == "causal":
+                pads.append([reach, 0])
+            elif self.padding == "same":
+                total = (-(-n // s) - 1) * s + reach + 1 - n
+                total = tf.maximum(total, 0) if isinstance(total, tf.Tensor) else max(total, 0)
+                pads.append([total // 2, total - total // 2])
+            else:
+                pads.append([0, 0])
+        return pads
+
+    def outputs(self, padded: list[Any]) -> list[Any]:
+        """Output lengths over the padded spatial lengths ``padded``."""
+        return [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(padded, self.kernel_size, self.strides, self.dilation_rate)]
+
+
+def _spatial(x: tf.Tensor) -> list[Any]:
+    return [x.shape[a] if x.shape[a] is not None else tf.shape(x)[a] for a in range(1, x.shape.rank - 1)]
+
+
+def patches(x: tf.Tensor, geometry: ConvGeometry) -> tf.Tensor:
+    """``(batch, *out_spatial, prod(kernel_size) * in_channels)``: the image patches, taps in Keras' kernel order.
+
+    >>> import numpy as np
+    >>> g = ConvGeometry((2,), (1,), (1,), "valid")
+    >>> patches(tf.constant(np.arange(3.0).reshape(1, 3, 1)), g).numpy()[0].tolist()
+    [[0.0, 1.0], [1.0, 2.0]]
+    """
+    rank = x.shape.rank - 2
+    x = tf.pad(x, [[0, 0], *geometry.pads(_spatial(x)), [0, 0]])
+    outs = geometry.outputs(_spatial(x))
+    taps = []
+    for offsets in np.ndindex(*geometry.kernel_size):
+        begin = [0] + [o * d for o, d in zip(offsets, geometry.dilation_rate)] + [0]
+        end = [0] + [b + (m - 1) * s + 1 for b, m, s in zip(begin[1:], outs, geometry.strides)] + [0]
+        edges = 1 | 2 ** (rank + 1)  # the batch and channel axes: whole
+        taps.append(tf.strided_slice(x, begin, end, [1, *geometry.strides, 1], begin_mask=edges, end_mask=edges))
+    return taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
+
+
+def direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, x: tf.Tensor, *, auto: bool) -> DirectConv | None:
+    """The direct convolution for this call, or None where the patches compute it.
+
+    It runs for a ``kernel="auto"`` layer (a forced kernel is honoured on
+    the patches) whose pattern is below :data:`DIRECT_MAX_DENSITY`, with
+    unit strides, an input of known spatial size and a non-empty output,
+    where the compiled ops may run (:func:`compiled_allowed`: not under XLA,
+    export or SavedModel saving) and are built.
+    """
+    if not auto or max(geometry.strides) > 1 or pattern.density >= DIRECT_MAX_DENSITY:
+        return None
+    spatial = tuple(x.shape[1:-1])
+    if None in spatial or not compiled_allowed() or not build.available():
+        return None
+    padded = [n + sum(p) for n, p in zip(spatial, geometry.pads(list(spatial)))]
+    if min(geometry.outputs(padded)) < 1:
+        return None
+    return _direct_conv(pattern, geometry, spatial)
+
+
+@functools.lru_cache(maxsize=16)
+def _direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, spatial: tuple[int, ...]) -> DirectConv:
+    return DirectConv(pattern, geometry, spatial)
+
+
+class DirectConv:
+    """The compiled direct sparse convolution of one pattern, window and input size (unit strides).
+
+    The padded images, and one image of zeros after them, are laid out
+    channel by channel: ``X`` of shape ``(in_channels, (batch + 1) *
+    positions)``, ``positions`` the padded spatial size. Output position
+    ``i`` (of the padded grid; those past the output size are cut off) of
+    filter ``f`` is ``sum_s values[s] * X[c_s, i + shift_s]`` over the
+    entries ``s`` of column ``f``, ``shift_s`` the flat offset of the
+    entry's tap; the zero image keeps every read inside ``X``. Three ops,
+    each the others' gradient (as in ``compiled_csr``), so gradients of any
+    order run compiled: the convolution (``SparselayersShiftAxpy`` by
+    filter), its adjoint, the input gradient (the same op by channel, shifts
+    reversed), and the values gradient (``SparselayersShiftDot``). Float16
+    and bfloat16 are computed in float32.
+
+    No copy of the input larger than the padded image is made, against
+    ``prod(kernel_size)`` copies for the patches.
+    """
+
+    name = "compiled_conv"
+
+    def __init__(self, pattern: SparsityPattern, geometry: ConvGeometry, spatial: tuple[int, ...]):
+        self.pattern, self.geometry = pattern, geometry
+        self.pads = geometry.pads(list(spatial))
+        self.padded = [n + sum(p) for n, p in zip(spatial, self.pads)]
+        self.outputs = geometry.outputs(self.padded)
+        self.positions = math.prod(self.padded)
+        axis_strides = [math.prod(self.padded[a + 1:]) for a in range(len(spatial))]
+        self.reach = sum((k - 1) * d * m for k, d, m in zip(geometry.kernel_size, geometry.dilation_rate, axis_strides))
+        self._tables: tuple[tf.Tensor, ...] | None = None
+        self._axis_strides = axis_strides
+
+    def _pattern_tensors(self) -> tuple[tf.Tensor, ...]:
+        if self._tables is None:
+            p = self.pattern
+            taps_count = math.prod(self.geometry.kernel_size)
+            channels = p.shape[0] // taps_count
+            rows, cols = p.indices[:, 0], p.indices[:, 1]
+            tap, channel = np.divmod(rows, channels)
+            offsets = np.stack(np.unravel_index(tap, self.geometry.kernel_size), axis=1) if rows.size else np.zeros((0, len(self.padded)), np.int64)
+            shift = (offsets * np.asarray(self.geometry.dilation_rate) * np.asarray(self._axis_strides)).sum(axis=1)
+            by_filter = np.lexsort((channel, cols)).astype(np.int32)
+            by_channel = np.lexsort((cols, channel)).astype(np.int32)
+
+            def pointers(groups, n):
+                out = np.zeros(n + 1, np.int64)
+                np.cumsum(np.bincount(groups, minlength=n), out=out[1:])
+                return constant(out)
+
+            self._tables = (
+                pointers(cols, p.shape[1]), constant(channel[by_filter].astype(np.int32)),
+                constant(shift[by_filter].astype(np.int32)), constant(by_filter),
+                pointers(channel, channels), constant(cols[by_channel].astype(np.int32)),
+                constant((self.reach - shift[by_channel]).astype(np.int32)), constant(by_channel),
+            )
+        return self._tables
+
+    def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        """``(batch, *out_spatial, filters)``: the convolution of ``x`` with the kernel of ``values``."""
+        dtype = x.dtype
+        if dtype not in _OP_DTYPES:
+            x, values = tf.cast(x, tf.float32), tf.cast(values, tf.float32)
+        ops = build.library()
+        f_pointers, f_channel, f_shift, f_order, c_pointers, c_filter, c_shift, c_order = self._pattern_tensors()
+        batch = tf.shape(x)[0]
+        length = tf.cast(batch, tf.int64) * self.positions
+        source = tf.cast(batch + 1, tf.int64) * self.positions
+        channels, filters = x.shape[-1], self.pattern.shape[1]
+
+        # conv(X, v) = Y, adjoint(G, v) = the input gradient of Y, sampled(G,
+        # X) = the values gradient: each linear map's gradients are the others.
+        @tf.custom_gradient
+        def conv(x_t, v):
+            def grad(g):
+                return adjoint(g, v), sampled(g, x_t)
+
+            return ops.sparselayers_shift_axpy(x_t, v, f_pointers, f_channel, f_shift, f_order, length), grad
+
+        @tf.custom_gradient
+        def adjoint(g, v):
+            def grad(h):
+                return conv(h, v), sampled(g, h)
+
+            padded = tf.pad(g, [[0, 0], [self.reach, self.positions]])
+            return ops.sparselayers_shift_axpy(padded, v, c_pointers, c_filter, c_shift, c_order, source), grad
+
+        @tf.custom_gradient
+        def sampled(g, x_t):
+            def grad(h):
+                return conv(x_t, h), adjoint(g, h)
+
+            return ops.sparselayers_shift_dot(g, x_t, f_pointers, f_channel, f_shift, f_order), grad
+
+        image = tf.pad(x, [[0, 1], *self.pads, [0, 0]])
+        x_t = tf.transpose(tf.reshape(image, [-1, channels]))
+        y = tf.reshape(tf.transpose(conv(x_t, values)), [batch, *self.padded, filters])
+        y = y[(slice(None), *(slice(0, n) for n in self.outputs))]
+        return tf.cast(y, dtype)
