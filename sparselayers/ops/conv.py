@@ -10,7 +10,7 @@ formulations compute its product with a ``channels_last`` image:
 * :class:`DirectConv`, the compiled direct sparse convolution (Park et al.,
   ICLR 2017): each pattern entry adds its value times the input shifted by
   its tap, read in place. It runs where the compiled kernels may
-  (:func:`direct_conv`), for unit strides.
+  (:func:`direct_conv`), for unit strides; the patches are its twin.
 """
 
 from __future__ import annotations
@@ -115,49 +115,54 @@ def _direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, spatial: tupl
 class DirectConv:
     """The compiled direct sparse convolution of one pattern, window and input size (unit strides).
 
-    The padded images, and one image of zeros after them, are laid out
-    channel by channel: ``X`` of shape ``(in_channels, (batch + 1) *
-    positions)``, ``positions`` the padded spatial size. Output position
-    ``i`` (of the padded grid; those past the output size are cut off) of
-    filter ``f`` is ``sum_s values[s] * X[c_s, i + shift_s]`` over the
-    entries ``s`` of column ``f``, ``shift_s`` the flat offset of the
-    entry's tap; the zero image keeps every read inside ``X``. Three ops,
-    each the others' gradient (as in ``compiled_csr``), so gradients of any
-    order run compiled: the convolution (``SparselayersShiftAxpy`` by
-    filter), its adjoint, the input gradient (the same op by channel, shifts
-    reversed), and the values gradient (``SparselayersShiftDot``). Float16
-    and bfloat16 are computed in float32.
-
-    No copy of the input larger than the padded image is made, against
-    ``prod(kernel_size)`` copies for the patches.
+    Positions run over the padded grid of every image in C order; a tap
+    moves output position ``i`` to input position ``i + shift``, the flat
+    offset of the tap. Three ops, each the others' gradient (as in
+    ``compiled_csr``), so gradients of any order run compiled: the
+    convolution (``SparselayersConvForward``, entries grouped by filter),
+    the input gradient (``SparselayersConvInputGrad``, grouped by channel,
+    shifts reversed) and the values gradient
+    (``SparselayersConvValuesGrad``). Each reads and writes the
+    ``channels_last`` tensors in place, a tile of positions at a time
+    transposed into a buffer in cache: no padded, transposed or patch copy
+    of the image exists. A 1-D convolution is a 2-D one of height 1.
+    Float16 and bfloat16 are computed in float32.
     """
 
     name = "compiled_conv"
 
     def __init__(self, pattern: SparsityPattern, geometry: ConvGeometry, spatial: tuple[int, ...]):
         self.pattern, self.geometry = pattern, geometry
-        self.pads = geometry.pads(list(spatial))
-        self.padded = [n + sum(p) for n, p in zip(spatial, self.pads)]
-        self.outputs = geometry.outputs(self.padded)
-        self.positions = math.prod(self.padded)
-        axis_strides = [math.prod(self.padded[a + 1:]) for a in range(len(spatial))]
-        self.reach = sum((k - 1) * d * m for k, d, m in zip(geometry.kernel_size, geometry.dilation_rate, axis_strides))
+        rank = len(spatial)
+        pads = geometry.pads(list(spatial))
+        padded = [n + sum(p) for n, p in zip(spatial, pads)]
+        self.outputs = geometry.outputs(padded)
+        # A 1-D convolution as a 2-D one of height 1.
+        grid = [1] * (2 - rank) + padded
+        window = [1] * (2 - rank) + list(geometry.kernel_size)
+        dilation = [1] * (2 - rank) + list(geometry.dilation_rate)
+        size = [1] * (2 - rank) + list(spatial)
+        corner = [0] * (2 - rank) + [p[0] for p in pads]
+        out = [1] * (2 - rank) + self.outputs
+        self.reach = (window[0] - 1) * dilation[0] * grid[1] + (window[1] - 1) * dilation[1]
+        self.attr = [*size, *grid, *corner, *out, self.reach]
+        self._shape4 = [*size, pattern.shape[0] // math.prod(geometry.kernel_size)]
+        self._step = (dilation[0] * grid[1], dilation[1])
+        self._window = window
         self._tables: tuple[tf.Tensor, ...] | None = None
-        self._axis_strides = axis_strides
 
     def _pattern_tensors(self) -> tuple[tf.Tensor, ...]:
         if self._tables is None:
             p = self.pattern
-            taps_count = math.prod(self.geometry.kernel_size)
-            channels = p.shape[0] // taps_count
+            channels = self._shape4[-1]
             rows, cols = p.indices[:, 0], p.indices[:, 1]
             tap, channel = np.divmod(rows, channels)
-            offsets = np.stack(np.unravel_index(tap, self.geometry.kernel_size), axis=1) if rows.size else np.zeros((0, len(self.padded)), np.int64)
-            shift = (offsets * np.asarray(self.geometry.dilation_rate) * np.asarray(self._axis_strides)).sum(axis=1)
+            tap_h, tap_w = np.divmod(tap, self._window[1])
+            shift = tap_h * self._step[0] + tap_w * self._step[1]
             by_filter = np.lexsort((channel, cols)).astype(np.int32)
             by_channel = np.lexsort((cols, channel)).astype(np.int32)
 
-            def pointers(groups, n):
+            def pointers(groups: np.ndarray, n: int) -> tf.Tensor:
                 out = np.zeros(n + 1, np.int64)
                 np.cumsum(np.bincount(groups, minlength=n), out=out[1:])
                 return constant(out)
@@ -175,39 +180,32 @@ class DirectConv:
         dtype = x.dtype
         if dtype not in _OP_DTYPES:
             x, values = tf.cast(x, tf.float32), tf.cast(values, tf.float32)
-        ops = build.library()
+        ops, attr = build.library(), self.attr
         f_pointers, f_channel, f_shift, f_order, c_pointers, c_filter, c_shift, c_order = self._pattern_tensors()
-        batch = tf.shape(x)[0]
-        length = tf.cast(batch, tf.int64) * self.positions
-        source = tf.cast(batch + 1, tf.int64) * self.positions
-        channels, filters = x.shape[-1], self.pattern.shape[1]
 
-        # conv(X, v) = Y, adjoint(G, v) = the input gradient of Y, sampled(G,
-        # X) = the values gradient: each linear map's gradients are the others.
+        # forward(x, v) = y, input_grad(dy, v) and values_grad(dy, x): each
+        # linear map's gradients are the others.
         @tf.custom_gradient
-        def conv(x_t, v):
+        def forward(x4, v):
             def grad(g):
-                return adjoint(g, v), sampled(g, x_t)
+                return input_grad(g, v), values_grad(g, x4)
 
-            return ops.sparselayers_shift_axpy(x_t, v, f_pointers, f_channel, f_shift, f_order, length), grad
-
-        @tf.custom_gradient
-        def adjoint(g, v):
-            def grad(h):
-                return conv(h, v), sampled(g, h)
-
-            padded = tf.pad(g, [[0, 0], [self.reach, self.positions]])
-            return ops.sparselayers_shift_axpy(padded, v, c_pointers, c_filter, c_shift, c_order, source), grad
+            return ops.sparselayers_conv_forward(x4, v, f_pointers, f_channel, f_shift, f_order, geometry=attr), grad
 
         @tf.custom_gradient
-        def sampled(g, x_t):
+        def input_grad(g, v):
             def grad(h):
-                return conv(x_t, h), adjoint(g, h)
+                return forward(h, v), values_grad(g, h)
 
-            return ops.sparselayers_shift_dot(g, x_t, f_pointers, f_channel, f_shift, f_order), grad
+            return ops.sparselayers_conv_input_grad(g, v, c_pointers, c_filter, c_shift, c_order, geometry=attr), grad
 
-        image = tf.pad(x, [[0, 1], *self.pads, [0, 0]])
-        x_t = tf.transpose(tf.reshape(image, [-1, channels]))
-        y = tf.reshape(tf.transpose(conv(x_t, values)), [batch, *self.padded, filters])
-        y = y[(slice(None), *(slice(0, n) for n in self.outputs))]
-        return tf.cast(y, dtype)
+        @tf.custom_gradient
+        def values_grad(g, x4):
+            def grad(h):
+                return forward(x4, h), input_grad(g, h)
+
+            return ops.sparselayers_conv_values_grad(g, x4, f_pointers, f_channel, f_shift, f_order, geometry=attr), grad
+
+        batch = tf.shape(x)[0]
+        y = forward(tf.reshape(x, [batch, *self._shape4]), values)
+        return tf.cast(tf.reshape(y, [batch, *self.outputs, self.pattern.shape[1]]), dtype)

@@ -1,18 +1,26 @@
-// Direct sparse convolution for sparselayers (Park et al., ICLR 2017):
-// products that read the image in place, shifted per kernel tap, instead of
-// a patch matrix prod(kernel_size) times the size of the input.
+// Direct sparse convolution for sparselayers (Park et al., ICLR 2017): the
+// image is read in place, never copied into patches.
 //
-// The image is laid out channel by channel, (channels, positions) with the
-// positions of the padded images one after the other (batch, *spatial, C
-// order): a kernel tap at a stride-1 output position i reads input position
-// i + shift, shift = sum_a offset_a * dilation_a * stride of axis a. So both
-// ops are the row products of kernels.cc with one shift per pattern entry,
-// and every inner loop runs over contiguous positions.
+// Positions run over the padded grid of every image, (batch, grid_h,
+// grid_w) in C order; a kernel tap moves a stride-1 output position i to the
+// input position i + shift, shift = tap_h * dilation_h * grid_w + tap_w *
+// dilation_w. Work goes tile by tile of consecutive positions: a tile of the
+// channels_last source is transposed into a small (channels, positions)
+// buffer that stays in cache, every pattern entry adds its value times its
+// shifted source row into register accumulators, and the result is
+// transposed back into the channels_last destination. Positions of the grid
+// with no output (past the output size, the padding) are computed in the
+// buffer and not written.
 //
-// SparselayersShiftAxpy: out[r, i] = sum_{s in row r} values[order[s]] * src[index[s], i + shift[s]],
-//                        i in [0, length)  (the convolution and its input gradient)
-// SparselayersShiftDot:  out[order[s]] = sum_i a[r, i] * b[index[s], i + shift[s]], s in row r
-//                        (the values gradient)
+// geometry = [height, width, grid_h, grid_w, pad_top, pad_left, out_h, out_w, reach]
+// (a 1-D convolution has height 1), reach = the largest shift.
+//
+// SparselayersConvForward:   y[f, i] = sum_{s in column f} values[s] * x[c_s, i + shift_s]
+// SparselayersConvInputGrad: dx[c, j] = sum_{s in channel c} values[s] * dy[f_s, j - shift_s]
+// SparselayersConvValuesGrad: dvalues[s] = sum_i dy[f_s, i] * x[c_s, i + shift_s]
+// Entries come grouped by output row (filter or channel) through `pointers`
+// over the group's `index` (the other side's row), `shift`, and `order`, the
+// canonical place of each entry in `values`.
 
 #include <algorithm>
 #include <cstdint>
@@ -29,33 +37,78 @@
 
 namespace sparselayers {
 
-REGISTER_OP("SparselayersShiftAxpy")
-    .Input("src: T")
+namespace {
+
+struct Geometry {
+  int64_t height, width, grid_h, grid_w, pad_top, pad_left, out_h, out_w, reach;
+};
+
+absl::Status ReadGeometry(const std::vector<int64_t>& g, Geometry* out) {
+  if (g.size() != 9) return absl::InvalidArgumentError("geometry must have 9 entries");
+  *out = {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]};
+  if (out->height < 1 || out->width < 1 || out->out_h < 1 || out->out_w < 1 || out->pad_top < 0 || out->pad_left < 0 ||
+      out->grid_h < out->height + out->pad_top || out->grid_w < out->width + out->pad_left ||
+      out->grid_h < out->out_h || out->grid_w < out->out_w || out->reach < 0 ||
+      out->reach >= out->grid_h * out->grid_w) {
+    return absl::InvalidArgumentError("inconsistent geometry");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("SparselayersConvForward")
+    .Input("x: T")
     .Input("values: T")
     .Input("pointers: int64")
     .Input("index: int32")
     .Input("shift: int32")
     .Input("order: int32")
-    .Input("length: int64")
-    .Output("out: T")
+    .Output("y: T")
     .Attr("T: {float, double}")
+    .Attr("geometry: list(int)")
     .SetShapeFn([](si::InferenceContext* c) {
-      si::DimensionHandle rows, length;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &rows));
-      TF_RETURN_IF_ERROR(c->MakeDimForScalarInput(6, &length));
-      c->set_output(0, c->Matrix(rows, length));
+      std::vector<int64_t> g;
+      TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
+      Geometry geo;
+      TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
+      si::DimensionHandle filters;
+      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &filters));
+      c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.out_h, geo.out_w, filters}));
       return absl::OkStatus();
     });
 
-REGISTER_OP("SparselayersShiftDot")
-    .Input("a: T")
-    .Input("b: T")
+REGISTER_OP("SparselayersConvInputGrad")
+    .Input("dy: T")
+    .Input("values: T")
     .Input("pointers: int64")
     .Input("index: int32")
     .Input("shift: int32")
     .Input("order: int32")
-    .Output("out: T")
+    .Output("dx: T")
     .Attr("T: {float, double}")
+    .Attr("geometry: list(int)")
+    .SetShapeFn([](si::InferenceContext* c) {
+      std::vector<int64_t> g;
+      TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
+      Geometry geo;
+      TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
+      si::DimensionHandle channels;
+      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &channels));
+      c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.height, geo.width, channels}));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("SparselayersConvValuesGrad")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("pointers: int64")
+    .Input("index: int32")
+    .Input("shift: int32")
+    .Input("order: int32")
+    .Output("dvalues: T")
+    .Attr("T: {float, double}")
+    .Attr("geometry: list(int)")
     .SetShapeFn([](si::InferenceContext* c) {
       c->set_output(0, c->Vector(c->Dim(c->input(3), 0)));
       return absl::OkStatus();
@@ -63,60 +116,49 @@ REGISTER_OP("SparselayersShiftDot")
 
 namespace {
 
-// Output positions one register tile holds: its accumulators stay in
-// registers while every entry of the row adds its shifted source.
+// Output positions one register tile holds.
 constexpr int64_t kTile = 64;
-// Bytes of source positions (all source rows) one block of work reads: the
-// block stays in L2 while every output row reuses it.
-constexpr int64_t kBlockBytes = 512 * 1024;
 
+// A channels_last tensor (batch, height, width, channels) placed at
+// (top, left) of the padded grid.
 template <typename T>
-int64_t BlockLength(int64_t source_rows) {
-  const int64_t fit = kBlockBytes / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(source_rows, 1));
-  return std::clamp<int64_t>(fit / kTile * kTile, kTile, 64 * kTile);
-}
+struct Placed {
+  T* data;
+  int64_t batch, height, width, channels, top, left;
+};
 
-// Checks the entry table against a (rows + 1)-pointer CSR, `source_rows`
-// rows of `source_length` positions read over [shift, shift + length).
-absl::Status CheckTable(const Tensor& pointers, const Tensor& index, const Tensor& shift, const Tensor& order,
-                        int64_t source_rows, int64_t source_length, int64_t length) {
-  if (pointers.dims() != 1 || pointers.NumElements() < 1 || index.dims() != 1 || shift.dims() != 1 ||
-      order.dims() != 1) {
-    return absl::InvalidArgumentError("pointers, index, shift and order must be vectors, pointers non-empty");
-  }
-  const int64_t nnz = index.NumElements();
-  if (shift.NumElements() != nnz) return absl::InvalidArgumentError("shift must have one entry per index");
-  if (order.NumElements() != 0 && order.NumElements() != nnz) {
-    return absl::InvalidArgumentError("order must be empty or have one entry per index");
-  }
-  const auto p = pointers.flat<int64_t>();
-  const int64_t rows = pointers.NumElements() - 1;
-  if (p(0) != 0 || p(rows) != nnz) return absl::InvalidArgumentError("pointers must run from 0 to the number of entries");
-  for (int64_t r = 0; r < rows; ++r) {
-    if (p(r + 1) < p(r)) return absl::InvalidArgumentError("pointers must not decrease");
-  }
-  const auto idx = index.flat<int32_t>();
-  const auto sh = shift.flat<int32_t>();
-  for (int64_t s = 0; s < nnz; ++s) {
-    if (idx(s) < 0 || idx(s) >= source_rows) return absl::InvalidArgumentError(absl::StrCat("index out of range at ", s));
-    if (sh(s) < 0 || sh(s) + length > source_length) {
-      return absl::InvalidArgumentError(absl::StrCat("shift reads outside the source at ", s));
+// buffer[c * ld + k] = the tensor at grid position start + k (zero outside it), k < count.
+template <typename T>
+void ReadTile(const Placed<const T>& t, const Geometry& g, int64_t start, int64_t count, T* buffer, int64_t ld) {
+  const int64_t per_image = g.grid_h * g.grid_w;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t pos = start + k;
+    const T* src = nullptr;
+    if (pos >= 0 && pos < t.batch * per_image) {
+      const int64_t n = pos / per_image, r = pos % per_image;
+      const int64_t h = r / g.grid_w - t.top, w = r % g.grid_w - t.left;
+      if (h >= 0 && h < t.height && w >= 0 && w < t.width) src = t.data + ((n * t.height + h) * t.width + w) * t.channels;
+    }
+    if (src) {
+      for (int64_t c = 0; c < t.channels; ++c) buffer[c * ld + k] = src[c];
+    } else {
+      for (int64_t c = 0; c < t.channels; ++c) buffer[c * ld + k] = T(0);
     }
   }
-  const auto o = order.flat<int32_t>();
-  for (int64_t s = 0; s < order.NumElements(); ++s) {
-    if (o(s) < 0 || o(s) >= nnz) return absl::InvalidArgumentError(absl::StrCat("order out of range at ", s));
-  }
-  return absl::OkStatus();
 }
 
-// Where each entry's source starts: row index[s], position shift[s].
-std::vector<int64_t> SourceOffsets(const Tensor& index, const Tensor& shift, int64_t source_length) {
-  const auto idx = index.flat<int32_t>();
-  const auto sh = shift.flat<int32_t>();
-  std::vector<int64_t> offsets(idx.size());
-  for (int64_t s = 0; s < idx.size(); ++s) offsets[s] = idx(s) * source_length + sh(s);
-  return offsets;
+// The tensor at grid positions start + k, k < count, where it has one = buffer[c * ld + k].
+template <typename T>
+void WriteTile(const Placed<T>& t, const Geometry& g, int64_t start, int64_t count, const T* buffer, int64_t ld) {
+  const int64_t per_image = g.grid_h * g.grid_w;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t pos = start + k;
+    const int64_t n = pos / per_image, r = pos % per_image;
+    const int64_t h = r / g.grid_w - t.top, w = r % g.grid_w - t.left;
+    if (n >= t.batch || h < 0 || h >= t.height || w < 0 || w >= t.width) continue;
+    T* dst = t.data + ((n * t.height + h) * t.width + w) * t.channels;
+    for (int64_t c = 0; c < t.channels; ++c) dst[c] = buffer[c * ld + k];
+  }
 }
 
 template <typename T, int64_t N>
@@ -170,129 +212,219 @@ void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
   out[3] += acc3;
 }
 
-}  // namespace
-
+// Positions per tile: several times the reach (each tile reads its reach
+// again) and a buffer of at most ~256 KiB per side.
 template <typename T>
-class ShiftAxpyOp : public OpKernel {
+int64_t TileLength(const Geometry& g, int64_t rows) {
+  const int64_t wanted = std::max<int64_t>(4 * g.reach, 256);
+  const int64_t fit = (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(rows, 1));
+  return std::max<int64_t>(kTile, std::min(wanted, fit) / kTile * kTile);
+}
+
+absl::Status CheckTable(const Tensor& pointers, const Tensor& index, const Tensor& shift, const Tensor& order,
+                        int64_t source_rows, int64_t reach) {
+  if (pointers.dims() != 1 || pointers.NumElements() < 1 || index.dims() != 1 || shift.dims() != 1 ||
+      order.dims() != 1) {
+    return absl::InvalidArgumentError("pointers, index, shift and order must be vectors, pointers non-empty");
+  }
+  const int64_t nnz = index.NumElements();
+  if (shift.NumElements() != nnz || order.NumElements() != nnz) {
+    return absl::InvalidArgumentError("shift and order must have one entry per index");
+  }
+  const auto p = pointers.flat<int64_t>();
+  const int64_t rows = pointers.NumElements() - 1;
+  if (p(0) != 0 || p(rows) != nnz) return absl::InvalidArgumentError("pointers must run from 0 to the number of entries");
+  for (int64_t r = 0; r < rows; ++r) {
+    if (p(r + 1) < p(r)) return absl::InvalidArgumentError("pointers must not decrease");
+  }
+  const auto idx = index.flat<int32_t>();
+  const auto sh = shift.flat<int32_t>();
+  const auto o = order.flat<int32_t>();
+  for (int64_t s = 0; s < nnz; ++s) {
+    if (idx(s) < 0 || idx(s) >= source_rows) return absl::InvalidArgumentError(absl::StrCat("index out of range at ", s));
+    if (sh(s) < 0 || sh(s) > reach) return absl::InvalidArgumentError(absl::StrCat("shift out of range at ", s));
+    if (o(s) < 0 || o(s) >= nnz) return absl::InvalidArgumentError(absl::StrCat("order out of range at ", s));
+  }
+  return absl::OkStatus();
+}
+
+// The forward pass and the input gradient: out = sum of shifted source rows.
+template <typename T>
+class ShiftedSumOp : public OpKernel {
  public:
-  explicit ShiftAxpyOp(OpKernelConstruction* context) : OpKernel(context) {}
+  // forward: the source is x at the padding's corner, the output y at the
+  // grid's corner, the source tile starts at the tile. Else (the input
+  // gradient) the source is dy at the corner, the output dx at the
+  // padding's corner, and the source tile starts `reach` before the tile.
+  ShiftedSumOp(OpKernelConstruction* context, bool forward) : OpKernel(context), forward_(forward) {
+    std::vector<int64_t> g;
+    OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
+    OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
+  }
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& src_tensor = context->input(0);
+    const Geometry& g = geometry_;
+    const Tensor& source = context->input(0);
     const Tensor& values = context->input(1);
     const Tensor& pointers = context->input(2);
     const Tensor& index = context->input(3);
     const Tensor& shift = context->input(4);
     const Tensor& order = context->input(5);
-    const Tensor& length_tensor = context->input(6);
-    OP_REQUIRES(context, src_tensor.dims() == 2, absl::InvalidArgumentError("src must be a matrix"));
-    OP_REQUIRES(context, length_tensor.dims() == 0, absl::InvalidArgumentError("length must be a scalar"));
-    const int64_t length = length_tensor.scalar<int64_t>()();
-    OP_REQUIRES(context, length >= 0, absl::InvalidArgumentError("length must not be negative"));
-    const int64_t source_length = src_tensor.dim_size(1);
-    OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, src_tensor.dim_size(0), source_length, length));
+    OP_REQUIRES(context, source.dims() == 4, absl::InvalidArgumentError("the source must have rank 4"));
+    const int64_t batch = source.dim_size(0);
+    const int64_t in_h = forward_ ? g.height : g.out_h, in_w = forward_ ? g.width : g.out_w;
+    OP_REQUIRES(context, source.dim_size(1) == in_h && source.dim_size(2) == in_w,
+                absl::InvalidArgumentError(absl::StrCat("the source's spatial shape must be ", in_h, " x ", in_w)));
+    const int64_t source_rows = source.dim_size(3);
+    OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, source_rows, g.reach));
     const int64_t nnz = index.NumElements();
     OP_REQUIRES(context, values.NumElements() == nnz, absl::InvalidArgumentError("values must have one entry per index"));
     const int64_t rows = pointers.NumElements() - 1;
+    const int64_t out_h = forward_ ? g.out_h : g.height, out_w = forward_ ? g.out_w : g.width;
     Tensor* out_tensor = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({rows, length}), &out_tensor));
-    if (rows == 0 || length == 0) return;
-    // The values in entry order, so that the inner loop reads one array.
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, out_h, out_w, rows}), &out_tensor));
+    if (out_tensor->NumElements() == 0) return;
     std::vector<T> value(nnz);
     const T* v = values.flat<T>().data();
-    const int32_t* ord = order.NumElements() ? order.flat<int32_t>().data() : nullptr;
-    for (int64_t s = 0; s < nnz; ++s) value[s] = v[ord ? ord[s] : s];
-    const std::vector<int64_t> offset = SourceOffsets(index, shift, source_length);
-    const T* src = src_tensor.flat<T>().data();
+    const int32_t* ord = order.flat<int32_t>().data();
+    for (int64_t s = 0; s < nnz; ++s) value[s] = v[ord[s]];
+    const int64_t tile = TileLength<T>(g, std::max(rows, source_rows));
+    const int64_t ld = tile + g.reach;
+    std::vector<int64_t> offset(nnz);
+    const int32_t* idx = index.flat<int32_t>().data();
+    const int32_t* sh = shift.flat<int32_t>().data();
+    for (int64_t s = 0; s < nnz; ++s) offset[s] = idx[s] * ld + sh[s];
+    const Placed<const T> src{source.flat<T>().data(), batch, in_h, in_w, source_rows,
+                              forward_ ? g.pad_top : 0, forward_ ? g.pad_left : 0};
+    const Placed<T> dst{out_tensor->flat<T>().data(), batch, out_h, out_w, rows,
+                        forward_ ? 0 : g.pad_top, forward_ ? 0 : g.pad_left};
+    const int64_t positions = batch * g.grid_h * g.grid_w;
+    const int64_t tiles = (positions + tile - 1) / tile;
     const int64_t* p = pointers.flat<int64_t>().data();
-    T* out = out_tensor->flat<T>().data();
-    const int64_t block = BlockLength<T>(src_tensor.dim_size(0));
-    const int64_t blocks = (length + block - 1) / block;
-    // Units are blocks of positions: each reads its block of every source
-    // row once into cache, and every output row reuses it.
-    ForUnits(context, blocks, (nnz + rows) * block, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) {
-        const int64_t begin = b * block, end = std::min(length, begin + block);
+    ForUnits(context, tiles, (nnz + (rows + source_rows) * 4) * tile, [&](int64_t first, int64_t last) {
+      std::vector<T> in(source_rows * ld), out(rows * tile);
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t start = t * tile, count = std::min(tile, positions - start);
+        ReadTile(src, g, forward_ ? start : start - g.reach, count + g.reach, in.data(), ld);
         for (int64_t r = 0; r < rows; ++r) {
-          T* o = out + r * length;
-          int64_t i = begin;
-          for (; i + kTile <= end; i += kTile) AddTile<T, kTile>(o + i, src + i, offset.data(), value.data(), p[r], p[r + 1]);
-          if (i < end) AddEdge<T>(o + i, src + i, offset.data(), value.data(), p[r], p[r + 1], end - i);
+          T* o = out.data() + r * tile;
+          int64_t k = 0;
+          for (; k + kTile <= count; k += kTile) AddTile<T, kTile>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1]);
+          if (k < count) AddEdge<T>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1], count - k);
         }
+        WriteTile(dst, g, start, count, out.data(), tile);
       }
     });
   }
+
+ private:
+  const bool forward_;
+  Geometry geometry_;
 };
 
 template <typename T>
-class ShiftDotOp : public OpKernel {
+class ConvForwardOp : public ShiftedSumOp<T> {
  public:
-  explicit ShiftDotOp(OpKernelConstruction* context) : OpKernel(context) {}
+  explicit ConvForwardOp(OpKernelConstruction* context) : ShiftedSumOp<T>(context, true) {}
+};
+
+template <typename T>
+class ConvInputGradOp : public ShiftedSumOp<T> {
+ public:
+  explicit ConvInputGradOp(OpKernelConstruction* context) : ShiftedSumOp<T>(context, false) {}
+};
+
+template <typename T>
+class ConvValuesGradOp : public OpKernel {
+ public:
+  explicit ConvValuesGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::vector<int64_t> g;
+    OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
+    OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
+  }
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& a_tensor = context->input(0);
-    const Tensor& b_tensor = context->input(1);
+    const Geometry& g = geometry_;
+    const Tensor& dy = context->input(0);
+    const Tensor& x = context->input(1);
     const Tensor& pointers = context->input(2);
     const Tensor& index = context->input(3);
     const Tensor& shift = context->input(4);
     const Tensor& order = context->input(5);
-    OP_REQUIRES(context, a_tensor.dims() == 2 && b_tensor.dims() == 2, absl::InvalidArgumentError("a and b must be matrices"));
-    OP_REQUIRES(context, pointers.NumElements() == a_tensor.dim_size(0) + 1,
-                absl::InvalidArgumentError("pointers must have one entry per row of a, plus one"));
-    const int64_t length = a_tensor.dim_size(1);
-    const int64_t source_length = b_tensor.dim_size(1);
-    OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, b_tensor.dim_size(0), source_length, length));
+    OP_REQUIRES(context, dy.dims() == 4 && x.dims() == 4, absl::InvalidArgumentError("dy and x must have rank 4"));
+    OP_REQUIRES(context, dy.dim_size(0) == x.dim_size(0), absl::InvalidArgumentError("dy and x must share the batch"));
+    OP_REQUIRES(context, dy.dim_size(1) == g.out_h && dy.dim_size(2) == g.out_w && x.dim_size(1) == g.height &&
+                             x.dim_size(2) == g.width,
+                absl::InvalidArgumentError("dy and x must have the geometry's spatial shapes"));
+    const int64_t filters = dy.dim_size(3), channels = x.dim_size(3);
+    OP_REQUIRES(context, pointers.NumElements() == filters + 1,
+                absl::InvalidArgumentError("pointers must have one entry per filter, plus one"));
+    OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, channels, g.reach));
     const int64_t nnz = index.NumElements();
-    const int64_t rows = a_tensor.dim_size(0);
     Tensor* out_tensor = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({nnz}), &out_tensor));
     T* out = out_tensor->flat<T>().data();
     std::fill(out, out + nnz, T(0));
-    if (nnz == 0 || length == 0) return;
-    const std::vector<int64_t> offset = SourceOffsets(index, shift, source_length);
-    const T* a = a_tensor.flat<T>().data();
-    const T* b = b_tensor.flat<T>().data();
-    const int64_t* p = pointers.flat<int64_t>().data();
-    const int64_t block = BlockLength<T>(rows + b_tensor.dim_size(0));
-    // Parts of the positions run in parallel, each summing into its own
-    // row of partial sums (block by block, for the cache), added up after.
+    const int64_t batch = x.dim_size(0);
+    if (nnz == 0 || batch == 0) return;
+    const int64_t tile = TileLength<T>(g, std::max(filters, channels));
+    const int64_t ld = tile + g.reach;
+    std::vector<int64_t> offset(nnz);
+    const int32_t* idx = index.flat<int32_t>().data();
+    const int32_t* sh = shift.flat<int32_t>().data();
+    for (int64_t s = 0; s < nnz; ++s) offset[s] = idx[s] * ld + sh[s];
+    const Placed<const T> dy_at{dy.flat<T>().data(), batch, g.out_h, g.out_w, filters, 0, 0};
+    const Placed<const T> x_at{x.flat<T>().data(), batch, g.height, g.width, channels, g.pad_top, g.pad_left};
+    const int64_t positions = batch * g.grid_h * g.grid_w;
+    const int64_t tiles = (positions + tile - 1) / tile;
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((length + block - 1) / block, 4 * workers->num_threads));
-    const int64_t per_part = (length + parts - 1) / parts;
+    // Parts of the tiles run in parallel, each into its own partial sums.
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tiles, 4 * workers->num_threads));
+    const int64_t per_part = (tiles + parts - 1) / parts;
     std::vector<T> partial(parts * nnz, T(0));
-    ForUnits(context, parts, (nnz + rows) * per_part, [&](int64_t first, int64_t last) {
+    const int64_t* p = pointers.flat<int64_t>().data();
+    ForUnits(context, parts, (nnz + (filters + channels) * 4) * tile * per_part, [&](int64_t first, int64_t last) {
+      std::vector<T> a(filters * tile), b(channels * ld);
       for (int64_t part = first; part < last; ++part) {
         T* sums = partial.data() + part * nnz;
-        const int64_t part_end = std::min(length, (part + 1) * per_part);
-        for (int64_t begin = part * per_part; begin < part_end; begin += block) {
-          const int64_t n = std::min(block, part_end - begin);
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* x = a + r * length + begin;
-            const T* y = b + begin;
-            int64_t s = p[r];
-            const int64_t end = p[r + 1];
+        for (int64_t t = part * per_part; t < std::min(tiles, (part + 1) * per_part); ++t) {
+          const int64_t start = t * tile, count = std::min(tile, positions - start);
+          ReadTile(dy_at, g, start, count, a.data(), tile);
+          ReadTile(x_at, g, start, count + g.reach, b.data(), ld);
+          for (int64_t f = 0; f < filters; ++f) {
+            const T* row = a.data() + f * tile;
+            int64_t s = p[f];
+            const int64_t end = p[f + 1];
             for (; s + 4 <= end; s += 4) {
-              Dot4(x, y + offset[s], y + offset[s + 1], y + offset[s + 2], y + offset[s + 3], n, sums + s);
+              Dot4(row, b.data() + offset[s], b.data() + offset[s + 1], b.data() + offset[s + 2], b.data() + offset[s + 3],
+                   count, sums + s);
             }
-            for (; s < end; ++s) sums[s] += Dot(x, y + offset[s], n);
+            for (; s < end; ++s) sums[s] += Dot(row, b.data() + offset[s], count);
           }
         }
       }
     });
-    const int32_t* ord = order.NumElements() ? order.flat<int32_t>().data() : nullptr;
+    const int32_t* ord = order.flat<int32_t>().data();
     for (int64_t s = 0; s < nnz; ++s) {
       T total = 0;
       for (int64_t part = 0; part < parts; ++part) total += partial[part * nnz + s];
-      out[ord ? ord[s] : s] = total;
+      out[ord[s]] = total;
     }
   }
+
+ private:
+  Geometry geometry_;
 };
 
-#define SPARSELAYERS_REGISTER_CONV(T)                                                                \
-  REGISTER_KERNEL_BUILDER(                                                                           \
-      Name("SparselayersShiftAxpy").Device(DEVICE_CPU).TypeConstraint<T>("T"), ShiftAxpyOp<T>);     \
-  REGISTER_KERNEL_BUILDER(                                                                           \
-      Name("SparselayersShiftDot").Device(DEVICE_CPU).TypeConstraint<T>("T"), ShiftDotOp<T>);
+}  // namespace
+
+#define SPARSELAYERS_REGISTER_CONV(T)                                                                     \
+  REGISTER_KERNEL_BUILDER(                                                                                \
+      Name("SparselayersConvForward").Device(DEVICE_CPU).TypeConstraint<T>("T"), ConvForwardOp<T>);      \
+  REGISTER_KERNEL_BUILDER(                                                                                \
+      Name("SparselayersConvInputGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), ConvInputGradOp<T>);  \
+  REGISTER_KERNEL_BUILDER(                                                                                \
+      Name("SparselayersConvValuesGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"), ConvValuesGradOp<T>);
 
 SPARSELAYERS_REGISTER_CONV(float)
 SPARSELAYERS_REGISTER_CONV(double)
