@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -116,8 +117,6 @@ REGISTER_OP("SparselayersConvValuesGrad")
 
 namespace {
 
-// Output positions one register tile holds.
-constexpr int64_t kTile = 64;
 
 // A channels_last tensor (batch, height, width, channels) placed at
 // (top, left) of the padded grid.
@@ -127,51 +126,109 @@ struct Placed {
   int64_t batch, height, width, channels, top, left;
 };
 
-// buffer[c * ld + k] = the tensor at grid position start + k (zero outside it), k < count.
+// Positions transposed together: each buffer row gets a whole cache line
+// at a time while the group's source rows stay in L1.
+constexpr int64_t kGroup = 16;
+
+// Where grid position `pos` lies in the placed tensor, or nullptr.
 template <typename T>
-void ReadTile(const Placed<const T>& t, const Geometry& g, int64_t start, int64_t count, T* buffer, int64_t ld) {
+T* Locate(const Placed<T>& t, const Geometry& g, int64_t pos) {
   const int64_t per_image = g.grid_h * g.grid_w;
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t pos = start + k;
-    const T* src = nullptr;
-    if (pos >= 0 && pos < t.batch * per_image) {
-      const int64_t n = pos / per_image, r = pos % per_image;
-      const int64_t h = r / g.grid_w - t.top, w = r % g.grid_w - t.left;
-      if (h >= 0 && h < t.height && w >= 0 && w < t.width) src = t.data + ((n * t.height + h) * t.width + w) * t.channels;
+  if (pos < 0 || pos >= t.batch * per_image) return nullptr;
+  const int64_t n = pos / per_image, r = pos % per_image;
+  const int64_t h = r / g.grid_w - t.top, w = r % g.grid_w - t.left;
+  if (h < 0 || h >= t.height || w < 0 || w >= t.width) return nullptr;
+  return t.data + ((n * t.height + h) * t.width + w) * t.channels;
+}
+
+// buffer[c * ld + k] = the tensor at grid position start + k (zero outside
+// it), k < count; `zeros` holds t.channels zeros.
+template <typename T>
+void ReadTile(const Placed<const T>& t, const Geometry& g, int64_t start, int64_t count, T* buffer, int64_t ld,
+              const T* zeros) {
+  const T* rows[kGroup];
+  for (int64_t k = 0; k < count; k += kGroup) {
+    const int64_t n = std::min(kGroup, count - k);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* at = Locate(t, g, start + k + j);
+      rows[j] = at ? at : zeros;
     }
-    if (src) {
-      for (int64_t c = 0; c < t.channels; ++c) buffer[c * ld + k] = src[c];
-    } else {
-      for (int64_t c = 0; c < t.channels; ++c) buffer[c * ld + k] = T(0);
+    for (int64_t c = 0; c < t.channels; ++c) {
+      T* line = buffer + c * ld + k;
+      for (int64_t j = 0; j < n; ++j) line[j] = rows[j][c];
     }
   }
 }
 
-// The tensor at grid positions start + k, k < count, where it has one = buffer[c * ld + k].
+// The tensor at grid positions start + k, k < count, where it has one =
+// buffer[c * ld + k]; `scratch` (t.channels numbers) takes the rest.
 template <typename T>
-void WriteTile(const Placed<T>& t, const Geometry& g, int64_t start, int64_t count, const T* buffer, int64_t ld) {
-  const int64_t per_image = g.grid_h * g.grid_w;
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t pos = start + k;
-    const int64_t n = pos / per_image, r = pos % per_image;
-    const int64_t h = r / g.grid_w - t.top, w = r % g.grid_w - t.left;
-    if (n >= t.batch || h < 0 || h >= t.height || w < 0 || w >= t.width) continue;
-    T* dst = t.data + ((n * t.height + h) * t.width + w) * t.channels;
-    for (int64_t c = 0; c < t.channels; ++c) dst[c] = buffer[c * ld + k];
+void WriteTile(const Placed<T>& t, const Geometry& g, int64_t start, int64_t count, const T* buffer, int64_t ld,
+               T* scratch) {
+  T* rows[kGroup];
+  for (int64_t k = 0; k < count; k += kGroup) {
+    const int64_t n = std::min(kGroup, count - k);
+    for (int64_t j = 0; j < n; ++j) {
+      T* at = Locate(t, g, start + k + j);
+      rows[j] = at ? at : scratch;
+    }
+    for (int64_t c = 0; c < t.channels; ++c) {
+      const T* line = buffer + c * ld + k;
+      for (int64_t j = 0; j < n; ++j) rows[j][c] = line[j];
+    }
   }
 }
 
-template <typename T, int64_t N>
+// One 64-byte vector of T (GCC and Clang vector extensions): a zmm
+// register with AVX-512, two ymm with AVX2.
+// (A dependent alias would drop the attribute: one typedef per type.)
+template <typename T>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vector = typename VectorOf<T>::type;
+
+template <typename T>
+Vector<T> Load(const T* p) {
+  Vector<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+// Positions of one register tile: eight vectors of accumulators, enough
+// independent sums to keep both FMA units busy.
+template <typename T>
+constexpr int64_t kTile = 8 * kLanes<T>;
+
+// out[k] = sum_s value[s] * src[offset[s] + k], k < kTile<T>, accumulated in registers.
+template <typename T>
 void AddTile(T* __restrict out, const T* __restrict src, const int64_t* __restrict offset, const T* __restrict value,
              int64_t first, int64_t end) {
-  T acc[N] = {};
+  constexpr int64_t L = kLanes<T>;
+  Vector<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
   for (int64_t s = first; s < end; ++s) {
     const T v = value[s];
-    const T* __restrict x = src + offset[s];
-#pragma omp simd
-    for (int64_t k = 0; k < N; ++k) acc[k] += v * x[k];
+    const T* x = src + offset[s];
+    a0 += v * Load(x);
+    a1 += v * Load(x + L);
+    a2 += v * Load(x + 2 * L);
+    a3 += v * Load(x + 3 * L);
+    a4 += v * Load(x + 4 * L);
+    a5 += v * Load(x + 5 * L);
+    a6 += v * Load(x + 6 * L);
+    a7 += v * Load(x + 7 * L);
   }
-  std::copy(acc, acc + N, out);
+  const Vector<T> sums[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+  std::memcpy(out, sums, sizeof(sums));
 }
 
 template <typename T>
@@ -195,21 +252,37 @@ T Dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 }
 
 template <typename T>
+T Sum(const Vector<T>& v) {
+  T total = 0;
+  for (int64_t k = 0; k < kLanes<T>; ++k) total += v[k];
+  return total;
+}
+
+// out[j] += dot(a, b_j) over n positions, j < 4, in vector registers.
+template <typename T>
 void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1, const T* __restrict b2,
           const T* __restrict b3, int64_t n, T* out) {
-  T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
-#pragma omp simd reduction(+ : acc0, acc1, acc2, acc3)
-  for (int64_t k = 0; k < n; ++k) {
-    const T x = a[k];
-    acc0 += x * b0[k];
-    acc1 += x * b1[k];
-    acc2 += x * b2[k];
-    acc3 += x * b3[k];
+  constexpr int64_t L = kLanes<T>;
+  Vector<T> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    const Vector<T> x = Load<T>(a + k);
+    acc0 += x * Load(b0 + k);
+    acc1 += x * Load(b1 + k);
+    acc2 += x * Load(b2 + k);
+    acc3 += x * Load(b3 + k);
   }
-  out[0] += acc0;
-  out[1] += acc1;
-  out[2] += acc2;
-  out[3] += acc3;
+  T tail0 = 0, tail1 = 0, tail2 = 0, tail3 = 0;
+  for (; k < n; ++k) {
+    tail0 += a[k] * b0[k];
+    tail1 += a[k] * b1[k];
+    tail2 += a[k] * b2[k];
+    tail3 += a[k] * b3[k];
+  }
+  out[0] += Sum<T>(acc0) + tail0;
+  out[1] += Sum<T>(acc1) + tail1;
+  out[2] += Sum<T>(acc2) + tail2;
+  out[3] += Sum<T>(acc3) + tail3;
 }
 
 // Positions per tile: several times the reach (each tile reads its reach
@@ -218,7 +291,7 @@ template <typename T>
 int64_t TileLength(const Geometry& g, int64_t rows) {
   const int64_t wanted = std::max<int64_t>(4 * g.reach, 256);
   const int64_t fit = (256 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(rows, 1));
-  return std::max<int64_t>(kTile, std::min(wanted, fit) / kTile * kTile);
+  return std::max<int64_t>(kTile<T>, std::min(wanted, fit) / kTile<T> * kTile<T>);
 }
 
 absl::Status CheckTable(const Tensor& pointers, const Tensor& index, const Tensor& shift, const Tensor& order,
@@ -302,17 +375,17 @@ class ShiftedSumOp : public OpKernel {
     const int64_t tiles = (positions + tile - 1) / tile;
     const int64_t* p = pointers.flat<int64_t>().data();
     ForUnits(context, tiles, (nnz + (rows + source_rows) * 4) * tile, [&](int64_t first, int64_t last) {
-      std::vector<T> in(source_rows * ld), out(rows * tile);
+      std::vector<T> in(source_rows * ld), out(rows * tile), zeros(source_rows, T(0)), scratch(rows);
       for (int64_t t = first; t < last; ++t) {
         const int64_t start = t * tile, count = std::min(tile, positions - start);
-        ReadTile(src, g, forward_ ? start : start - g.reach, count + g.reach, in.data(), ld);
+        ReadTile(src, g, forward_ ? start : start - g.reach, count + g.reach, in.data(), ld, zeros.data());
         for (int64_t r = 0; r < rows; ++r) {
           T* o = out.data() + r * tile;
           int64_t k = 0;
-          for (; k + kTile <= count; k += kTile) AddTile<T, kTile>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1]);
+          for (; k + kTile<T> <= count; k += kTile<T>) AddTile<T>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1]);
           if (k < count) AddEdge<T>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1], count - k);
         }
-        WriteTile(dst, g, start, count, out.data(), tile);
+        WriteTile(dst, g, start, count, out.data(), tile, scratch.data());
       }
     });
   }
@@ -384,13 +457,13 @@ class ConvValuesGradOp : public OpKernel {
     std::vector<T> partial(parts * nnz, T(0));
     const int64_t* p = pointers.flat<int64_t>().data();
     ForUnits(context, parts, (nnz + (filters + channels) * 4) * tile * per_part, [&](int64_t first, int64_t last) {
-      std::vector<T> a(filters * tile), b(channels * ld);
+      std::vector<T> a(filters * tile), b(channels * ld), zeros(std::max(filters, channels), T(0));
       for (int64_t part = first; part < last; ++part) {
         T* sums = partial.data() + part * nnz;
         for (int64_t t = part * per_part; t < std::min(tiles, (part + 1) * per_part); ++t) {
           const int64_t start = t * tile, count = std::min(tile, positions - start);
-          ReadTile(dy_at, g, start, count, a.data(), tile);
-          ReadTile(x_at, g, start, count + g.reach, b.data(), ld);
+          ReadTile(dy_at, g, start, count, a.data(), tile, zeros.data());
+          ReadTile(x_at, g, start, count + g.reach, b.data(), ld, zeros.data());
           for (int64_t f = 0; f < filters; ++f) {
             const T* row = a.data() + f * tile;
             int64_t s = p[f];
