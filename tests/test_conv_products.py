@@ -91,9 +91,12 @@ def test_the_direct_convolution_equals_the_reference(built, case, dtype, tol):
     upstream = rng.normal(size=expected.shape)
     y, dx, dvalues = _run(layer, layer.values, x.astype(dtype), upstream)
     assert layer.kernel_name == "compiled_conv"
-    _, dx_keras, dkernel = _run(twin, twin.kernel, x.astype(dtype), upstream)
-    scale = 1 + np.abs(expected).max()
+    scale = 1 + np.abs(expected).max(initial=0)
     np.testing.assert_allclose(y, expected, rtol=tol, atol=tol * scale)
+    if not x.shape[0]:  # Keras' float32 Conv2D fails on an empty batch: no gradient flows
+        assert dx.shape == x.shape and not dvalues.any()
+        return
+    _, dx_keras, dkernel = _run(twin, twin.kernel, x.astype(dtype), upstream)
     np.testing.assert_allclose(dx, dx_keras, rtol=tol, atol=tol * scale)
     view = dkernel.reshape(layer.pattern.shape)
     rows, cols = layer.pattern.indices.T
