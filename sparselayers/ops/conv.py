@@ -29,7 +29,9 @@ from sparselayers.ops.compiled.kernels import compiled_allowed
 from sparselayers.sparsity_pattern import SparsityPattern
 
 #: Density below which ``kernel="auto"`` convolves with :class:`DirectConv`
-#: (``benchmarks/conv.py``, see ``benchmarks/CONV.md``).
+#: (``benchmarks/conv.py``, 2-core Intel Xeon under load, 3x3 conv, input
+#: (32, 32, 32, 128), 128 filters, training step, Keras / direct: 1% 3.9x,
+#: 5% 2.8x, 10% 1.7-2.3x, 20% 1.1x; im2col with compiled_csr 0.25x at 10%).
 DIRECT_MAX_DENSITY = 0.25
 _OP_DTYPES = (tf.float32, tf.float64)
 
