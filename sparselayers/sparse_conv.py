@@ -5,8 +5,10 @@ filters)`` reshaped in C order to ``(prod(kernel_size) * in_channels,
 filters)``: a Keras kernel ``k`` has the view ``k.reshape(-1, filters)``.
 The product is that sparse matrix times the image patches (im2col) laid
 out in the same order, computed by the layer's kernel
-(:mod:`sparselayers.ops`). A 1x1 convolution with unit strides needs no
-patches: it is ``SparseDense`` on the channel axis and runs its kernels.
+(:mod:`sparselayers.ops`), or, with ``kernel="auto"`` where it measured
+faster, by the compiled direct convolution, which reads the image in place
+(:mod:`sparselayers.ops.conv`). A 1x1 convolution with unit strides needs
+no patches: it is ``SparseDense`` on the channel axis and runs its kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sparselayers.ops import conv as conv_products
 from sparselayers.sparse_kernel import SparseKernelLayer, register_twin
 
 _PADDINGS = {1: ("valid", "same", "causal"), 2: ("valid", "same")}
@@ -40,11 +43,6 @@ def _tuple(value: Any, rank: int, name: str) -> tuple[int, ...]:
             f"`{name}` must be a positive integer or a tuple of {rank} positive integers. Received: {name}={value!r}"
         )
     return tuple(int(v) for v in items)
-
-
-def _size(x: tf.Tensor, axis: int) -> Any:
-    """The static size of ``x`` along ``axis`` if known, else its dynamic size."""
-    return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
 def _set_window(
@@ -181,36 +179,8 @@ class SparseConv(SparseKernelLayer):
     def _is_pointwise(self) -> bool:
         return max(self.kernel_size) == 1 and max(self.strides) == 1
 
-    def _patches(self, x: tf.Tensor) -> tf.Tensor:
-        """``(batch, *out_spatial, prod(kernel_size) * in_channels)``, taps in Keras' kernel order."""
-        rank = self.rank
-        pads = [[0, 0]]
-        for axis, (k, s, d) in enumerate(zip(self.kernel_size, self.strides, self.dilation_rate), start=1):
-            n = x.shape[axis]
-            reach = d * (k - 1)
-            if self.padding == "causal":
-                pads.append([reach, 0])
-            elif self.padding == "same":
-                if n is None:
-                    n = tf.shape(x)[axis]
-                    total = tf.maximum((-(-n // s) - 1) * s + reach + 1 - n, 0)
-                else:
-                    total = max((-(-n // s) - 1) * s + reach + 1 - n, 0)
-                pads.append([total // 2, total - total // 2])
-            else:
-                pads.append([0, 0])
-        x = tf.pad(x, pads + [[0, 0]])
-        outs = []
-        for axis, (k, s, d) in enumerate(zip(self.kernel_size, self.strides, self.dilation_rate), start=1):
-            n = _size(x, axis)
-            outs.append((n - d * (k - 1) - 1) // s + 1)
-        taps = []
-        for offsets in np.ndindex(*self.kernel_size):
-            begin = [0] + [o * d for o, d in zip(offsets, self.dilation_rate)] + [0]
-            end = [0] + [b + (m - 1) * s + 1 for b, m, s in zip(begin[1:], outs, self.strides)] + [0]
-            strides = [1, *self.strides, 1]
-            taps.append(tf.strided_slice(x, begin, end, strides, begin_mask=1 | 2 ** (rank + 1), end_mask=1 | 2 ** (rank + 1)))
-        return taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
+    def _geometry(self) -> conv_products.ConvGeometry:
+        return conv_products.ConvGeometry(self.kernel_size, self.strides, self.dilation_rate, self.padding)
 
     def call(self, inputs):
         x = inputs
@@ -218,7 +188,17 @@ class SparseConv(SparseKernelLayer):
             raise TypeError(f"{type(self).__name__} needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
-        patches = x if self._is_pointwise() else self._patches(x)
+        geometry = self._geometry()
+        # RigL's probe wraps `_select_kernel` on the instance to watch the 2-D
+        # product (patches, patches @ W): while it does, the patches compute.
+        watched = "_select_kernel" in vars(self)
+        direct = None
+        if not self._is_pointwise() and not watched:
+            direct = conv_products.direct_conv(self.pattern, geometry, x, auto=self._kernel_argument == "auto")
+        if direct is not None:
+            self._kernel_in_use = direct.name
+            return self._finish(direct(x, tf.cast(self.values, x.dtype)))
+        patches = x if self._is_pointwise() else conv_products.patches(x, geometry)
         flat = tf.reshape(patches, [-1, self.pattern.shape[0]])
         y = self._finish(self._sparse_product(flat))
         shape = tf.concat([tf.shape(patches)[:-1], [self.filters]], axis=0)

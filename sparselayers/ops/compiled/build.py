@@ -1,7 +1,7 @@
 """Building the C++ kernels on first use, caching the library, falling back.
 
-The sources ship in the package (``kernels.cc``, ``block_kernels.cc`` and
-their header ``common.h``). The first process that
+The sources ship in the package (``kernels.cc``, ``block_kernels.cc``,
+``conv_kernels.cc`` and their header ``common.h``). The first process that
 asks for a compiled kernel compiles them with the machine's C++ compiler
 (``CXX``, split as a shell would, else ``g++``, ``c++`` or ``clang++``)
 against the installed TensorFlow (``tf.sysconfig`` flags), as
@@ -55,7 +55,7 @@ from sparselayers._env import flag
 #: Environment variable: ``0`` (or ``false``, ``no``, ``off``) switches the compiled kernels off.
 ENABLED_ENV = "SPARSELAYERS_COMPILED_KERNELS"
 #: The C++ sources, next to this module, compiled into one library.
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("kernels.cc", "block_kernels.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("kernels.cc", "block_kernels.cc", "conv_kernels.cc"))
 #: Headers they include: part of the cache key, not compiled alone.
 HEADERS = (pathlib.Path(__file__).with_name("common.h"),)
 #: The ops the kernels call; a library that lacks one is not used.

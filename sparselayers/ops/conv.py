@@ -1,0 +1,213 @@
+"""Products of a sparse convolution kernel with an image: patches (im2col) and the direct convolution.
+
+A convolution's kernel is a sparse matrix over its 2-D view ``(prod(kernel_size)
+* in_channels, filters)`` (taps in C order, channels within a tap). Two
+formulations compute its product with a ``channels_last`` image:
+
+* :func:`patches` lays the image out as the patch matrix, which any kernel of
+  :mod:`sparselayers.ops` multiplies. Pure TF: it runs in every context (XLA,
+  export, SavedModel) and with every kernel, and it is the twin of
+* :class:`DirectConv`, the compiled direct sparse convolution (Park et al.,
+  ICLR 2017): each pattern entry adds its value times the input shifted by
+  its tap, read in place. It runs where the compiled kernels may
+  (:func:`direct_conv`), for unit strides; the patches are its twin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from sparselayers.ops.base import constant
+from sparselayers.ops.compiled import build
+from sparselayers.ops.compiled.kernels import compiled_allowed
+from sparselayers.sparsity_pattern import SparsityPattern
+
+#: Density below which ``kernel="auto"`` convolves with :class:`DirectConv`
+#: (``benchmarks/conv.py``, 2-core Intel Xeon under load, 3x3 conv, input
+#: (32, 32, 32, 128), 128 filters, training step, Keras / direct: 1% 3.9x,
+#: 5% 2.8x, 10% 1.7-2.3x, 20% 1.1x; im2col with compiled_csr 0.25x at 10%).
+DIRECT_MAX_DENSITY = 0.25
+_OP_DTYPES = (tf.float32, tf.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's window: per spatial axis its size, stride and dilation, and the padding."""
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation_rate: tuple[int, ...]
+    padding: str
+
+    def pads(self, spatial: list[Any]) -> list[list[Any]]:
+        """``[before, after]`` per spatial axis of lengths ``spatial`` (ints or scalar tensors), as Keras pads."""
+        pads = []
+        for n, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            reach = d * (k - 1)
+            if self.padding == "causal":
+                pads.append([reach, 0])
+            elif self.padding == "same":
+                total = (-(-n // s) - 1) * s + reach + 1 - n
+                total = tf.maximum(total, 0) if isinstance(total, tf.Tensor) else max(total, 0)
+                pads.append([total // 2, total - total // 2])
+            else:
+                pads.append([0, 0])
+        return pads
+
+    def outputs(self, padded: list[Any]) -> list[Any]:
+        """Output lengths over the padded spatial lengths ``padded``."""
+        return [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(padded, self.kernel_size, self.strides, self.dilation_rate)]
+
+
+def _spatial(x: tf.Tensor) -> list[Any]:
+    return [x.shape[a] if x.shape[a] is not None else tf.shape(x)[a] for a in range(1, x.shape.rank - 1)]
+
+
+def patches(x: tf.Tensor, geometry: ConvGeometry) -> tf.Tensor:
+    """``(batch, *out_spatial, prod(kernel_size) * in_channels)``: the image patches, taps in Keras' kernel order.
+
+    >>> import numpy as np
+    >>> g = ConvGeometry((2,), (1,), (1,), "valid")
+    >>> patches(tf.constant(np.arange(3.0).reshape(1, 3, 1)), g).numpy()[0].tolist()
+    [[0.0, 1.0], [1.0, 2.0]]
+    """
+    rank = x.shape.rank - 2
+    x = tf.pad(x, [[0, 0], *geometry.pads(_spatial(x)), [0, 0]])
+    outs = geometry.outputs(_spatial(x))
+    taps = []
+    for offsets in np.ndindex(*geometry.kernel_size):
+        begin = [0] + [o * d for o, d in zip(offsets, geometry.dilation_rate)] + [0]
+        end = [0] + [b + (m - 1) * s + 1 for b, m, s in zip(begin[1:], outs, geometry.strides)] + [0]
+        edges = 1 | 2 ** (rank + 1)  # the batch and channel axes: whole
+        taps.append(tf.strided_slice(x, begin, end, [1, *geometry.strides, 1], begin_mask=edges, end_mask=edges))
+    return taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
+
+
+def direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, x: tf.Tensor, *, auto: bool) -> DirectConv | None:
+    """The direct convolution for this call, or None where the patches compute it.
+
+    It runs for a ``kernel="auto"`` layer (a forced kernel is honoured on
+    the patches) whose pattern is below :data:`DIRECT_MAX_DENSITY`, with
+    unit strides, an input of known spatial size and a non-empty output,
+    where the compiled ops may run (:func:`compiled_allowed`: not under XLA,
+    export or SavedModel saving) and are built.
+    """
+    if not auto or max(geometry.strides) > 1 or pattern.density >= DIRECT_MAX_DENSITY:
+        return None
+    spatial = tuple(x.shape[1:-1])
+    if None in spatial or not compiled_allowed() or not build.available():
+        return None
+    padded = [n + sum(p) for n, p in zip(spatial, geometry.pads(list(spatial)))]
+    if min(geometry.outputs(padded)) < 1:
+        return None
+    return _direct_conv(pattern, geometry, spatial)
+
+
+@functools.lru_cache(maxsize=16)
+def _direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, spatial: tuple[int, ...]) -> DirectConv:
+    return DirectConv(pattern, geometry, spatial)
+
+
+class DirectConv:
+    """The compiled direct sparse convolution of one pattern, window and input size (unit strides).
+
+    Positions run over the padded grid of every image in C order; a tap
+    moves output position ``i`` to input position ``i + shift``, the flat
+    offset of the tap. Three ops, each the others' gradient (as in
+    ``compiled_csr``), so gradients of any order run compiled: the
+    convolution (``SparselayersConvForward``, entries grouped by filter),
+    the input gradient (``SparselayersConvInputGrad``, grouped by channel,
+    shifts reversed) and the values gradient
+    (``SparselayersConvValuesGrad``). Each reads and writes the
+    ``channels_last`` tensors in place, a tile of positions at a time
+    transposed into a buffer in cache: no padded, transposed or patch copy
+    of the image exists. A 1-D convolution is a 2-D one of height 1.
+    Float16 and bfloat16 are computed in float32.
+    """
+
+    name = "compiled_conv"
+
+    def __init__(self, pattern: SparsityPattern, geometry: ConvGeometry, spatial: tuple[int, ...]):
+        self.pattern, self.geometry = pattern, geometry
+        rank = len(spatial)
+        pads = geometry.pads(list(spatial))
+        padded = [n + sum(p) for n, p in zip(spatial, pads)]
+        self.outputs = geometry.outputs(padded)
+        # A 1-D convolution as a 2-D one of height 1.
+        grid = [1] * (2 - rank) + padded
+        window = [1] * (2 - rank) + list(geometry.kernel_size)
+        dilation = [1] * (2 - rank) + list(geometry.dilation_rate)
+        size = [1] * (2 - rank) + list(spatial)
+        corner = [0] * (2 - rank) + [p[0] for p in pads]
+        out = [1] * (2 - rank) + self.outputs
+        self.reach = (window[0] - 1) * dilation[0] * grid[1] + (window[1] - 1) * dilation[1]
+        self.attr = [*size, *grid, *corner, *out, self.reach]
+        self._shape4 = [*size, pattern.shape[0] // math.prod(geometry.kernel_size)]
+        self._step = (dilation[0] * grid[1], dilation[1])
+        self._window = window
+        self._tables: tuple[tf.Tensor, ...] | None = None
+
+    def _pattern_tensors(self) -> tuple[tf.Tensor, ...]:
+        if self._tables is None:
+            p = self.pattern
+            channels = self._shape4[-1]
+            rows, cols = p.indices[:, 0], p.indices[:, 1]
+            tap, channel = np.divmod(rows, channels)
+            tap_h, tap_w = np.divmod(tap, self._window[1])
+            shift = tap_h * self._step[0] + tap_w * self._step[1]
+            by_filter = np.lexsort((channel, cols)).astype(np.int32)
+            by_channel = np.lexsort((cols, channel)).astype(np.int32)
+
+            def pointers(groups: np.ndarray, n: int) -> tf.Tensor:
+                out = np.zeros(n + 1, np.int64)
+                np.cumsum(np.bincount(groups, minlength=n), out=out[1:])
+                return constant(out)
+
+            self._tables = (
+                pointers(cols, p.shape[1]), constant(channel[by_filter].astype(np.int32)),
+                constant(shift[by_filter].astype(np.int32)), constant(by_filter),
+                pointers(channel, channels), constant(cols[by_channel].astype(np.int32)),
+                constant((self.reach - shift[by_channel]).astype(np.int32)), constant(by_channel),
+            )
+        return self._tables
+
+    def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        """``(batch, *out_spatial, filters)``: the convolution of ``x`` with the kernel of ``values``."""
+        dtype = x.dtype
+        if dtype not in _OP_DTYPES:
+            x, values = tf.cast(x, tf.float32), tf.cast(values, tf.float32)
+        ops, attr = build.library(), self.attr
+        f_pointers, f_channel, f_shift, f_order, c_pointers, c_filter, c_shift, c_order = self._pattern_tensors()
+
+        # forward(x, v) = y, input_grad(dy, v) and values_grad(dy, x): each
+        # linear map's gradients are the others.
+        @tf.custom_gradient
+        def forward(x4, v):
+            def grad(g):
+                return input_grad(g, v), values_grad(g, x4)
+
+            return ops.sparselayers_conv_forward(x4, v, f_pointers, f_channel, f_shift, f_order, geometry=attr), grad
+
+        @tf.custom_gradient
+        def input_grad(g, v):
+            def grad(h):
+                return forward(h, v), values_grad(g, h)
+
+            return ops.sparselayers_conv_input_grad(g, v, c_pointers, c_filter, c_shift, c_order, geometry=attr), grad
+
+        @tf.custom_gradient
+        def values_grad(g, x4):
+            def grad(h):
+                return forward(x4, h), input_grad(g, h)
+
+            return ops.sparselayers_conv_values_grad(g, x4, f_pointers, f_channel, f_shift, f_order, geometry=attr), grad
+
+        batch = tf.shape(x)[0]
+        y = forward(tf.reshape(x, [batch, *self._shape4]), values)
+        return tf.cast(tf.reshape(y, [batch, *self.outputs, self.pattern.shape[1]]), dtype)
