@@ -29,6 +29,7 @@ import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 from tensorflow.python.trackable import base as trackable
 
+from sparselayers import evolution_step
 from sparselayers.ops.context import kernel_context
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -128,7 +129,11 @@ class PatternCheckpoint(trackable.Trackable):
         self._layer = layer
 
     def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
-        return {PATTERN_KEY: tf.constant(encode(self._layer.pattern))}
+        # The pruning mask belongs to this pattern: restored with it, never before it.
+        return {
+            PATTERN_KEY: tf.constant(encode(self._layer.pattern)),
+            evolution_step.MASK_KEY: tf.constant(evolution_step.encode_mask(self._layer)),
+        }
 
     def _restore_from_tensors(self, restored_tensors: dict[str, tf.Tensor]) -> Any:
         if not tf.executing_eagerly():
@@ -138,6 +143,7 @@ class PatternCheckpoint(trackable.Trackable):
         pattern = decode(restored_tensors[PATTERN_KEY].numpy(), "the checkpoint", self._layer)
         check_replacement(self._layer, pattern, "The checkpoint")
         self._layer.set_pattern(pattern)
+        evolution_step.restore_mask(self._layer, restored_tensors[evolution_step.MASK_KEY].numpy(), "the checkpoint")
         return tf.no_op()
 
 
