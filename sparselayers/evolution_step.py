@@ -9,7 +9,7 @@ not pruned (pruned entries stay in ``values``, held at zero, until
 wherever the pattern travels: Keras files (``.keras``, ``.weights.h5``, and
 so ``BackupAndRestore`` and ``ModelCheckpoint``) through :func:`save` and
 :func:`load`, and ``tf.train.Checkpoint`` through :class:`StepCheckpoint`
-(the count) and the pattern's own checkpoint (the mask, restored with the
+(the count) and the pattern's checkpoint (the mask, restored after the
 pattern it belongs to: :func:`encode_mask`, :func:`restore_mask`). A file or
 checkpoint without them leaves the count at 0 and no mask.
 """
