@@ -321,3 +321,12 @@ def test_a_fit_ended_by_an_exception_leaves_the_layers_as_a_clean_end_does():
         again.fit(x, y, epochs=1, callbacks=[sl.callbacks.GradualPruning(0.25, end_step=4, frequency=2), Crash(at=6)], **fit)
     again.fit(x, y, epochs=1, callbacks=[sl.callbacks.GradualPruning(0.25, end_step=20, frequency=2)], **fit)
     assert again.get_layer("d0").values.constraint is None
+
+
+def test_restoring_early_stopping_raises_at_the_start_of_fit():
+    # It would restore an earlier epoch's values, nonzero where the final mask has pruned.
+    model = model_of([6, 2])
+    x, y = data(6, 2, n=16)
+    stopping = keras.callbacks.EarlyStopping(monitor="loss", restore_best_weights=True)
+    with pytest.raises(ValueError, match=r"GradualPruning cannot run with EarlyStopping\(restore_best_weights=True\)"):
+        model.fit(x, y, verbose=0, callbacks=[stopping, sl.callbacks.GradualPruning(0.5, end_step=2)])

@@ -141,7 +141,9 @@ class GradualPruning(_StepCounting):
     Attributes:
         updates: one dict per update: ``step``, ``density`` (the scheduled
             density), ``nnz`` (entries kept over the pruned layers) and
-            ``layers`` (kept entries per layer path).
+            ``layers`` (kept entries per layer path). A ``fit`` that starts
+            past ``begin_step`` first redoes the last update due, which
+            keeps every entry when the layers' saved state holds it.
 
     Raises:
         TypeError: an argument of the wrong type.
