@@ -1,5 +1,6 @@
 """`sl.callbacks.GradualPruning` and `sl.strip_pruning`: schedule against the formula, exact nnz, exact outputs."""
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -330,3 +331,20 @@ def test_restoring_early_stopping_raises_at_the_start_of_fit():
     stopping = keras.callbacks.EarlyStopping(monitor="loss", restore_best_weights=True)
     with pytest.raises(ValueError, match=r"GradualPruning cannot run with EarlyStopping\(restore_best_weights=True\)"):
         model.fit(x, y, verbose=0, callbacks=[stopping, sl.callbacks.GradualPruning(0.5, end_step=2)])
+
+
+def test_a_pruning_mask_of_the_wrong_size_in_a_file_raises(tmp_path):
+    model = model_of([12, 6])
+    x, y = data(12, 6, n=16)
+    model.fit(x, y, batch_size=8, verbose=0, callbacks=[sl.callbacks.GradualPruning(0.25, end_step=1)])
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path, "r+") as f:
+        keys = []
+        f.visit(lambda name: keys.append(name) if name.endswith("/pruning_mask") else None)
+        (key,) = keys
+        assert f[key].shape == (9,)  # one bit per entry: 72 entries
+        del f[key]
+        f.create_dataset(key, data=[255] * 8, dtype="uint8")
+    with pytest.raises(ValueError, match=r"Corrupt pruning mask in the weights file: 8 bytes for layer 'd0', whose pattern has nnz=72 \(9 bytes\)"):
+        model_of([12, 6]).load_weights(path)
