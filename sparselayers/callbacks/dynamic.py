@@ -265,7 +265,7 @@ class _StepCounting(keras.callbacks.Callback):
 
     @property
     def step(self) -> int:
-        """Training steps counted so far (``fit``'s steps, or :meth:`after_step` calls)."""
+        """Training steps counted so far (``fit``'s steps; for RigL and SET also :meth:`after_step` calls)."""
         return self._step
 
     def on_train_begin(self, logs: dict | None = None) -> None:
