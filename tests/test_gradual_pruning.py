@@ -320,6 +320,10 @@ def test_a_fit_ended_by_an_exception_leaves_the_layers_as_a_clean_end_does():
     again = model_of([12, 6])
     with pytest.raises(RuntimeError, match="crash"):
         again.fit(x, y, epochs=1, callbacks=[sl.callbacks.GradualPruning(0.25, end_step=4, frequency=2), Crash(at=6)], **fit)
+    before = again.get_layer("d0").values.numpy()
+    again.train_on_batch(x[:8], y[:8])  # a step outside the fit: no mask
+    assert again.get_layer("d0").values.constraint is None
+    assert np.count_nonzero(again.get_layer("d0").values.numpy()) > np.count_nonzero(before)
     again.fit(x, y, epochs=1, callbacks=[sl.callbacks.GradualPruning(0.25, end_step=20, frequency=2)], **fit)
     assert again.get_layer("d0").values.constraint is None
 
