@@ -8,7 +8,8 @@ connections. This module makes the current pattern travel with the values:
   pattern (its compressed config, about 1 to 2 bytes per entry) next to the
   variables, :func:`load_pattern` reads it back;
 * ``tf.train.Checkpoint`` (and SavedModel): :class:`PatternCheckpoint` is a
-  trackable child of the layer holding the same bytes;
+  trackable child of the layer holding the same bytes (and, as its own
+  child, :class:`MaskCheckpoint`, the pruning mask of that pattern);
 * traced functions: :class:`PatternState` counts pattern changes, and a
   graph traced under an older pattern fails loudly instead of running with
   stale index constants.
@@ -29,6 +30,7 @@ import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 from tensorflow.python.trackable import base as trackable
 
+from sparselayers import evolution_step
 from sparselayers.ops.context import kernel_context
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -127,6 +129,12 @@ class PatternCheckpoint(trackable.Trackable):
     def __init__(self, layer: Any):
         self._layer = layer
 
+    def __init__(self, layer: Any):
+        self._layer = layer
+        # The pruning mask belongs to this pattern: a child, so a checkpoint
+        # restores it after the pattern, and one written without it still loads.
+        self._track_trackable(MaskCheckpoint(layer), name=evolution_step.MASK_KEY)
+
     def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
         return {PATTERN_KEY: tf.constant(encode(self._layer.pattern))}
 
@@ -138,6 +146,21 @@ class PatternCheckpoint(trackable.Trackable):
         pattern = decode(restored_tensors[PATTERN_KEY].numpy(), "the checkpoint", self._layer)
         check_replacement(self._layer, pattern, "The checkpoint")
         self._layer.set_pattern(pattern)
+        return tf.no_op()
+
+
+class MaskCheckpoint(trackable.Trackable):
+    """The layer's pruning mask (:mod:`sparselayers.evolution_step`) as a child of its :class:`PatternCheckpoint`."""
+
+    def __init__(self, layer: Any):
+        self._layer = layer
+
+    def _serialize_to_tensors(self) -> dict[str, tf.Tensor]:
+        return {evolution_step.MASK_KEY: tf.constant(evolution_step.encode_mask(self._layer))}
+
+    def _restore_from_tensors(self, restored_tensors: dict[str, tf.Tensor]) -> Any:
+        if tf.executing_eagerly():  # SavedModel traces restore functions: no mask to keep there
+            evolution_step.restore_mask(self._layer, restored_tensors[evolution_step.MASK_KEY].numpy(), "the checkpoint")
         return tf.no_op()
 
 

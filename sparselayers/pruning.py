@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import weakref
 from typing import Any, Sequence
 
 import keras
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
+from sparselayers import evolution_step
 from sparselayers._validation import _short, check_int
 from sparselayers.allocation import check_distribution, check_erk_power, global_keep, keep_counts, top_entries
 from sparselayers.ops import check_kernel_name
@@ -187,11 +187,14 @@ def strip_pruning(model: keras.Model) -> keras.Model:
     away: every ``SparseDense`` becomes one on the kept entries only (same
     name, unit names, settings, values and bias), so the copy computes
     exactly what ``model`` computes and its saved and exported size follows
-    the kept ``nnz``. A layer that ``GradualPruning`` pruned in this process
-    drops exactly the entries it pruned (a kept entry that happens to be 0,
-    for example under ``NonNeg``, stays); any other ``SparseDense`` (for
-    example one loaded from a file) drops the entries whose value is exactly
-    0. Other layers are copied as they are. ``model`` is not changed.
+    the kept ``nnz``. A layer that carries a ``GradualPruning`` mask (pruned
+    in this process, or loaded from a ``.keras``, ``.weights.h5`` or
+    ``tf.train.Checkpoint`` that saved one) drops exactly the pruned entries
+    that are still 0 (a kept entry that happens to be 0, for example under
+    ``NonNeg``, stays; a pruned one that a later plain ``fit`` trained
+    stays too); any other ``SparseDense`` drops the entries whose value is
+    exactly 0. Other layers are copied as they are. ``model`` is not
+    changed.
 
     Args:
         model: a built Sequential or Functional Keras model.
@@ -222,8 +225,8 @@ def strip_pruning(model: keras.Model) -> keras.Model:
         if not isinstance(layer, SparseKernelLayer) or id(layer) in plan:
             continue
         values = keras.ops.convert_to_numpy(layer.values)
-        kept = PRUNING_MASKS.get(layer)
-        keep = kept[1] if kept is not None and kept[0] == layer.pattern else values != 0
+        kept = evolution_step.pruning_mask(layer)
+        keep = values != 0 if kept is None else kept | (values != 0)
         if not keep.all():
             pattern = layer.pattern
             plan[id(layer)] = (
@@ -234,10 +237,6 @@ def strip_pruning(model: keras.Model) -> keras.Model:
             )
     return _rebuild_pruned(model, plan)
 
-
-#: Per SparseDense that GradualPruning pruned: ``(pattern, keep)``, the
-#: pattern it pruned within and the mask of the entries it kept.
-PRUNING_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rebuild_pruned(model: keras.Model, plan: dict[int, tuple[SparsityPattern, np.ndarray]]) -> keras.Model:

@@ -264,3 +264,36 @@ def test_backup_and_restore_resumes_every_kernel_family_exactly(family, tmp_path
     assert patterns_of(model) == patterns_of(whole)
     for ours, theirs in zip(model.get_weights(), whole.get_weights()):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# GradualPruning: the mask and the step count travel with the layers ---------------------------
+
+PRUNING = dict(end_step=14, frequency=3)  # updates at 0, 3, 6 | 9, 12, 14
+
+
+def pruning_log(callback, after):
+    return [(u["step"], u["nnz"], u["layers"]) for u in callback.updates if u["step"] > after]
+
+
+@pytest.mark.parametrize("order", ["pruning first", "backup first"])
+def test_backup_and_restore_resumes_gradual_pruning_exactly(order, tmp_path):
+    whole = build()
+    whole_pruning = sl.callbacks.GradualPruning(0.1, **PRUNING)
+    fit(whole, whole_pruning, epochs=4)
+    model = build()
+
+    def run(*extra):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        pruning = sl.callbacks.GradualPruning(0.1, **PRUNING)
+        callbacks = [pruning, backup] if order == "pruning first" else [backup, pruning]
+        model.fit(X, Y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[*callbacks, *extra])
+        return pruning
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(Crash(at=11))  # in epoch 3: after the backup at step 8 and the update at step 9
+    resumed = run()
+    assert pruning_log(resumed, 8) == pruning_log(whole_pruning, 8) != []
+    assert resumed.step == 16
+    for ours, theirs in zip(model.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert [layer.pattern.nnz for layer in sl.strip_pruning(model).layers[1:]] == list(whole_pruning.updates[-1]["layers"].values())

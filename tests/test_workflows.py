@@ -2,7 +2,8 @@
 
 One registry of layers (``SETUPS``: a SparseDense per kernel family, and
 Towers) and one of pattern changers (``CHANGERS``: RigL, SET, ``sl.sparsify``,
-``set_pattern``). A module-scoped fixture changes each layer's pattern once
+``set_pattern``, and GradualPruning, which changes no pattern but prunes
+within it). A module-scoped fixture changes each layer's pattern once
 and trains it briefly under two ``ModelCheckpoint`` callbacks; each test is
 one workflow. Every workflow must either give the float64 NumPy reference
 of the current connections and values, or raise a ValueError naming the
@@ -63,9 +64,14 @@ CHANGERS = {
     "set": lambda: sl.callbacks.SET(update_freq=1, drop_fraction=0.5, seed=0),
     "sparsify": _sparsify,
     "set_pattern": _set_pattern,
+    # Below every setup's density, so every layer loses entries.
+    "gradual": lambda: sl.callbacks.GradualPruning(0.1, end_step=4, frequency=1),
 }
-#: sparsify reaches Dense and SparseDense layers, not the layers inside Towers.
-CASES = [(setup, changer) for setup in SETUPS for changer in CHANGERS if (setup, changer) != ("towers", "sparsify")]
+#: Callbacks that change the pattern during fit.
+CALLBACK_CHANGERS = ("rigl", "set", "gradual")
+#: sparsify and GradualPruning reach Dense and SparseDense layers, not the layers inside Towers.
+CASES = [(setup, changer) for setup in SETUPS for changer in CHANGERS
+         if (setup, changer) not in (("towers", "sparsify"), ("towers", "gradual"))]
 #: Workflows that must raise ValueError naming the remedy. sparsify changes
 #: nnz, so the values no longer fit a model rebuilt from the original config.
 RAISES = {(workflow, setup, "sparsify") for workflow in ("weights", "weights_optimizer", "checkpoint",
@@ -114,7 +120,7 @@ def evolved(request, tmp_path_factory):
     initial_config = model.get_config()
     before = [layer.pattern for layer in sl.callbacks.sparse_dense_layers(model)]
     callbacks = []
-    if changer in ("rigl", "set"):
+    if changer in CALLBACK_CHANGERS:
         callbacks.append(CHANGERS[changer]())
     else:
         model = CHANGERS[changer](model)
@@ -129,12 +135,23 @@ def evolved(request, tmp_path_factory):
         warnings.filterwarnings("ignore", message=".*no room to evolve")  # Towers' dense first layer
         model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=callbacks)
     after = [layer.pattern for layer in sl.callbacks.sparse_dense_layers(model)]
-    assert after != before, "the changer changed no pattern"
+    stripped = None
+    if changer == "gradual":
+        # A kept value of exactly 0: only the pruning mask tells it from a pruned entry.
+        layer = sl.callbacks.sparse_dense_layers(model)[0]
+        values = layer.values.numpy()
+        values[np.flatnonzero(values)[0]] = 0.0
+        layer.values.assign(values)
+        stripped = [layer.pattern for layer in sl.strip_pruning(model).layers]
+        assert [p.nnz for p in stripped] != [p.nnz for p in after], "GradualPruning pruned nothing"
+        assert sum(np.count_nonzero(layer.values.numpy()) for layer in model.layers) < sum(p.nnz for p in stripped)
+    else:
+        assert after != before, "the changer changed no pattern"
     losses = [loss for loss, _ in snapshots.epochs]
     return types.SimpleNamespace(
         setup=setup, changer=changer, model=model, x=x, folder=folder, initial_config=initial_config,
         best=best, best_snapshot=snapshots.epochs[losses.index(min(losses))][1],
-        weights=weights, last_snapshot=snapshots.epochs[-1][1],
+        weights=weights, last_snapshot=snapshots.epochs[-1][1], stripped=stripped,
     )
 
 
@@ -147,6 +164,12 @@ def check(evolved, workflow, load, expected=None):
         return
     got = np.asarray(load())
     np.testing.assert_allclose(got, reference.chain(evolved.x, expected), rtol=1e-5, atol=1e-5)
+
+
+def check_pruning_mask(evolved, loaded):
+    """After GradualPruning, ``loaded`` carries the pruning mask: strip_pruning drops exactly the pruned entries."""
+    if evolved.stripped is not None:
+        assert [layer.pattern for layer in sl.strip_pruning(loaded).layers] == evolved.stripped
 
 
 def initial_model(evolved):
@@ -175,7 +198,13 @@ def test_get_weights_into_a_model_rebuilt_from_get_config(evolved):
 def test_keras_file(evolved):
     path = evolved.folder / "m.keras"
     evolved.model.save(path)
-    check(evolved, "keras", lambda: keras.models.load_model(path).predict(evolved.x, verbose=0))
+
+    def load():
+        loaded = keras.models.load_model(path)
+        check_pruning_mask(evolved, loaded)
+        return loaded.predict(evolved.x, verbose=0)
+
+    check(evolved, "keras", load)
 
 
 def test_legacy_h5_file(evolved):
@@ -192,6 +221,7 @@ def test_weights_file_into_the_original_architecture(evolved):
     def load():
         fresh = initial_model(evolved)
         fresh.load_weights(path)
+        check_pruning_mask(evolved, fresh)
         return fresh(evolved.x)
 
     check(evolved, "weights", load)
@@ -205,6 +235,7 @@ def test_weights_file_with_a_built_optimizer(evolved):
 
     def load():
         fresh.load_weights(path)
+        check_pruning_mask(evolved, fresh)
         return fresh(evolved.x)
 
     check(evolved, "weights_optimizer", load)
@@ -220,6 +251,7 @@ def test_tf_train_checkpoint(evolved):
     def load():
         fresh = initial_model(evolved)
         tf.train.Checkpoint(model=fresh).read(path).assert_existing_objects_matched()
+        check_pruning_mask(evolved, fresh)
         return fresh(evolved.x)
 
     check(evolved, "checkpoint", load)

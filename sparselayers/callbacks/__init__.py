@@ -1,4 +1,4 @@
-"""Dynamic sparse training and gradual pruning: the pattern of every `SparseDense` evolves during `fit`.
+"""Dynamic sparse training and gradual pruning: the pattern of every sparse layer evolves during `fit`.
 
 :class:`GradualPruning` prunes by magnitude on a polynomial schedule (its
 own module, :mod:`sparselayers.callbacks.gradual_pruning`, documents it);
@@ -7,13 +7,14 @@ the rest of this page is about :class:`SET` and :class:`RigL`.
 :class:`SET` (Mocanu et al., 2018) and :class:`RigL` (Evci et al., 2020) are
 Keras callbacks. Unlike mask-based implementations, the layers keep truly
 sparse storage the whole time: each update replaces a layer's pattern and
-``values`` in place (:meth:`SparseDense.set_pattern`), so the model never
+``values`` in place (:meth:`SparseKernelLayer.set_pattern`), so the model never
 holds a dense kernel, and training between updates runs exactly as with a
 fixed pattern.
 
 Semantics, shared by both callbacks:
 
-* **Layers.** Every built :class:`SparseDense` of the model, at any depth
+* **Layers.** Every built sparse layer of the model (``SparseDense``,
+  ``SparseConv*``, sparse attention projections, ``SparseEmbedding``), at any depth
   (nested models, the ``tower_layers`` of :class:`Towers`), or only those
   whose ``name`` or ``path`` is listed in ``layers``. A layer with no room to
   evolve (``nnz == 0``, or every position connected, as the first layer of
@@ -120,5 +121,6 @@ from sparselayers.callbacks.gradual_pruning import GradualPruning
 from sparselayers.callbacks.rigl import RigL
 from sparselayers.callbacks.set import SET
 from sparselayers.sparse_dense import sparse_dense_layers
+from sparselayers.sparse_kernel import sparse_layers
 
-__all__ = ["GradualPruning", "RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers"]
+__all__ = ["GradualPruning", "RigL", "SET", "cosine_drop_fraction", "sparse_dense_layers", "sparse_layers"]

@@ -239,8 +239,141 @@ def _retrace_if_patterns_changed(model: keras.Model) -> None:
         object.__setattr__(model, "_sparselayers_pattern_versions", versions)
 
 
-class _DynamicSparsity(keras.callbacks.Callback):
-    """Drop-and-grow updates of `SparseDense` patterns; subclasses choose where to grow."""
+def fit_callback_list(frame: Any, depth: int = 4) -> keras.callbacks.CallbackList | None:
+    """The Keras ``CallbackList`` of the ``fit`` running at ``frame`` or up to ``depth`` frames above it.
+
+    Found as the ``self`` of a ``CallbackList`` hook, or as ``fit``'s local
+    ``callbacks``; None if neither is there.
+    """
+    for _ in range(depth):
+        if frame is None:
+            return None
+        local = frame.f_locals
+        for name in ("self", "callbacks"):
+            if isinstance(local.get(name), keras.callbacks.CallbackList):
+                return local[name]
+        frame = frame.f_back
+    return None
+
+
+class _StepCounting(keras.callbacks.Callback):
+    """A callback that counts training steps on its layers (:mod:`sparselayers.evolution_step`).
+
+    The count continues across fits, files, checkpoints and ``BackupAndRestore``:
+    it is read from the layers at the first step of ``fit`` (after any
+    restore), follows the steps that ran under ``steps_per_execution``, and
+    is written back to the layers after every step. Subclasses select
+    ``_layers`` and ``_end`` in :meth:`_start` and act on the count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layers: list[SparseKernelLayer] = []
+        self._in_fit = False
+        self._optimizer = None
+        self._step = 0
+        self._first_batch = False
+
+    @property
+    def step(self) -> int:
+        """Training steps counted so far (``fit``'s steps; for RigL and SET also :meth:`after_step` calls)."""
+        return self._step
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._refuse_restoring_early_stopping()
+        self._in_fit = True
+        self._first_batch = True
+        self._optimizer = None
+        self._start()
+
+    def _refuse_restoring_early_stopping(self) -> None:
+        """Raises if an ``EarlyStopping(restore_best_weights=True)`` runs in the same ``fit``.
+
+        It restores with ``model.set_weights``: values without their
+        pattern or pruning mask, so an earlier epoch's values would land on
+        today's connections. The callbacks of this ``fit`` are found on the
+        Keras ``CallbackList`` that calls this hook.
+        """
+        siblings = fit_callback_list(sys._getframe(1))
+        if siblings is None:
+            return
+        for callback in siblings.callbacks:
+            if isinstance(callback, keras.callbacks.EarlyStopping) and callback.restore_best_weights:
+                raise ValueError(
+                    f"{type(self).__name__} cannot run with EarlyStopping(restore_best_weights=True): Keras restores "
+                    "the best epoch's values with model.set_weights, which carries no pattern and no pruning mask, "
+                    "so they would be paired with the connections and mask of a later epoch. Keep the best model with "
+                    "keras.callbacks.ModelCheckpoint(path, save_best_only=True) (a .keras or .weights.h5 path: "
+                    "it carries the pattern) and load it after fit; EarlyStopping(restore_best_weights=False) "
+                    "may still stop the run."
+                )
+
+    def _start(self) -> None:
+        """Selects ``_layers`` and ``_end`` (subclasses), and warns where the count cannot follow the steps."""
+        execution = getattr(self.model, "steps_per_execution", 1)
+        if self._in_fit and execution > 1 and self.params.get("steps") is None:
+            warnings.warn(
+                f"{type(self).__name__} cannot tell how many steps the last execution of an epoch runs when fit "
+                f"does not know the steps per epoch (steps_per_execution={execution}), so its step count may run "
+                "ahead of the steps run. Pass steps_per_epoch to fit, or compile with steps_per_execution=1.",
+                stacklevel=4,
+            )
+
+    def _read_step(self) -> None:
+        """Continues the count the layers carry (restored with them from a file or checkpoint)."""
+        self._step = max(evolution_step.get(layer) for layer in self._layers)
+        optimizer = self._training_optimizer()
+        iterations = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
+        if self._step == 0 and iterations > 0:
+            name = type(self).__name__
+            warnings.warn(
+                f"{name} starts its schedule at step 0: the layers carry no step count, while "
+                f"the optimizer has run {iterations} steps. That is right for a model trained so far without "
+                f"{name}. To continue an earlier run instead, restore the model from a file or "
+                "checkpoint that carries the count (.keras, .weights.h5, tf.train.Checkpoint, written by this "
+                "version of sparselayers).",
+                stacklevel=3,
+            )
+
+    def _resume(self) -> None:
+        """At the first step of ``fit``: continue from the state the layers carry."""
+        self._read_step()
+        _retrace_if_patterns_changed(self.model)
+
+    def _count_steps(self, steps: int) -> None:
+        self._step += steps
+        for layer in self._layers:
+            evolution_step.set_step(layer, self._step)
+
+    def _training_optimizer(self) -> Any:
+        return self._optimizer if self._optimizer is not None else getattr(self.model, "optimizer", None)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._first_batch:
+            # Read here, not at the start of fit: BackupAndRestore, wherever
+            # it stands among the callbacks, has restored the backup by now.
+            self._first_batch = False
+            self._resume()
+        self._batch_begin = batch
+
+    def _count_batch(self, batch: int) -> int:
+        """Counts the steps of the execution that ended at ``batch``; returns the count before them."""
+        previous = self._step
+        self._count_steps(self._steps_run(self._batch_begin, batch))
+        return previous
+
+    def _steps_run(self, begin: int, end: int) -> int:
+        """Steps an execution of batches ``begin..end`` runs.
+
+        Keras reports a full execution even when the epoch's last one runs
+        fewer steps.
+        """
+        steps = self.params.get("steps")
+        return (end if steps is None else min(end, steps - 1)) - begin + 1
+
+
+class _DynamicSparsity(_StepCounting):
+    """Drop-and-grow updates of sparse layers' patterns; subclasses choose where to grow."""
 
     #: Whether updates need the batch of the step (RigL's gradient).
     _needs_batch = False
@@ -265,18 +398,8 @@ class _DynamicSparsity(keras.callbacks.Callback):
         # draws what the uninterrupted run would have.
         self._seed = self.seed if seed is not None else np.random.SeedSequence().entropy
         self.updates: list[dict[str, Any]] = []
-        self._layers: list[SparseKernelLayer] = []
         self._batch = None
         self._recording_batch = False
-        self._in_fit = False
-        self._optimizer = None
-        self._step = 0
-        self._first_batch = False
-
-    @property
-    def step(self) -> int:
-        """Training steps counted so far (``fit``'s steps, or :meth:`after_step` calls)."""
-        return self._step
 
     def drop_fraction_at(self, step: int) -> float:
         """The fraction of each layer's entries moved by an update at ``step``."""
@@ -340,78 +463,12 @@ class _DynamicSparsity(keras.callbacks.Callback):
 
     # Keras hooks -------------------------------------------------------------
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self._refuse_restoring_early_stopping()
-        self._in_fit = True
-        self._first_batch = True
-        self._optimizer = None
-        self._start()
-
-    def _refuse_restoring_early_stopping(self) -> None:
-        """Raises if an ``EarlyStopping(restore_best_weights=True)`` runs in the same ``fit``.
-
-        It restores with ``model.set_weights``: values without their
-        pattern, so an earlier epoch's values would land on today's
-        connections. The callbacks of this ``fit`` are found on the Keras
-        ``CallbackList`` that calls this hook.
-        """
-        frame = sys._getframe(1)
-        for _ in range(4):  # the CallbackList's frame is the caller's, or near it
-            if frame is None:
-                return
-            siblings = frame.f_locals.get("self")
-            if isinstance(siblings, keras.callbacks.CallbackList):
-                break
-            frame = frame.f_back
-        else:
-            return
-        for callback in siblings.callbacks:
-            if isinstance(callback, keras.callbacks.EarlyStopping) and callback.restore_best_weights:
-                raise ValueError(
-                    f"{type(self).__name__} cannot run with EarlyStopping(restore_best_weights=True): Keras restores "
-                    "the best epoch's values with model.set_weights, which carries no pattern, so they would land "
-                    "on the connections of a later epoch. Keep the best model with "
-                    "keras.callbacks.ModelCheckpoint(path, save_best_only=True) (a .keras or .weights.h5 path: "
-                    "it carries the pattern) and load it after fit; EarlyStopping(restore_best_weights=False) "
-                    "may still stop the run."
-                )
-
     def _start(self) -> None:
         self._layers = self._select_layers()
         self._end = self._end_step()
         # Workers of a cluster draw alike only from one seed: the chief's.
         self._seed = agreement.chief_seed(self.model.distribute_strategy, self._seed)
-        execution = getattr(self.model, "steps_per_execution", 1)
-        if self._in_fit and execution > 1 and self.params.get("steps") is None:
-            warnings.warn(
-                f"{type(self).__name__} cannot tell how many steps the last execution of an epoch runs when fit "
-                f"does not know the steps per epoch (steps_per_execution={execution}), so its step count may run "
-                "ahead of the steps run. Pass steps_per_epoch to fit, or compile with steps_per_execution=1.",
-                stacklevel=3,
-            )
-
-    def _read_step(self) -> None:
-        """Continues the count the layers carry (restored with them from a file or checkpoint)."""
-        self._step = max(evolution_step.get(layer) for layer in self._layers)
-        optimizer = self._training_optimizer()
-        iterations = 0 if optimizer is None else int(keras.ops.convert_to_numpy(optimizer.iterations))
-        if self._step == 0 and iterations > 0:
-            warnings.warn(
-                f"{type(self).__name__} starts its schedule at step 0: the layers carry no step count, while "
-                f"the optimizer has run {iterations} steps. That is right for a model trained so far without "
-                "RigL or SET. To continue an earlier RigL/SET run instead, restore the model from a file or "
-                "checkpoint that carries the count (.keras, .weights.h5, tf.train.Checkpoint, written by this "
-                "version of sparselayers).",
-                stacklevel=3,
-            )
-
-    def _count_steps(self, steps: int) -> None:
-        self._step += steps
-        for layer in self._layers:
-            evolution_step.set_step(layer, self._step)
-
-    def _training_optimizer(self) -> Any:
-        return self._optimizer if self._optimizer is not None else getattr(self.model, "optimizer", None)
+        super()._start()
 
     # Custom training loops ----------------------------------------------------
 
@@ -419,14 +476,14 @@ class _DynamicSparsity(keras.callbacks.Callback):
         """Prepares the callback to be driven by :meth:`after_step` from a custom training loop.
 
         Args:
-            model: the model whose SparseDense layers evolve.
+            model: the model whose sparse layers evolve.
             optimizer: the optimizer that trains it; default
                 ``model.optimizer``. Its state (moments, momentum) follows
                 each connection that an update moves.
 
         Raises:
             TypeError: ``model`` is not a Keras model or layer.
-            ValueError: no optimizer, no ``end_step``, or no SparseDense
+            ValueError: no optimizer, no ``end_step``, or no sparse
                 layer that can evolve (as at the start of ``fit``).
         """
         if not isinstance(model, keras.layers.Layer):
@@ -506,13 +563,7 @@ class _DynamicSparsity(keras.callbacks.Callback):
         return self.updates[first:]
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if self._first_batch:
-            # Read here, not at the start of fit: BackupAndRestore, wherever
-            # it stands among the callbacks, has restored the backup by now.
-            self._first_batch = False
-            self._read_step()
-            _retrace_if_patterns_changed(self.model)
-        self._batch_begin = batch
+        super().on_train_batch_begin(batch, logs)
         last = batch + self.model.steps_per_execution - 1
         coming = self._update_step(self._step + self._steps_run(batch, last), self._step)
         self._recording_batch = self._needs_batch and coming > 0
@@ -520,21 +571,11 @@ class _DynamicSparsity(keras.callbacks.Callback):
             self._wrap_train_function()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        previous = self._step
-        self._count_steps(self._steps_run(self._batch_begin, batch))
+        previous = self._count_batch(batch)
         step = self._update_step(self._step, previous)
         if step:
             self._update(step)
         self._batch = None
-
-    def _steps_run(self, begin: int, end: int) -> int:
-        """Steps an execution of batches ``begin..end`` runs.
-
-        Keras reports a full execution even when the epoch's last one runs
-        fewer steps.
-        """
-        steps = self.params.get("steps")
-        return (end if steps is None else min(end, steps - 1)) - begin + 1
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._in_fit = False
