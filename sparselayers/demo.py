@@ -210,7 +210,7 @@ def _comparison_picture(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     names = [r["method"] for r in rows][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     panels = (("step", 1000, "one Adam training step (ms)", "{:,.0f} ms"),
               ("mib", 1, "weights + gradients + Adam, float32 (MiB)", "{:,.0f} MiB"))
     for ax, (key, unit, label, text) in zip(axes, panels):
@@ -228,11 +228,12 @@ def _comparison_picture(rows: list[dict], path: str) -> str:
                         (value, bar.get_y() + bar.get_height() / 2), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize=10)
     axes[1].set_yticklabels([])
-    notes = [f"{r['method']} measured on {r['built']} of {r['n_towers']} towers and scaled"
-             for r in rows if r["built"] is not None]
-    fig.suptitle("The same trained function, three ways" + ("\nhatched steps: " + "; ".join(notes) if notes else ""),
-                 fontsize=11)
-    fig.tight_layout()
+    notes = [f"{r['method']}: {r['built']} of {r['n_towers']} towers" for r in rows if r["built"] is not None]
+    fig.suptitle("The same trained function, three ways", fontsize=12)
+    if notes:
+        fig.text(0.5, 0.01, "Hatched: step measured on fewer towers and scaled (" + "; ".join(notes) + ")",
+                 ha="center", va="bottom", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if notes else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
