@@ -183,6 +183,7 @@ def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) 
         extra_bytes=4 * entries, note=note, step_scale=entries / dense_entries(trunk.units, widths, built),
         built=None if built == n else built)
     del masked
+    gc.collect()  # Keras models hold reference cycles: free the dense kernels before the next baseline
     shown = min(n, DENSE_TOWERS_TIMED)
     log(f"  building {shown} separate Dense towers ...")
     separate = keras.Model(trunk_in, baselines.dense_towers(towers, trunk.units, range(shown))(trunk(trunk_in)))
