@@ -139,10 +139,23 @@ def peak_memory_mib() -> float | None:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def _on_trunk_copy(trunk: keras.layers.Dense, body: keras.layers.Layer) -> keras.Model:
+    """``body`` on a copy of the trained ``trunk``.
+
+    Calling the model's own trunk would record ``body`` among the trunk's
+    outbound nodes and keep it alive with the model: the masked baseline's
+    dense kernels would stay in memory for the rest of the demo.
+    """
+    copy = keras.layers.Dense.from_config(trunk.get_config())
+    inputs = keras.Input((trunk.kernel.shape[0],))
+    outputs = body(copy(inputs))
+    copy.set_weights(trunk.get_weights())
+    return keras.Model(inputs, outputs)
+
+
 def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) -> list[dict]:
     towers = model.get_layer("towers")
     trunk = model.get_layer("trunk")
-    trunk_in = keras.Input(model.input_shape[1:])
     xb, yb = problem.x_train[:batch], problem.y_train[:batch]
     trunk_params = _params(trunk)
     rows = []
@@ -162,10 +175,9 @@ def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) 
             val, note = float("nan"), f"{note}; outputs equal Towers' to {diff:.1e}"
         weights = m.get_weights()
         step = step_scale * _time_step(m, xb, yb[:, columns], steps)
-        m.set_weights(weights)  # the trunk is shared: later rows need the trained weights
+        m.set_weights(weights)  # the timed steps train it: later rows and the pictures need the trained weights
         rows.append(dict(method=name, params=int(params), mib=_training_mib(int(params), extra_bytes),
                          step=step, val=val, note=note, built=built, n_towers=towers.n_towers))
-        gc.collect()
 
     row("sparselayers Towers", model)
     n, widths = towers.n_towers, towers.widths
@@ -179,14 +191,14 @@ def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) 
                  f"{entries:,} dense entries), step scaled x{entries / dense_entries(trunk.units, widths, built):.1f}")
     masked = baselines.masked_towers(towers, None if built == n else range(built))
     biases = sum(layer.units for layer in towers.tower_layers if layer.bias is not None)
-    row("masked dense", keras.Model(trunk_in, masked(trunk(trunk_in))), params=trunk_params + entries + biases,
+    row("masked dense", _on_trunk_copy(trunk, masked), params=trunk_params + entries + biases,
         extra_bytes=4 * entries, note=note, step_scale=entries / dense_entries(trunk.units, widths, built),
         built=None if built == n else built)
     del masked
     gc.collect()  # Keras models hold reference cycles: free the dense kernels before the next baseline
     shown = min(n, DENSE_TOWERS_TIMED)
     log(f"  building {shown} separate Dense towers ...")
-    separate = keras.Model(trunk_in, baselines.dense_towers(towers, trunk.units, range(shown))(trunk(trunk_in)))
+    separate = _on_trunk_copy(trunk, baselines.dense_towers(towers, trunk.units, range(shown)))
     row("one Dense MLP per output", separate, params=trunk_params + n / shown * (_params(separate) - trunk_params),
         note="" if shown == n else f"{shown} of {n} towers built, time and size scaled", step_scale=n / shown,
         built=None if shown == n else shown)
