@@ -223,7 +223,7 @@ def _comparison_picture(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     names = [r["method"] for r in rows][::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5.6))
     panels = (("step", 1000, "one Adam training step (ms)", "{:,.0f} ms"),
               ("mib", 1, "weights + gradients + Adam, float32 (MiB)", "{:,.0f} MiB"))
     for ax, (key, unit, label, text) in zip(axes, panels):
@@ -232,7 +232,7 @@ def _comparison_picture(rows: list[dict], path: str) -> str:
         colours = ["tab:green" if name == rows[0]["method"] else "tab:grey" for name in names]
         bars = ax.barh(names, values, color=colours, hatch=["//" if s else "" for s in scaled], edgecolor="white")
         ax.set_xscale("log")
-        ax.set_xlim(min(values) / 2, max(values) * 30)  # room for the labels
+        ax.set_xlim(min(values) / 2, max(values) * 20)  # room for the labels
         ax.set_xlabel(label, fontsize=11)
         ax.tick_params(labelsize=10)
         for bar, value in zip(bars, values):
@@ -240,13 +240,12 @@ def _comparison_picture(rows: list[dict], path: str) -> str:
             ax.annotate(text.format(value) + (f"  ({ratio:,.1f}x)" if ratio != 1 else ""),
                         (value, bar.get_y() + bar.get_height() / 2), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize=10)
-    axes[1].set_yticklabels([])
     notes = [f"{r['method']}: {r['built']} of {r['n_towers']} towers" for r in rows if r["built"] is not None]
     fig.suptitle("The same trained function, three ways", fontsize=12)
     if notes:
-        fig.text(0.5, 0.01, "Hatched: step measured on fewer towers and scaled (" + "; ".join(notes) + ")",
+        fig.text(0.5, 0.01, "Hatched: step measured on fewer towers and scaled\n(" + "; ".join(notes) + ")",
                  ha="center", va="bottom", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if notes else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.08 if notes else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -263,16 +262,19 @@ def _pictures(model: keras.Model, history: dict, problem: Problem, out: str, row
     towers = model.get_layer("towers")
     layers = towers.tower_layers
     paths = []
-    fig, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 8), squeeze=False)
+    # about 900 px wide: the docs show it at about 690 px, and the text must stay readable there
+    fig, axes = plt.subplots(2, len(layers), figsize=(3 * len(layers), 6.4), squeeze=False)
     for k, layer in enumerate(layers):
         # coarse bins, so that the 1/n_towers-wide diagonal is a visible band
         plot_pattern(layer.pattern, axes[0, k], resolution=100, title=f"layer {k}: {layer.pattern.structure}")
+        axes[0, k].title.set_fontsize(10)
         # the first four towers, where the blocks are visible
         zoom_rows = layer.input_dim if k == 0 else 4 * towers.widths[k - 1]
         zoom = layer.to_scipy()[:zoom_rows, : 4 * towers.widths[k]]
         from sparselayers.sparsity_pattern import SparsityPattern
 
         plot_pattern(SparsityPattern.from_scipy(zoom), axes[1, k], title=f"layer {k}, first 4 towers")
+        axes[1, k].title.set_fontsize(10)
     fig.suptitle(f"Towers: {towers.n_towers} towers, hidden {towers.hidden_units}")
     fig.tight_layout()
     paths.append(os.path.join(out, "patterns.png"))
@@ -297,8 +299,10 @@ def _pictures(model: keras.Model, history: dict, problem: Problem, out: str, row
 
     pred = model.predict(problem.x_val, batch_size=512, verbose=0)
     show = np.linspace(0, problem.y_val.shape[1] - 1, min(4, problem.y_val.shape[1])).astype(int)
-    fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.2), squeeze=False)
-    for ax, t in zip(axes[0], show):
+    fig, axes = plt.subplots(2, 2, figsize=(6.4, 6.4), squeeze=False)
+    for ax in axes.flat[len(show):]:
+        ax.set_axis_off()
+    for ax, t in zip(axes.flat, show):
         ax.scatter(problem.y_val[:, t], pred[:, t], s=4, alpha=0.5)
         lim = [problem.y_val[:, t].min(), problem.y_val[:, t].max()]
         ax.plot(lim, lim, color="tab:red", linewidth=1)
