@@ -357,7 +357,9 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    # Stacked, at about the docs' column width, so the text stays readable there.
+    plt.rcParams.update({"font.size": 11})
+    fig, axes = plt.subplots(3, 1, figsize=(7, 12))
     ax = axes[0]
     rows = results["accuracy"]
     dense = [r for r in rows if r["method"] == "dense"]
@@ -371,7 +373,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("density (share of Dense entries kept)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Digits MLP: accuracy vs density")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
 
     ax = axes[1]
     for method, history in results["teacher"]["curves"].items():
@@ -381,7 +383,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_ylabel("share of the teacher's connections found")
     ax.set_ylim(0, 1.02)
     ax.set_title("Teacher problem: pattern recovery")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
 
     ax = axes[2]
     speed = results["speed"]
@@ -395,7 +397,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("density")
     ax.set_ylabel("training step (ms, log scale)")
     ax.set_title(f"MLP {'-'.join(map(str, results['settings']['speed_widths']))}: step time")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

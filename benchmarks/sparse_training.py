@@ -283,9 +283,10 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     densities = sorted({r["density"] for r in results["summary"] if r["density"] < 1}, reverse=True)
-    fig, axes = plt.subplots(1, len(densities), figsize=(5.5 * len(densities), 4.2), sharey=True, squeeze=False)
+    # Stacked, at about the docs' column width, so the text stays readable there.
+    fig, axes = plt.subplots(len(densities), 1, figsize=(7, 3.8 * len(densities) + 0.9), squeeze=False)
     dense = next(r for r in results["summary"] if r["method"] == "Dense")
-    for ax, density in zip(axes[0], densities):
+    for ax, density in zip(axes[:, 0], densities):
         group = [r for r in results["summary"] if r["density"] == density]
         for k, r in enumerate(sorted(group, key=lambda r: r["method"])):
             ax.errorbar(r["flops_vs_dense"], r["accuracy"], yerr=r["accuracy_std"], fmt="o", color=f"C{k % 10}",
@@ -295,10 +296,10 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("training FLOPs (x Dense)")
         ax.set_title(f"density {density:.0%}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.set_ylabel("test accuracy\n(mean ± std over seeds)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
+    fig.tight_layout(rect=(0, 0.9 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers.sparse_dense import as_pattern
+from sparselayers.sparsity_pattern import SparsityPattern
 from sparselayers.towers import Towers
 
 
@@ -56,17 +57,65 @@ class MaskedDense(keras.layers.Layer):
         }
 
 
-def masked_towers(towers: Towers) -> keras.Sequential:
-    """The masked-dense equivalent of a built ``towers``, with its weights."""
+def masked_towers(towers: Towers, towers_to_build: Iterable[int] | None = None) -> keras.Sequential:
+    """The masked-dense equivalent of a built ``towers``, with its weights.
+
+    ``towers_to_build`` selects towers (default all): the dense kernels then
+    span only their units, so that benchmarks can measure a baseline whose
+    full size would not fit in memory. Its outputs are those towers' output
+    columns, in the order given.
+
+    Raises:
+        ValueError: ``towers_to_build`` is empty, repeats a tower or names
+            one out of range; or a chosen tower is fed by a tower left out (after
+            ``set_pattern``, RigL or SET), so that the subset would compute
+            something else.
+    """
+    chosen = None if towers_to_build is None else [int(t) for t in towers_to_build]
+    if chosen is not None and (not chosen or min(chosen) < 0 or max(chosen) >= towers.n_towers
+                               or len(set(chosen)) < len(chosen)):
+        raise ValueError(
+            f"`towers_to_build` must list distinct towers from 0 to {towers.n_towers - 1}. "
+            f"Received: towers_to_build={chosen}"
+        )
+    in_units = towers.tower_layers[0].input_dim
+    rows = np.arange(in_units)
     layers = []
-    for layer in towers.tower_layers:
-        masked = MaskedDense(layer.pattern, activation=layer.activation, use_bias=layer.use_bias)
-        masked.build((None, layer.input_dim))
-        masked.kernel.assign(layer.to_dense().astype("float32"))
+    for layer, width in zip(towers.tower_layers, towers.widths):
+        cols = np.arange(layer.units)
+        if chosen is not None:
+            cols = (np.asarray(chosen)[:, None] * width + np.arange(width)).ravel()
+        pattern, kernel = _restricted(layer, rows, cols, chosen)
+        masked = MaskedDense(pattern, activation=layer.activation, use_bias=layer.use_bias)
+        masked.build((None, len(rows)))
+        masked.kernel.assign(kernel)
         if layer.bias is not None:
-            masked.bias.assign(layer.bias)
+            masked.bias.assign(keras.ops.convert_to_numpy(layer.bias)[cols])
         layers.append(masked)
+        rows = cols
     return keras.Sequential(layers, name="masked_towers")
+
+
+def _restricted(
+    layer: Any, rows: np.ndarray, cols: np.ndarray, chosen: list[int] | None
+) -> tuple[SparsityPattern, np.ndarray]:
+    """``layer``'s pattern and dense float32 kernel on ``rows`` x ``cols``, renumbered in that order."""
+    pattern = layer.pattern
+    values = keras.ops.convert_to_numpy(layer.values).astype("float32")
+    row_of = np.full(pattern.shape[0], -1)
+    row_of[rows] = np.arange(len(rows))
+    col_of = np.full(pattern.shape[1], -1)
+    col_of[cols] = np.arange(len(cols))
+    new_rows, new_cols = row_of[pattern.rows], col_of[pattern.cols]
+    if np.any((new_cols >= 0) & (new_rows < 0)):
+        raise ValueError(
+            f"`towers_to_build` must include every tower that feeds a chosen one: in {layer.name}, units of "
+            f"other towers feed the chosen towers. Received: towers_to_build={chosen}"
+        )
+    keep = (new_rows >= 0) & (new_cols >= 0)
+    kernel = np.zeros((len(rows), len(cols)), np.float32)
+    kernel[new_rows[keep], new_cols[keep]] = values[keep]
+    return SparsityPattern.from_coo(new_rows[keep], new_cols[keep], kernel.shape), kernel
 
 
 def dense_towers(towers: Towers, input_dim: int, towers_to_build: Iterable[int] | None = None) -> keras.Model:

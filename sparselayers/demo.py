@@ -5,7 +5,9 @@ different nonlinear function of a few shared latent features, trains a
 trunk + :class:`~sparselayers.Towers` model, then puts the trained weights
 into the two usual workarounds (a masked dense stack, and one Keras Dense
 MLP per output) to show that they compute the same function at a far
-higher cost.
+higher cost. A baseline too large to build whole (memory for the masked
+one, tracing time for the per-output one) is measured on fewer towers and
+scaled, and its row says from what.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import gc
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 
@@ -24,9 +27,16 @@ import tensorflow as tf
 from sparselayers import baselines
 from sparselayers.towers import Towers
 
-#: Masked baselines whose dense kernels would exceed this many entries in
-#: total are not built (the point they make is then their memory alone).
-MASKED_MAX_ENTRIES = 3 * 10**8
+#: The masked baseline is built on as many towers as keep its dense kernels
+#: within this many entries, and its step time scaled to the full size by the
+#: ratio of dense entries, to which every part of its step is proportional
+#: (the products, the mask, the gradient and Adam's update). Training costs
+#: it about ``MASKED_BYTES_PER_ENTRY`` (kernel, mask, masked kernel, gradient, Adam's
+#: two slots, temporaries), so the whole demo stays within 4 GiB; the default
+#: 1024 towers would take 290 M entries and 12 GB.
+MASKED_MAX_ENTRIES = 3 * 10**7
+#: Bytes a dense entry of the masked baseline costs while it trains (see above).
+MASKED_BYTES_PER_ENTRY = 40
 #: Keras needs minutes to trace a model of thousands of tiny Dense layers, so
 #: at most this many per-output towers are built; the rest is scaled.
 DENSE_TOWERS_TIMED = 64
@@ -95,49 +105,105 @@ def _mse(model: keras.Model, problem: Problem) -> float:
     return float(np.mean((pred - problem.y_val) ** 2))
 
 
+def dense_entries(input_dim: int, widths: Sequence[int], n_towers: int) -> int:
+    """Entries of the masked baseline's dense kernels for ``n_towers`` towers of ``widths``."""
+    return input_dim * n_towers * widths[0] + sum(n_towers * a * n_towers * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def masked_towers_timed(input_dim: int, widths: Sequence[int], n_towers: int) -> int:
+    """How many towers the masked baseline is built on: the most (at least 1) within ``MASKED_MAX_ENTRIES``."""
+    low, high = 1, n_towers
+    while low < high:
+        middle = (low + high + 1) // 2
+        if dense_entries(input_dim, widths, middle) <= MASKED_MAX_ENTRIES:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def peak_memory_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB, or None where unknown.
+
+    Linux's ``VmHWM``; elsewhere ``ru_maxrss``, which on Linux would also
+    count a parent's peak across ``exec``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _on_trunk_copy(trunk: keras.layers.Dense, body: keras.layers.Layer) -> keras.Model:
+    """``body`` on a copy of the trained ``trunk``.
+
+    Calling the model's own trunk would record ``body`` among the trunk's
+    outbound nodes and keep it alive with the model: the masked baseline's
+    dense kernels would stay in memory for the rest of the demo.
+    """
+    copy = keras.layers.Dense.from_config(trunk.get_config())
+    inputs = keras.Input((trunk.kernel.shape[0],))
+    outputs = body(copy(inputs))
+    copy.set_weights(trunk.get_weights())
+    return keras.Model(inputs, outputs)
+
+
 def _compare(model: keras.Model, problem: Problem, batch: int, steps: int, log) -> list[dict]:
     towers = model.get_layer("towers")
     trunk = model.get_layer("trunk")
-    trunk_in = keras.Input(model.input_shape[1:])
     xb, yb = problem.x_train[:batch], problem.y_train[:batch]
     trunk_params = _params(trunk)
     rows = []
 
-    def row(name, m, extra_bytes=0, note="", scale=1.0, columns=None):
-        params = trunk_params + scale * (_params(m) - trunk_params)
+    def row(name, m, *, params=None, extra_bytes=0, note="", step_scale=1.0, built=None):
+        """Times ``m``; ``built`` is the number of towers it holds when it holds fewer than all."""
+        params = _params(m) if params is None else params
         log(f"  timing {name} ...")
         # measured before timing: the timed steps change the weights
-        if columns is None:
+        if built is None:
             val = _mse(m, problem)
+            columns = slice(None)
         else:
+            columns = np.arange(built * towers.output_units)
             reference = model.predict(problem.x_val, batch_size=512, verbose=0)[:, columns]
             diff = np.abs(m.predict(problem.x_val, batch_size=512, verbose=0) - reference).max()
             val, note = float("nan"), f"{note}; outputs equal Towers' to {diff:.1e}"
-        y = yb if columns is None else yb[:, columns]
         weights = m.get_weights()
-        step = scale * _time_step(m, xb, y, steps)
-        m.set_weights(weights)  # the trunk is shared: later rows need the trained weights
+        step = step_scale * _time_step(m, xb, yb[:, columns], steps)
+        m.set_weights(weights)  # the timed steps train it: later rows and the pictures need the trained weights
         rows.append(dict(method=name, params=int(params), mib=_training_mib(int(params), extra_bytes),
-                         step=step, val=val, note=note))
-        gc.collect()
+                         step=step, val=val, note=note, built=built, n_towers=towers.n_towers))
 
     row("sparselayers Towers", model)
-    dense_entries = sum(layer.input_dim * layer.units for layer in towers.tower_layers)
-    if dense_entries <= MASKED_MAX_ENTRIES:
-        masked = baselines.masked_towers(towers)
-        row("masked dense", keras.Model(trunk_in, masked(trunk(trunk_in))), extra_bytes=4 * dense_entries,
-            note="the mask is a constant")
-        del masked
-    else:
-        params = trunk_params + dense_entries + sum(layer.units for layer in towers.tower_layers)
-        rows.append(dict(method="masked dense", params=params, mib=_training_mib(params, 4 * dense_entries),
-                         step=float("nan"), val=float("nan"), note="not built: too large"))
-    shown = min(towers.n_towers, DENSE_TOWERS_TIMED)
+    n, widths = towers.n_towers, towers.widths
+    entries = dense_entries(trunk.units, widths, n)
+    built = masked_towers_timed(trunk.units, widths, n)
+    note = "the mask is a constant"
+    if built < n:
+        log(f"  building the masked baseline on {built} of {n} towers (all {n} would take about "
+            f"{entries * MASKED_BYTES_PER_ENTRY / 2**30:.0f} GiB to train) ...")
+        note += (f"; measured on {built} of {n} towers ({dense_entries(trunk.units, widths, built):,} of "
+                 f"{entries:,} dense entries), step scaled x{entries / dense_entries(trunk.units, widths, built):.1f}")
+    masked = baselines.masked_towers(towers, None if built == n else range(built))
+    biases = sum(layer.units for layer in towers.tower_layers if layer.bias is not None)
+    row("masked dense", _on_trunk_copy(trunk, masked), params=trunk_params + entries + biases,
+        extra_bytes=4 * entries, note=note, step_scale=entries / dense_entries(trunk.units, widths, built),
+        built=None if built == n else built)
+    del masked
+    gc.collect()  # Keras models hold reference cycles: free the dense kernels before the next baseline
+    shown = min(n, DENSE_TOWERS_TIMED)
     log(f"  building {shown} separate Dense towers ...")
-    separate = baselines.dense_towers(towers, trunk.units, range(shown))
-    note = "" if shown == towers.n_towers else f"{shown} of {towers.n_towers} towers built, time and size scaled"
-    row("one Dense MLP per output", keras.Model(trunk_in, separate(trunk(trunk_in))), note=note,
-        scale=towers.n_towers / shown, columns=None if shown == towers.n_towers else np.arange(shown))
+    separate = _on_trunk_copy(trunk, baselines.dense_towers(towers, trunk.units, range(shown)))
+    row("one Dense MLP per output", separate, params=trunk_params + n / shown * (_params(separate) - trunk_params),
+        note="" if shown == n else f"{shown} of {n} towers built, time and size scaled", step_scale=n / shown,
+        built=None if shown == n else shown)
     return rows
 
 
@@ -154,7 +220,40 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _pictures(model: keras.Model, history: dict, problem: Problem, out: str) -> list[str]:
+def _comparison_picture(rows: list[dict], path: str) -> str:
+    """Bars of the step time and the training memory of every method, as in the table."""
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows][::-1]
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5.6))
+    panels = (("step", 1000, "one Adam training step (ms)", "{:,.0f} ms"),
+              ("mib", 1, "weights + gradients + Adam, float32 (MiB)", "{:,.0f} MiB"))
+    for ax, (key, unit, label, text) in zip(axes, panels):
+        values = [unit * r[key] for r in rows][::-1]
+        scaled = [key == "step" and r["built"] is not None for r in rows][::-1]
+        colours = ["tab:green" if name == rows[0]["method"] else "tab:grey" for name in names]
+        bars = ax.barh(names, values, color=colours, hatch=["//" if s else "" for s in scaled], edgecolor="white")
+        ax.set_xscale("log")
+        ax.set_xlim(min(values) / 2, max(values) * 20)  # room for the labels
+        ax.set_xlabel(label, fontsize=11)
+        ax.tick_params(labelsize=10)
+        for bar, value in zip(bars, values):
+            ratio = value / (unit * rows[0][key])
+            ax.annotate(text.format(value) + (f"  ({ratio:,.1f}x)" if ratio != 1 else ""),
+                        (value, bar.get_y() + bar.get_height() / 2), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=10)
+    notes = [f"{r['method']}: {r['built']} of {r['n_towers']} towers" for r in rows if r["built"] is not None]
+    fig.suptitle("The same trained function, three ways", fontsize=12)
+    if notes:
+        fig.text(0.5, 0.01, "Hatched: step measured on fewer towers and scaled\n(" + "; ".join(notes) + ")",
+                 ha="center", va="bottom", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if notes else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pictures(model: keras.Model, history: dict, problem: Problem, out: str, rows: list[dict]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,15 +264,19 @@ def _pictures(model: keras.Model, history: dict, problem: Problem, out: str) -> 
     towers = model.get_layer("towers")
     layers = towers.tower_layers
     paths = []
-    fig, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 8), squeeze=False)
+    # about 900 px wide: the docs show it at about 690 px, and the text must stay readable there
+    fig, axes = plt.subplots(2, len(layers), figsize=(3 * len(layers), 6.4), squeeze=False)
     for k, layer in enumerate(layers):
-        plot_pattern(layer.pattern, axes[0, k], title=f"layer {k}: {layer.pattern.structure}")
+        # coarse bins, so that the 1/n_towers-wide diagonal is a visible band
+        plot_pattern(layer.pattern, axes[0, k], resolution=100, title=f"layer {k}: {layer.pattern.structure}")
+        axes[0, k].title.set_fontsize(10)
         # the first four towers, where the blocks are visible
         zoom_rows = layer.input_dim if k == 0 else 4 * towers.widths[k - 1]
         zoom = layer.to_scipy()[:zoom_rows, : 4 * towers.widths[k]]
         from sparselayers.sparsity_pattern import SparsityPattern
 
         plot_pattern(SparsityPattern.from_scipy(zoom), axes[1, k], title=f"layer {k}, first 4 towers")
+        axes[1, k].title.set_fontsize(10)
     fig.suptitle(f"Towers: {towers.n_towers} towers, hidden {towers.hidden_units}")
     fig.tight_layout()
     paths.append(os.path.join(out, "patterns.png"))
@@ -193,10 +296,15 @@ def _pictures(model: keras.Model, history: dict, problem: Problem, out: str) -> 
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    if rows:
+        paths.append(_comparison_picture(rows, os.path.join(out, "comparison.png")))
+
     pred = model.predict(problem.x_val, batch_size=512, verbose=0)
     show = np.linspace(0, problem.y_val.shape[1] - 1, min(4, problem.y_val.shape[1])).astype(int)
-    fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.2), squeeze=False)
-    for ax, t in zip(axes[0], show):
+    fig, axes = plt.subplots(2, 2, figsize=(6.4, 6.4), squeeze=False)
+    for ax in axes.flat[len(show):]:
+        ax.set_axis_off()
+    for ax, t in zip(axes.flat, show):
         ax.scatter(problem.y_val[:, t], pred[:, t], s=4, alpha=0.5)
         lim = [problem.y_val[:, t].min(), problem.y_val[:, t].max()]
         ax.plot(lim, lim, color="tab:red", linewidth=1)
@@ -241,12 +349,15 @@ def run(
         rows = _compare(model, problem, batch, timing_steps, log)
     table = format_table(rows) if rows else ""
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, TensorFlow {tf.__version__}"
-    pictures = _pictures(model, fit.history, problem, out)
+    pictures = _pictures(model, fit.history, problem, out, rows)
+    peak = peak_memory_mib()
+    peak_text = "unknown on this system" if peak is None else f"{peak:,.0f} MiB"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# sparselayers demo\n\nMachine: {machine}. Batch {batch}; step = one Adam training step "
-                f"(median of {timing_steps}).\n\n{table}\n")
+                f"(median of {timing_steps}). Peak memory of the whole run: {peak_text}.\n\n{table}\n")
     if table:
         log("\n" + table)
     log(f"\nFinal validation MSE {fit.history['val_loss'][-1]:.4f} (targets have unit variance).")
+    log(f"Peak memory of this process: {peak_text}.")
     log(f"Pictures and summary in {os.path.abspath(out)}: " + ", ".join(os.path.basename(p) for p in pictures))
-    return {"history": fit.history, "rows": rows, "pictures": pictures, "model": model}
+    return {"history": fit.history, "rows": rows, "pictures": pictures, "model": model, "peak_mib": peak}

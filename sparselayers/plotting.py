@@ -27,7 +27,8 @@ def plot_pattern(
 
     Big patterns are binned into at most ``resolution`` x ``resolution``
     pixels whose shade is the fraction of entries present, so the cost is
-    O(nnz) whatever the shape. With ``boundaries``, the edges of detected
+    O(nnz) whatever the shape. Any pixel holding an entry is at least mid
+    grey, so that a thin diagonal or a few scattered entries stay visible. With ``boundaries``, the edges of detected
     diagonal blocks are drawn (up to 64 blocks).
 
     Returns:
@@ -37,10 +38,14 @@ def plot_pattern(
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5 * min(2.0, max(0.5, pattern.shape[0] / pattern.shape[1]))))
     n, m = pattern.shape
-    bins = (min(n, resolution), min(m, resolution))
-    counts, _, _ = np.histogram2d(pattern.rows, pattern.cols, bins=bins, range=[[0, n], [0, m]])
-    cell = (n / bins[0]) * (m / bins[1])
-    ax.imshow(counts / cell, cmap="Greys", vmin=0, vmax=1, extent=(0, m, n, 0), aspect="auto", interpolation="nearest")
+    # Bin edges on whole units, so that every pixel's shade is an exact fraction
+    # (a dense pattern is uniformly black, not striped by uneven bins).
+    row_edges = np.unique(np.linspace(0, n, min(n, resolution) + 1).round())
+    col_edges = np.unique(np.linspace(0, m, min(m, resolution) + 1).round())
+    counts, _, _ = np.histogram2d(pattern.rows, pattern.cols, bins=(row_edges, col_edges))
+    cells = np.outer(np.diff(row_edges), np.diff(col_edges))
+    ax.imshow(counts / cells, cmap=_shades(), vmin=1e-9, vmax=1, extent=(0, m, n, 0), aspect="auto",
+              interpolation="nearest")
     if boundaries and pattern.nnz:
         blocks = detect_blocks(pattern)
         if blocks.is_diagonal and 1 < blocks.count <= 64:
@@ -50,6 +55,14 @@ def plot_pattern(
     ax.set_ylabel("input feature")
     ax.set_title(title or f"{n}x{m}, nnz={pattern.nnz} ({describe(pattern)})", fontsize=9)
     return ax
+
+
+def _shades() -> Any:
+    """Greys from 50% (a pixel holding one entry) to black (full); white below vmin (empty)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormaps["Greys"](np.linspace(0.5, 1.0, 256))).with_extremes(under="white")
 
 
 def plot_manhattan(

@@ -27,6 +27,22 @@ def test_plot_bins_big_patterns_without_a_dense_array():
     assert image.mean() == pytest.approx(pattern.density, rel=1e-6)
 
 
+def test_binned_dense_pattern_is_uniformly_full():
+    # 256 rows in 100 pixels: uneven bins used to stripe a dense pattern
+    ax = sl.patterns.dense((256, 1000)).plot(resolution=100)
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), 1.0)
+
+
+def test_thin_diagonal_of_a_large_pattern_stays_visible():
+    pattern = sl.patterns.block_diagonal([(16, 16)] * 1024)  # a 1/1024-wide diagonal
+    image = pattern.plot(resolution=100).images[0]
+    fraction = np.asarray(image.get_array())
+    grey = np.asarray(image.to_rgba(fraction))[..., :3].mean(-1)  # 1 white, 0 black
+    assert np.all(fraction.diagonal() > 0) and fraction.max() < 0.2  # each pixel holds a few entries
+    assert np.all(grey[fraction > 0] <= 0.6)  # occupied pixels read as at least mid grey
+    np.testing.assert_array_equal(grey[fraction == 0], 1.0)
+
+
 def test_missing_matplotlib_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"pip install 'sparselayers\[plot\]'"):
