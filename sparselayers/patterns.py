@@ -218,7 +218,7 @@ def _distinct_per_column(rng: np.random.Generator, n: int, m: int, k: int) -> np
 _CHUNK_CELLS = 2**24
 
 
-def check_n_of_m(n: Any, m: Any) -> tuple[int, int]:
+def _check_n_of_m(n: Any, m: Any) -> tuple[int, int]:
     """``(n, m)`` as ints with ``1 <= n <= m``, or raises naming them."""
     n = check_int(n, "n", minimum=1)
     m = check_int(m, "m", minimum=1)
@@ -266,7 +266,7 @@ def n_of_m(
            [0, 0, 0]])
     """
     rows, units = check_shape(shape)
-    n, m = check_n_of_m(n, m)
+    n, m = _check_n_of_m(n, m)
     if rows % m:
         raise ValueError(
             f"`m` must divide the number of inputs, shape[0] = {rows}, so that the inputs form whole groups. "
