@@ -141,3 +141,11 @@ def test_n_of_m_drawn_in_chunks_is_the_pattern_of_one_draw(monkeypatch):
     whole = sl.patterns.n_of_m((60, 7), 2, 5, seed=3)
     monkeypatch.setattr(sl.patterns, "_CHUNK_CELLS", 2 * 7 * 5 - 1)  # one group per chunk
     assert sl.patterns.n_of_m((60, 7), 2, 5, seed=3) == whole
+
+
+def test_n_of_m_is_an_equal_fan_in_that_ell_stores_without_padding():
+    from sparselayers.ops.export_kernels import EllKernel
+
+    p = sl.patterns.n_of_m((48, 20), 3, 8, seed=1)
+    np.testing.assert_array_equal(p.fan_in, np.full(20, 3 * 48 // 8))
+    assert EllKernel(p).slots == p.nnz
