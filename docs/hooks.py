@@ -13,6 +13,7 @@ GALLERY = {
     "random_density": "sl.patterns.random((32, 32), density=0.1, seed=0)",
     "random_fan_in": "sl.patterns.random((32, 32), fan_in=3, seed=0)",
     "local": "sl.patterns.local((48, 16), window=5)",
+    "n_of_m": "sl.patterns.n_of_m((32, 32), 1, 4, seed=0)",
     "union": "sl.patterns.banded((32, 32), lower=1, upper=1) | sl.patterns.random((32, 32), density=0.05, seed=1)",
     "kron": "sl.patterns.banded((4, 4), upper=1).kron(sl.patterns.random((8, 8), density=0.4, seed=0))",
     "towers_layer": "sl.patterns.block_diagonal([(4, 4)] * 8)",

@@ -14,7 +14,7 @@ import numpy as np
 from sparselayers._validation import _short, check_int, check_probability, check_shape
 from sparselayers.sparsity_pattern import SparsityPattern
 
-__all__ = ["block_diagonal", "block_sparse", "banded", "dense", "local", "random"]
+__all__ = ["block_diagonal", "block_sparse", "banded", "dense", "local", "n_of_m", "random"]
 
 
 def _block_shapes(blocks: Any) -> list[tuple[int, int]]:
@@ -211,3 +211,76 @@ def _distinct_per_column(rng: np.random.Generator, n: int, m: int, k: int) -> np
     for j in range(m):
         rows[j * k : (j + 1) * k] = rng.choice(n, size=k, replace=False)
     return rows
+
+
+#: Random keys drawn at once by :func:`n_of_m` (float64: 128 MiB), so a large
+#: layer's pattern needs memory for its entries, not for every cell.
+_CHUNK_CELLS = 2**24
+
+
+def _check_n_of_m(n: Any, m: Any) -> tuple[int, int]:
+    """``(n, m)`` as ints with ``1 <= n <= m``, or raises naming them."""
+    n = check_int(n, "n", minimum=1)
+    m = check_int(m, "m", minimum=1)
+    if n > m:
+        raise ValueError(f"`n` must be at most `m` (n of every m inputs). Received: n={n}, m={m}")
+    return n, m
+
+
+def n_of_m(
+    shape: tuple[int, int], n: int, m: int, *, seed: int | np.random.Generator | None = None
+) -> SparsityPattern:
+    """N:M sparsity: exactly ``n`` entries in every group of ``m`` consecutive inputs of each output.
+
+    The inputs fall into groups ``0 .. m-1``, ``m .. 2m-1``, ...; in every
+    output column each group holds exactly ``n`` entries, drawn uniformly and
+    independently per group and column. The pattern ``p`` satisfies
+    ``(p.to_dense().reshape(input_dim // m, m, units) != 0).sum(axis=1) == n``
+    everywhere, so every output has fan-in ``n * input_dim // m`` and the
+    density is ``n / m`` (2:4 is the layout of NVIDIA's sparse tensor cores).
+    ``sl.sparsify(model, n_of_m=(n, m))`` picks the ``n`` largest of each
+    group of a trained layer instead.
+
+    Args:
+        shape: ``(input_dim, units)``; ``m`` must divide ``input_dim``.
+        n: entries kept per group, in ``[1, m]``.
+        m: inputs per group, >= 1.
+        seed: an int, a ``numpy.random.Generator`` or None.
+
+    Raises:
+        ValueError: ``n`` or ``m`` below 1, ``n > m``, or ``m`` does not
+            divide ``input_dim``.
+        TypeError: ``n`` or ``m`` not an integer, or a bad ``seed``.
+
+    Example:
+
+    >>> import sparselayers as sl
+    >>> sl.patterns.n_of_m((8, 3), 1, 4, seed=0).to_dense().astype(int)
+    array([[0, 0, 0],
+           [0, 0, 0],
+           [0, 1, 0],
+           [1, 0, 1],
+           [0, 0, 1],
+           [1, 0, 0],
+           [0, 1, 0],
+           [0, 0, 0]])
+    """
+    rows, units = check_shape(shape)
+    n, m = _check_n_of_m(n, m)
+    if rows % m:
+        raise ValueError(
+            f"`m` must divide the number of inputs, shape[0] = {rows}, so that the inputs form whole groups. "
+            f"Received: shape={(rows, units)}, m={m}"
+        )
+    rng = _rng(seed)
+    groups = rows // m
+    per_chunk = max(1, _CHUNK_CELLS // (units * m))
+    linear = np.empty((groups, units, n), np.int64)
+    for start in range(0, groups, per_chunk):
+        stop = min(start + per_chunk, groups)
+        # The n smallest of m uniform keys: a uniform n-subset of each group.
+        keys = rng.random((stop - start, units, m))
+        picked = np.argpartition(keys, n - 1, axis=2)[..., :n]
+        group_rows = np.arange(start, stop, dtype=np.int64)[:, None, None] * m + picked
+        linear[start:stop] = group_rows * units + np.arange(units, dtype=np.int64)[None, :, None]
+    return SparsityPattern._from_linear(np.sort(linear, axis=None), (rows, units))

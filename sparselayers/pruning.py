@@ -32,10 +32,11 @@ CRITERIA = ("magnitude", "random", "snip")
 
 def sparsify(
     model: keras.Model,
-    density: float,
+    density: float | None = None,
     *,
     layers: Sequence[str] | str | None = None,
     block: tuple[int, int] | None = None,
+    n_of_m: tuple[int, int] | None = None,
     distribution: str = "uniform",
     erk_power: float = 1.0,
     criterion: str = "magnitude",
@@ -67,6 +68,17 @@ def sparsify(
     the request by less than one tile. Tiles of at least 32 entries and 2
     rows make ``kernel="auto"`` pick the block kernel, which is where a
     pruned layer gets faster than a dense one at moderate densities.
+
+    With ``n_of_m=(n, m)`` instead of ``density`` (N:M sparsity), every
+    output unit keeps the ``n`` best-scored entries of each group of ``m``
+    consecutive inputs (rows ``0 .. m-1``, ``m .. 2m-1``, ... of its column
+    in the kernel's 2-D view: for a convolution the flattened
+    ``(*kernel_size, in_channels)`` axis); equal scores: the earlier input
+    first. ``m`` must divide every selected layer's number of inputs (rows),
+    or ``sparsify`` raises naming the layer: exclude it with ``layers=``. A
+    ``SparseDense`` keeps at most ``n`` of its current entries per group.
+    ``criterion`` ranks the entries within each group; ``block`` and a
+    ``distribution`` other than ``"uniform"`` do not apply.
 
     ``distribution`` decides how many entries each layer keeps:
 
@@ -106,13 +118,15 @@ def sparsify(
         model: a built Sequential or Functional Keras model; nested models
             are searched too.
         density: fraction of each selected layer's ``input_dim * units``
-            entries to keep, in ``(0, 1]``.
+            entries to keep, in ``(0, 1]``. Give ``density`` or ``n_of_m``.
         layers: names of the layers to prune (every layer with that name,
             in nested models too); each must be a ``Dense`` or
             ``SparseDense``. Default: every ``Dense`` and ``SparseDense``.
         block: ``(r, c)`` to keep whole tiles instead of single entries
             (ranked by the L2 norm of their scores); not with
             ``distribution="global"``.
+        n_of_m: ``(n, m)`` with ``1 <= n <= m``: keep ``n`` of every ``m``
+            consecutive inputs of each unit (above), instead of ``density``.
         distribution: ``"uniform"``, ``"erk"`` or ``"global"`` (above).
         erk_power: exponent of the ERK rule, > 0.
         criterion: ``"magnitude"``, ``"random"`` or ``"snip"`` (above).
@@ -124,7 +138,10 @@ def sparsify(
         A new model of the same kind, layer names and weights.
 
     Raises:
-        ValueError: ``density`` outside ``(0, 1]``; a name in ``layers`` that
+        ValueError: ``density`` outside ``(0, 1]``; both or neither of
+            ``density`` and ``n_of_m``; ``n_of_m`` not ``1 <= n <= m``, with
+            ``block`` or a non-uniform ``distribution``, or its ``m`` not
+            dividing a selected layer's inputs; a name in ``layers`` that
             is not in the model or is not a ``Dense``/``SparseDense``; a
             selected ``Dense`` whose kernel is not 2-D or is quantized;
             ``block`` not two positive integers; ``model`` not built; an
@@ -132,7 +149,8 @@ def sparsify(
             ``block`` with ``"global"``; ``criterion="snip"`` without
             ``data`` or on a model not compiled with a loss.
         TypeError: ``model`` is not a Sequential or Functional model, or
-            ``layers`` is not a list of names, or ``seed`` not an integer.
+            ``layers`` is not a list of names, or ``seed`` not an integer,
+            or ``n_of_m`` not a pair of integers.
 
     Example:
 
@@ -159,10 +177,22 @@ def sparsify(
     >>> kept = [layer.pattern.nnz for layer in snip.layers]
     >>> kept
     [205, 32]
+
+    2:4 sparsity, two of every four consecutive inputs of each unit:
+
+    >>> two_of_four = sl.sparsify(model, n_of_m=(2, 4))
+    >>> [layer.pattern.nnz for layer in two_of_four.layers]  # half of 64 * 32 and of 32 * 10
+    [1024, 160]
     """
-    density = _check_density(density)
+    density, n_of_m = _check_density_or_n_of_m(density, n_of_m)
     block = _check_block(block)
     distribution = check_distribution(distribution)
+    if n_of_m is not None and (block is not None or distribution != "uniform"):
+        extra = f"block={block}" if block is not None else f"distribution={distribution!r}"
+        raise ValueError(
+            "`n_of_m` keeps n of every m inputs in every layer; it takes neither `block` nor a "
+            f"`distribution` other than 'uniform'. Received: n_of_m={n_of_m}, {extra}"
+        )
     erk_power = check_erk_power(erk_power)
     if criterion not in CRITERIA:
         raise ValueError(f"`criterion` must be one of {list(CRITERIA)}. Received: criterion={_short(criterion)}")
@@ -176,7 +206,9 @@ def sparsify(
     if criterion == "snip":
         _check_snip(model, data)
     chosen = _select(model, layers)
-    return _rebuild_pruned(model, _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data))
+    return _rebuild_pruned(
+        model, _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data, n_of_m)
+    )
 
 
 def strip_pruning(model: keras.Model) -> keras.Model:
@@ -344,6 +376,27 @@ def _check_density(density: Any) -> float:
     return float(density)
 
 
+def _check_density_or_n_of_m(density: Any, n_of_m: Any) -> tuple[float | None, tuple[int, int] | None]:
+    if (density is None) == (n_of_m is None):
+        raise ValueError(
+            f"Give exactly one of `density` and `n_of_m`. Received: density={density!r}, n_of_m={n_of_m!r}"
+        )
+    if n_of_m is None:
+        return _check_density(density), None
+    expected = f"`n_of_m` must be a pair (n, m) of integers with 1 <= n <= m. Received: n_of_m={_short(n_of_m)}"
+    if (
+        isinstance(n_of_m, (str, bytes))
+        or not hasattr(n_of_m, "__len__")
+        or len(n_of_m) != 2
+        or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) for v in n_of_m)
+    ):
+        raise TypeError(expected)
+    n, m = int(n_of_m[0]), int(n_of_m[1])
+    if not 1 <= n <= m:
+        raise ValueError(expected)
+    return None, (n, m)
+
+
 def _check_block(block: Any) -> tuple[int, int] | None:
     if block is None:
         return None
@@ -447,12 +500,16 @@ def _candidates(layer: keras.layers.Layer) -> tuple[tuple[int, int], np.ndarray,
     return view.shape, np.arange(view.size, dtype=np.int64), view.ravel()
 
 
-def _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data) -> dict[int, tuple]:
+def _plan(model, chosen, density, block, distribution, erk_power, criterion, seed, data, n_of_m=None) -> dict[int, tuple]:
     """Per layer id: the kept pattern (with the layer's unit names) and its values."""
     candidates = [_candidates(layer) for layer in chosen]
+    if n_of_m is not None:
+        _check_groups(chosen, candidates, n_of_m)
     shapes = [_kernel_shape(layer) for layer in chosen]
     scores = _scores(model, chosen, candidates, criterion, seed, data)
-    if distribution == "global":
+    if n_of_m is not None:
+        keeps = [_keep_n_of_m(shape, linear, score, *n_of_m) for (shape, linear, _), score in zip(candidates, scores)]
+    elif distribution == "global":
         keeps = global_keep(scores, shapes, density)
     else:
         keeps = []
@@ -529,6 +586,27 @@ def _keep_tiles(shape, linear, magnitude, target, block) -> np.ndarray:
     chosen = np.zeros(ids.size, bool)
     chosen[order[:n_tiles]] = True
     return np.flatnonzero(chosen[tile_of])
+
+
+def _check_groups(chosen, candidates, n_of_m) -> None:
+    for layer, (shape, _, _) in zip(chosen, candidates):
+        if shape[0] % n_of_m[1]:
+            raise ValueError(
+                f"`n_of_m={n_of_m}` groups {n_of_m[1]} consecutive inputs, but {n_of_m[1]} does not divide the "
+                f"{shape[0]} inputs (rows) of {type(layer).__name__} '{layer.name}'; exclude it with `layers=` "
+                f"or pick an `m` that divides it. Received: n_of_m={n_of_m}"
+            )
+
+
+def _keep_n_of_m(shape, linear, score, n, m) -> np.ndarray:
+    """Sorted candidates among the ``n`` best of their column's group of ``m`` rows (ties: the earlier row)."""
+    rows, cols = np.divmod(linear, shape[1])
+    group = (rows // m) * shape[1] + cols
+    # Candidates ascend by row within a column, so the stable sort puts the earlier row first.
+    order = np.lexsort((-score, group))
+    sorted_group = group[order]
+    first = np.searchsorted(sorted_group, sorted_group, side="left")
+    return np.sort(order[np.arange(order.size) - first < n])
 
 
 def _sparse_layer(layer: keras.layers.Layer, pattern: SparsityPattern) -> SparseKernelLayer:

@@ -57,3 +57,11 @@ def values_for(pattern, seed: int = 0, dtype="float32") -> np.ndarray:
 
 def inputs_for(pattern, batch: int = 3, seed: int = 1, dtype="float32") -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(batch, pattern.shape[0])).astype(dtype)
+
+
+@st.composite
+def n_of_m_cases(draw):
+    """``(shape, n, m, seed)`` of an N:M pattern: ``m`` divides the rows, ``1 <= n <= m``."""
+    m = draw(st.integers(1, 8))
+    shape = (m * draw(st.integers(1, 5)), draw(st.integers(1, 12)))
+    return shape, draw(st.integers(1, m)), m, draw(st.integers(0, 2**16))

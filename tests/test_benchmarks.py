@@ -64,3 +64,17 @@ def test_sparse_training_quick_mode_writes_every_method_table_and_plot(tmp_path)
     assert {r["method"] for r in results["teacher"]} == {"Static", "SET", "RigL", "SRigL"}
     assert "| SRigL |" in (tmp_path / "SPARSE_TRAINING.md").read_text()
     assert (tmp_path / "sparse-training.png").stat().st_size > 0
+
+
+def test_n_of_m_kernel_comparison_writes_its_table(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fan_in_kernels.py"), "--n-of-m", "--cpu-time", "--size", "64",
+         "--rounds", "1", "--calls", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "n_of_m_kernels.md").read_text()
+    assert "Machine: " in table and "CPU ms, TensorFlow on one thread" in table
+    for n, m in [(2, 4), (1, 8), (1, 16)]:
+        assert f"| {n}:{m} | {n / m:.2%} | dense | train b256 |" in table
+        # N:M is an equal fan-in: ELL stores exactly its nnz slots.
+        assert f"| {64 * 64 * n // m} | " in table.split(f"| {n}:{m} | {n / m:.2%} | ell slots |")[1].splitlines()[0]

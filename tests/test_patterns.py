@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparselayers as sl
-from tests.strategies import shapes
+from tests.strategies import n_of_m_cases, shapes
 
 block_lists = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=6)
 
@@ -95,6 +95,13 @@ def test_dense_pattern():
         (lambda: sl.patterns.banded((0, 3)), ValueError, "shape"),
         (lambda: sl.patterns.local((3, 3), window=0), ValueError, "window"),
         (lambda: sl.patterns.block_sparse([[1]], (0, 2)), ValueError, "block_shape"),
+        (lambda: sl.patterns.n_of_m((8, 3), 5, 4), ValueError, r"`n` must be at most `m`.*Received: n=5, m=4"),
+        (lambda: sl.patterns.n_of_m((8, 3), 0, 4), ValueError, r"Received: n=0"),
+        (lambda: sl.patterns.n_of_m((8, 3), 2, 0), ValueError, r"Received: m=0"),
+        (lambda: sl.patterns.n_of_m((8, 3), 1.5, 4), TypeError, r"`n` must be an integer"),
+        (lambda: sl.patterns.n_of_m((8, 3), 2, "4"), TypeError, r"`m` must be an integer"),
+        (lambda: sl.patterns.n_of_m((10, 3), 2, 4), ValueError, r"`m` must divide.*Received: shape=\(10, 3\), m=4"),
+        (lambda: sl.patterns.n_of_m((8, 3), 2, 4, seed="a"), TypeError, "seed"),
     ],
 )
 def test_bad_generator_arguments(call, error, message):
@@ -109,3 +116,36 @@ def test_random_fan_in_past_the_vectorised_size_keeps_its_stream():
     rows = np.concatenate([rng.choice(n, size=k, replace=False) for _ in range(m)])
     expected = sl.SparsityPattern.from_coo(rows, np.repeat(np.arange(m), k), (n, m))
     assert sl.patterns.random((n, m), fan_in=k, seed=7) == expected
+
+
+@given(n_of_m_cases())
+def test_n_of_m_has_exactly_n_entries_in_every_group_of_every_column(case):
+    shape, n, m, seed = case
+    p = sl.patterns.n_of_m(shape, n, m, seed=seed)
+    counts = (p.to_dense() != 0).reshape(shape[0] // m, m, shape[1]).sum(axis=1)
+    np.testing.assert_array_equal(counts, np.full((shape[0] // m, shape[1]), n))
+    assert p == sl.patterns.n_of_m(shape, n, m, seed=seed)
+
+
+def test_n_of_m_draws_each_group_independently_and_uniformly():
+    p = sl.patterns.n_of_m((8, 4000), 1, 4, seed=0)
+    # Each of a group's 4 rows is picked with probability 1/4 in each column
+    # (binomial: 1000 +- 27), not one choice repeated across columns or groups.
+    assert p.fan_out.min() > 850 and p.fan_out.max() < 1150
+    dense = p.to_dense() != 0
+    assert not np.array_equal(dense[:4], dense[4:])
+
+
+def test_n_of_m_drawn_in_chunks_is_the_pattern_of_one_draw(monkeypatch):
+    """Large shapes draw their keys a few groups at a time; the pattern per seed does not depend on it."""
+    whole = sl.patterns.n_of_m((60, 7), 2, 5, seed=3)
+    monkeypatch.setattr(sl.patterns, "_CHUNK_CELLS", 2 * 7 * 5 - 1)  # one group per chunk
+    assert sl.patterns.n_of_m((60, 7), 2, 5, seed=3) == whole
+
+
+def test_n_of_m_is_an_equal_fan_in_that_ell_stores_without_padding():
+    from sparselayers.ops.export_kernels import EllKernel
+
+    p = sl.patterns.n_of_m((48, 20), 3, 8, seed=1)
+    np.testing.assert_array_equal(p.fan_in, np.full(20, 3 * 48 // 8))
+    assert EllKernel(p).slots == p.nnz
