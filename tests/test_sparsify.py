@@ -394,7 +394,9 @@ def test_bad_layer_names_are_refused():
     model = keras.Model(inputs, keras.layers.Dense(2, name="d")(hidden))
     with pytest.raises(ValueError, match=r"`layers` names layers that are not in the model: \['nope'\]"):
         sl.sparsify(model, density=0.5, layers=["d", "nope"])
-    with pytest.raises(ValueError, match=r"`layers` must name layers that sparsify converts \(Conv1D, Conv2D, Dense, EinsumDense, Embedding, MultiHeadAttention and the sparse layers\); 'drop'"):
+    supported = ", ".join(["Conv1D", "Conv2D", "Dense", "EinsumDense", "Embedding", "MultiHeadAttention",
+                           "SeparableConv1D", "SeparableConv2D"])
+    with pytest.raises(ValueError, match=rf"`layers` must name layers that sparsify converts \({supported} and the sparse layers\); 'drop'"):
         sl.sparsify(model, density=0.5, layers=["drop"])
     with pytest.raises(TypeError, match="`layers` must be a list of layer names"):
         sl.sparsify(model, density=0.5, layers=[1])
