@@ -183,3 +183,26 @@ def test_set_with_constant_fan_in_keeps_every_filters_fan_in():
     kernels["head"] = model.get_layer("head").kernel.numpy().astype(np.float64)
     biases = {name: model.get_layer(name).bias.numpy() for name in ("c1", "c2", "head")}
     np.testing.assert_allclose(model(X), numpy_forward(kernels, biases, X), rtol=1e-5, atol=1e-5)
+
+
+def test_gradual_pruning_prunes_convolutions_on_its_schedule_and_strip_compacts_them():
+    model = sl.sparsify(dense_cnn(), density=1.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    pruning = sl.callbacks.GradualPruning(0.25, begin_step=0, end_step=4, frequency=2)
+    model.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[pruning])
+    assert sum(isinstance(layer, sl.SparseConv1D) for layer in sl.sparse_layers(model)) == 2
+    assert [u["step"] for u in pruning.updates] == [0, 2, 4]
+    for update in pruning.updates:  # Zhu & Gupta's cubic schedule from the full start
+        density = 0.25 + 0.75 * (1 - update["step"] / 4) ** 3
+        for layer in sl.sparse_layers(model):
+            assert update["layers"][layer.path] == round(density * math.prod(layer.kernel_shape()))
+    for layer in sl.sparse_layers(model):
+        assert np.count_nonzero(layer.values.numpy()) == round(0.25 * math.prod(layer.kernel_shape()))
+    stripped = sl.strip_pruning(model)
+    kernels = {layer.name: layer.to_dense().astype(np.float64) for layer in sl.sparse_layers(stripped)}
+    biases = {layer.name: layer.bias.numpy() for layer in sl.sparse_layers(stripped)}
+    for name in ("c1", "c2", "head"):
+        assert stripped.get_layer(name).pattern.nnz == round(0.25 * kernels[name].size)
+        np.testing.assert_array_equal(kernels[name], model.get_layer(name).to_dense())
+    np.testing.assert_allclose(stripped(X), model(X), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stripped(X), numpy_forward(kernels, biases, X), rtol=1e-5, atol=1e-5)

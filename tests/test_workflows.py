@@ -1,7 +1,7 @@
 """Workflows with an evolving pattern: every Keras and TensorFlow way to copy, save and load a model.
 
-One registry of layers (``SETUPS``: a SparseDense per kernel family, and
-Towers) and one of pattern changers (``CHANGERS``: RigL, SET, ``sl.sparsify``,
+One registry of layers (``SETUPS``: a SparseDense per kernel family,
+Towers, and a SparseConv2D) and one of pattern changers (``CHANGERS``: RigL, SET, ``sl.sparsify``,
 ``set_pattern``, and GradualPruning, which changes no pattern but prunes
 within it). A module-scoped fixture changes each layer's pattern once
 and trains it briefly under two ``ModelCheckpoint`` callbacks; each test is
@@ -40,12 +40,18 @@ SETUPS = {
     "dense": _random(0.4, 1, "dense"),
     "gather": _random(0.3, 2, "gather"),
     "towers": lambda: sl.Towers(3, hidden_units=[4], output_units=2),
+    # A 2x2 convolution over a 2x2x3 image: x.reshape(12) @ W on the pattern's (12, units) view.
+    "conv2d": lambda: keras.Sequential([
+        keras.layers.Reshape((2, 2, 3)),
+        sl.SparseConv2D(sl.patterns.random((INPUT_DIM, UNITS), density=0.3, seed=3), 2),
+        keras.layers.Flatten(),
+    ]),
 }
 
 
 def _set_pattern(model):
     """A new pattern of the same nnz for every layer that has room, values kept in order."""
-    for k, layer in enumerate(sl.callbacks.sparse_dense_layers(model)):
+    for k, layer in enumerate(sl.sparse_layers(model)):
         n, m = layer.pattern.shape
         if layer.pattern.nnz in (0, n * m):
             continue
@@ -77,12 +83,12 @@ CASES = [(setup, changer) for setup in SETUPS for changer in CHANGERS
 RAISES = {(workflow, setup, "sparsify") for workflow in ("weights", "weights_optimizer", "checkpoint",
                                                         "model_checkpoint_weights") for setup in SETUPS}
 #: SavedModel export takes seconds: run for one kernel family and Towers.
-SAVED_MODEL_SETUPS = ("csr", "towers")
+SAVED_MODEL_SETUPS = ("csr", "towers", "conv2d")
 
 
 def snapshot(model):
-    """The model's layers in order, as ``reference.chain`` takes them (numbers copied now)."""
-    layers = [inner for outer in model.layers for inner in getattr(outer, "tower_layers", [outer])]
+    """The model's sparse layers in order, as ``reference.chain`` takes them (numbers copied now)."""
+    layers = sl.sparse_layers(model)
     return [
         (layer.pattern, layer.values.numpy().copy(), None if layer.bias is None else layer.bias.numpy().copy(),
          keras.activations.serialize(layer.activation))
@@ -118,7 +124,7 @@ def evolved(request, tmp_path_factory):
     model = compiled(keras.Sequential([keras.Input((INPUT_DIM,)), SETUPS[setup]()]))
     y = rng.normal(size=(16, model.output_shape[-1])).astype("float32")
     initial_config = model.get_config()
-    before = [layer.pattern for layer in sl.callbacks.sparse_dense_layers(model)]
+    before = [layer.pattern for layer in sl.sparse_layers(model)]
     callbacks = []
     if changer in CALLBACK_CHANGERS:
         callbacks.append(CHANGERS[changer]())
@@ -134,17 +140,17 @@ def evolved(request, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no room to evolve")  # Towers' dense first layer
         model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=callbacks)
-    after = [layer.pattern for layer in sl.callbacks.sparse_dense_layers(model)]
+    after = [layer.pattern for layer in sl.sparse_layers(model)]
     stripped = None
     if changer == "gradual":
         # A kept value of exactly 0: only the pruning mask tells it from a pruned entry.
-        layer = sl.callbacks.sparse_dense_layers(model)[0]
+        layer = sl.sparse_layers(model)[0]
         values = layer.values.numpy()
         values[np.flatnonzero(values)[0]] = 0.0
         layer.values.assign(values)
-        stripped = [layer.pattern for layer in sl.strip_pruning(model).layers]
+        stripped = [layer.pattern for layer in sl.sparse_layers(sl.strip_pruning(model))]
         assert [p.nnz for p in stripped] != [p.nnz for p in after], "GradualPruning pruned nothing"
-        assert sum(np.count_nonzero(layer.values.numpy()) for layer in model.layers) < sum(p.nnz for p in stripped)
+        assert sum(np.count_nonzero(layer.values.numpy()) for layer in sl.sparse_layers(model)) < sum(p.nnz for p in stripped)
     else:
         assert after != before, "the changer changed no pattern"
     losses = [loss for loss, _ in snapshots.epochs]
@@ -169,7 +175,7 @@ def check(evolved, workflow, load, expected=None):
 def check_pruning_mask(evolved, loaded):
     """After GradualPruning, ``loaded`` carries the pruning mask: strip_pruning drops exactly the pruned entries."""
     if evolved.stripped is not None:
-        assert [layer.pattern for layer in sl.strip_pruning(loaded).layers] == evolved.stripped
+        assert [layer.pattern for layer in sl.sparse_layers(sl.strip_pruning(loaded))] == evolved.stripped
 
 
 def initial_model(evolved):
