@@ -128,9 +128,6 @@ class PatternCheckpoint(trackable.Trackable):
 
     def __init__(self, layer: Any):
         self._layer = layer
-
-    def __init__(self, layer: Any):
-        self._layer = layer
         # The pruning mask belongs to this pattern: a child, so a checkpoint
         # restores it after the pattern, and one written without it still loads.
         self._track_trackable(MaskCheckpoint(layer), name=evolution_step.MASK_KEY)

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from sparselayers.sparse_einsum import SparseEinsumDense
-from sparselayers.sparse_kernel import SparseKernelLayer, as_pattern, register_container_twin
+from sparselayers.sparse_kernel import as_pattern, register_container_twin
 
 #: Keras' attribute of each projection -> its key in ``patterns``.
 PROJECTIONS = {

@@ -22,12 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.layers.core.einsum_dense import _analyze_einsum_string
 
-from sparselayers.sparse_kernel import (
-    _ELEMENTWISE_CONSTRAINTS,
-    _ELEMENTWISE_REGULARIZERS,
-    SparseKernelLayer,
-    register_twin,
-)
+from sparselayers.sparse_kernel import SparseKernelLayer, register_twin
 
 # Keras' three forms: no ellipsis, an ellipsis on the left, one on the right.
 _FORMS = (
@@ -227,22 +222,8 @@ class SparseEinsumDense(SparseKernelLayer):
 
     @classmethod
     def from_dense_layer(cls, layer: keras.layers.Layer, pattern: Any) -> SparseEinsumDense:
-        regularizer, constraint = layer.kernel_regularizer, layer.kernel_constraint
         return cls(
-            pattern,
-            layer.equation,
-            layer.partial_output_shape,
-            activation=layer.activation,
-            bias_axes=layer.bias_axes,
-            bias_initializer=layer.bias_initializer,
-            values_regularizer=regularizer if isinstance(regularizer, _ELEMENTWISE_REGULARIZERS) else None,
-            bias_regularizer=layer.bias_regularizer,
-            activity_regularizer=layer.activity_regularizer,
-            values_constraint=constraint if isinstance(constraint, _ELEMENTWISE_CONSTRAINTS) else None,
-            bias_constraint=layer.bias_constraint,
-            name=layer.name,
-            dtype=layer.dtype_policy,
-            trainable=layer.trainable,
+            pattern, layer.equation, layer.partial_output_shape, bias_axes=layer.bias_axes, **cls.carried_arguments(layer)
         )
 
     # Layout ------------------------------------------------------------------------

@@ -256,11 +256,21 @@ class SparseKernelLayer(keras.layers.Layer):
         entry (``L1``, ``L2``, ``L1L2``, ``NonNeg``), others need the full
         kernel and are dropped.
         """
-        regularizer, constraint = cls.dense_kernel_regularization(layer)
         return cls(
-            pattern,
+            pattern, use_bias=layer.use_bias, **cls.carried_arguments(layer), **cls.dense_layer_arguments(layer)
+        )
+
+    @classmethod
+    def carried_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
+        """The shared arguments a sparse twin takes over from the Keras ``layer``.
+
+        Activation, bias initializer, regularizer and constraint, activity
+        regularizer, name, dtype policy and trainability; the kernel's
+        regularizer and constraint when they act entry by entry.
+        """
+        regularizer, constraint = cls.dense_kernel_regularization(layer)
+        return dict(
             activation=layer.activation,
-            use_bias=layer.use_bias,
             bias_initializer=layer.bias_initializer,
             values_regularizer=regularizer if isinstance(regularizer, _ELEMENTWISE_REGULARIZERS) else None,
             bias_regularizer=layer.bias_regularizer,
@@ -270,7 +280,6 @@ class SparseKernelLayer(keras.layers.Layer):
             name=layer.name,
             dtype=layer.dtype_policy,
             trainable=layer.trainable,
-            **cls.dense_layer_arguments(layer),
         )
 
     # The layout of the kernel ---------------------------------------------
