@@ -289,7 +289,7 @@ def test_real_timing_picks_its_own_fastest():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="`model` must contain at least one SparseDense"):
+    with pytest.raises(ValueError, match="`model` must contain at least one sparse layer"):
         sl.autotune(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), np.ones((2, 4), "float32"))
     with pytest.raises(TypeError, match="`model` must be a Keras model or layer"):
         sl.autotune(RANDOM, x_for(RANDOM))
