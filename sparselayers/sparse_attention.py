@@ -66,8 +66,9 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     >>> x = np.ones((1, 5, 16), "float32")
     >>> mha(x, x).shape
     TensorShape([1, 5, 16])
-    >>> [layer.name for layer in sl.sparse_layers(mha)]
-    ['query', 'key', 'value', 'attention_output']
+    >>> names = [layer.name for layer in sl.sparse_layers(mha)]
+    >>> names == ["query", "key", "value", "attention_output"]
+    True
     """
 
     def __init__(self, num_heads: int, key_dim: int, patterns: dict[str, Any] | None = None, **kwargs: Any):

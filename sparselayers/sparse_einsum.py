@@ -140,9 +140,10 @@ class SparseEinsumDense(SparseKernelLayer):
         bias_axes: None, or output axes of the kernel to hold a bias over,
             as for ``EinsumDense`` (a bias over the input's free axes is
             refused).
-        values_initializer, bias_initializer, values_regularizer,
-        bias_regularizer, activity_regularizer, values_constraint,
-        bias_constraint, kernel: as for :class:`~sparselayers.SparseDense`.
+        values_initializer: as for :class:`~sparselayers.SparseDense`, and so
+            are ``bias_initializer``, ``values_regularizer``,
+            ``bias_regularizer``, ``activity_regularizer``,
+            ``values_constraint``, ``bias_constraint`` and ``kernel``.
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
 
     Raises:
