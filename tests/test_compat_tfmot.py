@@ -278,3 +278,22 @@ def test_tfmot_tutorial_on_digits(tmp_path):
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "layer, shape, dtype",
+    [
+        (lambda: keras.layers.Embedding(20, 6), (5,), "int32"),
+        (lambda: keras.layers.EinsumDense("ab,bc->ac", output_shape=7, bias_axes="c"), (9,), "float32"),
+        (lambda: keras.layers.SeparableConv2D(4, 3, activation="relu"), (6, 6, 3), "float32"),
+        (lambda: keras.layers.Conv1D(4, 3, padding="same"), (8, 3), "float32"),
+    ],
+)
+def test_strip_pruning_gives_back_each_keras_type(layer, shape, dtype):
+    model = keras.Sequential([keras.Input(shape, dtype=dtype), layer()])
+    x = np.random.default_rng(0).integers(0, 20, (2, *shape)).astype(dtype)
+    pruned = K.prune_low_magnitude(model)
+    stripped = K.strip_pruning(pruned)
+    assert type(stripped.layers[0]) is type(model.layers[0])
+    assert stripped.layers[0].get_config() == model.layers[0].get_config()
+    np.testing.assert_allclose(stripped(x), model(x), rtol=1e-6, atol=1e-6)

@@ -395,29 +395,24 @@ def _strip_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 def _keras_config(layer: sl.SparseKernelLayer, keras_class: type) -> dict[str, Any]:
     """The config of the Keras layer ``layer`` came from: its arguments under their Keras names."""
-    config = layer.get_config()
-    prefix = "embeddings_" if "embeddings_initializer" in keras_class(**_probe(keras_class)).get_config() else "kernel_"
-    renamed = {}
-    for key, value in config.items():
+    accepted = set(keras_class(**_probe(keras_class)).get_config())
+    prefix = "embeddings_" if "embeddings_initializer" in accepted else "kernel_"
+    config = {}
+    for key, value in layer.get_config().items():
         if key.startswith("values_"):
             key = prefix + key[len("values_"):]
-            if key.endswith("initializer"):
-                continue
-        renamed[key] = value
-    accepted = set(keras_class(**_probe(keras_class)).get_config())
-    renamed = {k: v for k, v in renamed.items() if k in accepted}
+        if key in accepted and key != prefix + "initializer":  # the values initializer is sparse-only
+            config[key] = value
     rows, units = layer.pattern.shape
     for name, value in (("units", units), ("filters", units), ("input_dim", rows), ("output_dim", units)):
         if name in accepted:
-            renamed[name] = value
-    return renamed
+            config[name] = value
+    return config
 
 
 def _probe(keras_class: type) -> dict[str, Any]:
-    """Arguments that construct ``keras_class`` so its config lists the keys it takes."""
-    names = {
-        "units": 1, "filters": 1, "kernel_size": 1, "input_dim": 1, "output_dim": 1,
-        "equation": "ab,bc->ac", "output_shape": 1,
-    }
+    """Arguments that construct ``keras_class``, so that its config lists the keys it takes."""
+    required = {"units": 1, "filters": 1, "kernel_size": 1, "input_dim": 1, "output_dim": 1,
+                "equation": "ab,bc->ac", "output_shape": 1}
     parameters = inspect.signature(keras_class.__init__).parameters
-    return {k: v for k, v in names.items() if k in parameters and parameters[k].default is inspect.Parameter.empty}
+    return {k: v for k, v in required.items() if k in parameters and parameters[k].default is inspect.Parameter.empty}
