@@ -9,6 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [
     "docs/quickstart.md", "docs/index.md", "docs/towers.md", "docs/knowledge.md", "docs/gennet.md", "docs/autotune.md",
     "docs/finding-a-pattern.md", "docs/convolutions.md", "docs/attention-and-embeddings.md", "README.md",
+    "docs/coming-from-tfmot.md",
 ]
 
 
