@@ -133,7 +133,11 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
         ``(units, input_dim)``, so its ``(1, 4)`` blocks are 4 consecutive
         inputs of one unit) and ``read_by``, the operator that reads it:
         ``"DENSIFY"`` when the interpreter expands it once at load, or the
-        operator that multiplies by it sparse (``"FULLY_CONNECTED"``).
+        operator that multiplies by it sparse (``"FULLY_CONNECTED"``). For
+        both formats ``used_by``, the operator that computes with the
+        weight: the reader, or for ``DENSIFY`` the operator reading its
+        output (``"CONV_2D"``, ``"FULLY_CONNECTED"``, ONNX's ``"Conv"``,
+        ``"MatMul"``).
 
     Raises:
         ValueError: ``path`` is neither ``.tflite`` nor ``.onnx``.
@@ -146,16 +150,21 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
     >>> _ = model(np.zeros((1, 64), "float32"))
     >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
     >>> model.export(path, format="litert", verbose=False)
-    >>> [(w["shape"], w["block"], w["read_by"]) for w in sl.export.sparse_weights(path)]
-    [((32, 64), (1, 1), 'DENSIFY')]
+    >>> [(w["shape"], w["block"], w["read_by"], w["used_by"]) for w in sl.export.sparse_weights(path)]
+    [((32, 64), (1, 1), 'DENSIFY', 'FULLY_CONNECTED')]
     """
     path = os.fspath(path)
     if artifact_format(path) == "onnx":
         import onnx
 
         graph = onnx.load(path, load_external_data=False).graph
+        users: dict[str, str] = {}
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, node.op_type)
         return [
-            {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims))}
+            {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims)),
+             "used_by": users.get(t.values.name, "")}
             for t in graph.sparse_initializer
         ]
     try:
@@ -168,10 +177,14 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
     found = []
     for subgraph in model.subgraphs:
         readers: dict[int, str] = {}
+        densified: dict[int, int] = {}  # a DENSIFY's input -> its output
         for op in subgraph.operators:
             code = model.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
             for index in op.inputs if op.inputs is not None else ():
-                readers.setdefault(int(index), names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
+                readers.setdefault(int(index), name)
+            if name == "DENSIFY":
+                densified[int(op.inputs[0])] = int(op.outputs[0])
         for index, tensor in enumerate(subgraph.tensors):
             sparsity = tensor.sparsity
             if sparsity is None:
@@ -186,7 +199,7 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
             entries = (len(buffer.data) if buffer.data is not None else int(buffer.size)) // _ITEM_BYTES.get(tensor.type, 4)
             found.append({
                 "name": (tensor.name or b"").decode(), "shape": shape, "entries": entries, "block": block,
-                "read_by": readers.get(index, ""),
+                "read_by": readers.get(index, ""), "used_by": readers.get(densified.get(index, index), ""),
             })
     return found
 
