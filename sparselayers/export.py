@@ -127,7 +127,10 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     Returns:
         One dict per sparse weight, with ``name``, ``shape`` (dense) and
-        ``entries`` (stored values, padding of blocks included). For LiteRT
+        ``entries`` (stored values, padding of blocks included). For ONNX
+        also ``encoding``: ``"sparse_initializer"``, or ``"mask"`` (a bit
+        mask and the values, expanded by constant-folded ops:
+        :func:`sparselayers.ops.sparse_storage.mask_initializers`). For LiteRT
         also ``block``, the shape of its blocks in the tensor's own layout
         (``(1, 1)`` for random sparsity; ``FULLY_CONNECTED`` stores
         ``(units, input_dim)``, so its ``(1, 4)`` blocks are 4 consecutive
@@ -156,17 +159,31 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = os.fspath(path)
     if artifact_format(path) == "onnx":
         import onnx
+        import onnx.numpy_helper
+
+        from sparselayers.ops.sparse_storage import MASK_SUFFIX, VALUES_SUFFIX
 
         graph = onnx.load(path, load_external_data=False).graph
         users: dict[str, str] = {}
         for node in graph.node:
             for name in node.input:
                 users.setdefault(name, node.op_type)
-        return [
+        found = [
             {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims)),
-             "used_by": users.get(t.values.name, "")}
+             "encoding": "sparse_initializer", "used_by": users.get(t.values.name, "")}
             for t in graph.sparse_initializer
         ]
+        dims = {t.name: tuple(t.dims) for t in graph.initializer}
+        for name in dims:
+            if name.endswith(MASK_SUFFIX):
+                weight = name[: -len(MASK_SUFFIX)]
+                shape = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == weight + "__sparse_shape"))
+                found.append({
+                    "name": weight, "shape": tuple(int(d) for d in shape),
+                    "entries": int(np.prod(dims[weight + VALUES_SUFFIX])) - 1,  # the appended zero
+                    "encoding": "mask", "used_by": users.get(weight, ""),
+                })
+        return found
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:

@@ -411,16 +411,18 @@ def test_every_sparse_layer_type_exports_exactly_with_sparse_storage(kind, forma
     with exporting(format):
         scattered = [layer for layer in layers if layer._select_kernel().name == "dense"]
     assert scattered
+    stored = sl.export.sparse_weights(path)
+    # Each scattered layer's kernel is stored sparse, in the runtime's layout
+    # (FULLY_CONNECTED (units, rows), CONV_2D (filters, *window, channels), ...):
+    # its entries are the pattern's.
+    assert sorted(w["entries"] for w in stored) == sorted(layer.pattern.nnz for layer in scattered)
+    assert sorted(int(np.prod(w["shape"])) for w in stored) == sorted(
+        layer.pattern.shape[0] * layer.pattern.shape[1] for layer in scattered)
     if format == "litert":
-        stored = _litert_sparse_tensors(path)
-        # FULLY_CONNECTED holds (units, rows): the transpose of the pattern's 2-D view.
-        assert {s for s, _, _ in stored} >= {layer.pattern.shape[::-1] for layer in scattered}
+        assert [(w["shape"], w["block"]) for w in stored] == [(s, b) for s, b, _ in _litert_sparse_tensors(path)]
     else:
-        assert set(_onnx_sparse_initializers(path).values()) >= {layer.pattern.shape for layer in scattered}
-    assert [(w["shape"], w.get("block")) for w in sl.export.sparse_weights(path)] == (
-        [(s, b) for s, b, _ in _litert_sparse_tensors(path)] if format == "litert"
-        else [(s, None) for s in _onnx_sparse_initializers(path).values()]
-    )
+        initializers = _onnx_sparse_initializers(path)
+        assert {w["name"]: w["shape"] for w in stored if w["encoding"] == "sparse_initializer"} == initializers
     # Size follows the entries: LiteRT a float32 value and at most an int32 index
     # each, ONNX an int64 index; other weights (biases, depthwise kernels,
     # Towers' block-diagonal layers) dense. The densified artifact holds every
