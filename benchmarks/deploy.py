@@ -234,7 +234,8 @@ def _storage(format: str, layout: str | None, weights: list[dict]) -> str:  # no
     if not weights:
         return "dense"
     if format == "onnx":
-        return f"{len(weights)} sparse_initializer"
+        encodings = sorted({w["encoding"] for w in weights})
+        return f"{len(weights)} sparse weights: " + ", ".join("bit mask + values, folded at load" if e == "mask" else e for e in encodings)
     kinds = sorted({f"{'x'.join(map(str, w['block']))} {'densified at load' if w['read_by'] == 'DENSIFY' else 'sparse ' + w['read_by']}"
                     for w in weights})
     return f"{len(weights)} sparse tensors: " + "; ".join(kinds)
