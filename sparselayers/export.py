@@ -127,13 +127,20 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     Returns:
         One dict per sparse weight, with ``name``, ``shape`` (dense) and
-        ``entries`` (stored values, padding of blocks included). For LiteRT
+        ``entries`` (stored values, padding of blocks included). For ONNX
+        also ``encoding``: ``"sparse_initializer"``, or ``"mask"`` (a bit
+        mask and the values, expanded by constant-folded ops:
+        :func:`sparselayers.ops.sparse_storage.mask_initializers`). For LiteRT
         also ``block``, the shape of its blocks in the tensor's own layout
         (``(1, 1)`` for random sparsity; ``FULLY_CONNECTED`` stores
         ``(units, input_dim)``, so its ``(1, 4)`` blocks are 4 consecutive
         inputs of one unit) and ``read_by``, the operator that reads it:
         ``"DENSIFY"`` when the interpreter expands it once at load, or the
-        operator that multiplies by it sparse (``"FULLY_CONNECTED"``).
+        operator that multiplies by it sparse (``"FULLY_CONNECTED"``). For
+        both formats ``used_by``, the operator that computes with the
+        weight: the reader, or for ``DENSIFY`` the operator reading its
+        output (``"CONV_2D"``, ``"FULLY_CONNECTED"``, ONNX's ``"Conv"``,
+        ``"MatMul"``).
 
     Raises:
         ValueError: ``path`` is neither ``.tflite`` nor ``.onnx``.
@@ -146,19 +153,38 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
     >>> _ = model(np.zeros((1, 64), "float32"))
     >>> path = os.path.join(tempfile.mkdtemp(), "model.tflite")
     >>> model.export(path, format="litert", verbose=False)
-    >>> stored = [(w["shape"], w["block"], w["read_by"]) for w in sl.export.sparse_weights(path)]
-    >>> stored == [((32, 64), (1, 1), "DENSIFY")]
+    >>> stored = [(w["shape"], w["block"], w["read_by"], w["used_by"]) for w in sl.export.sparse_weights(path)]
+    >>> stored == [((32, 64), (1, 1), "DENSIFY", "FULLY_CONNECTED")]
     True
     """
     path = os.fspath(path)
     if artifact_format(path) == "onnx":
         import onnx
+        import onnx.numpy_helper
+
+        from sparselayers.ops.sparse_storage import MASK_SUFFIX, VALUES_SUFFIX
 
         graph = onnx.load(path, load_external_data=False).graph
-        return [
-            {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims))}
+        users: dict[str, str] = {}
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, node.op_type)
+        found = [
+            {"name": t.values.name, "shape": tuple(t.dims), "entries": int(np.prod(t.values.dims)),
+             "encoding": "sparse_initializer", "used_by": users.get(t.values.name, "")}
             for t in graph.sparse_initializer
         ]
+        dims = {t.name: tuple(t.dims) for t in graph.initializer}
+        for name in dims:
+            if name.endswith(MASK_SUFFIX):
+                weight = name[: -len(MASK_SUFFIX)]
+                shape = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == weight + "__sparse_shape"))
+                found.append({
+                    "name": weight, "shape": tuple(int(d) for d in shape),
+                    "entries": int(np.prod(dims[weight + VALUES_SUFFIX])) - 1,  # the appended zero
+                    "encoding": "mask", "used_by": users.get(weight, ""),
+                })
+        return found
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
@@ -169,10 +195,14 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
     found = []
     for subgraph in model.subgraphs:
         readers: dict[int, str] = {}
+        densified: dict[int, int] = {}  # a DENSIFY's input -> its output
         for op in subgraph.operators:
             code = model.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
             for index in op.inputs if op.inputs is not None else ():
-                readers.setdefault(int(index), names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM"))
+                readers.setdefault(int(index), name)
+            if name == "DENSIFY":
+                densified[int(op.inputs[0])] = int(op.outputs[0])
         for index, tensor in enumerate(subgraph.tensors):
             sparsity = tensor.sparsity
             if sparsity is None:
@@ -187,7 +217,7 @@ def sparse_weights(path: str | os.PathLike) -> list[dict[str, Any]]:
             entries = (len(buffer.data) if buffer.data is not None else int(buffer.size)) // _ITEM_BYTES.get(tensor.type, 4)
             found.append({
                 "name": (tensor.name or b"").decode(), "shape": shape, "entries": entries, "block": block,
-                "read_by": readers.get(index, ""),
+                "read_by": readers.get(index, ""), "used_by": readers.get(densified.get(index, index), ""),
             })
     return found
 

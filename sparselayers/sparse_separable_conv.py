@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from sparselayers.ops import conv as conv_products
 from sparselayers.sparse_conv import _set_window, output_length
 from sparselayers.sparse_kernel import SparseKernelLayer, register_twin
 
@@ -124,6 +125,10 @@ class SparseSeparableConv(SparseKernelLayer):
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
         h = self._depthwise(x)
+        pointwise = conv_products.ConvGeometry(*[(1,) * self.rank] * 3, "valid")
+        product = conv_products.export_conv(self._select_kernel, pointwise, self.kernel_shape())
+        if product is not None:
+            return self._finish(product(h, tf.cast(self.values, h.dtype)))
         y = self._finish(self._sparse_product(tf.reshape(h, [-1, self.pattern.shape[0]])))
         return tf.reshape(y, tf.concat([tf.shape(h)[:-1], [self.filters]], axis=0))
 

@@ -411,16 +411,18 @@ def test_every_sparse_layer_type_exports_exactly_with_sparse_storage(kind, forma
     with exporting(format):
         scattered = [layer for layer in layers if layer._select_kernel().name == "dense"]
     assert scattered
+    stored = sl.export.sparse_weights(path)
+    # Each scattered layer's kernel is stored sparse, in the runtime's layout
+    # (FULLY_CONNECTED (units, rows), CONV_2D (filters, *window, channels), ...):
+    # its entries are the pattern's.
+    assert sorted(w["entries"] for w in stored) == sorted(layer.pattern.nnz for layer in scattered)
+    assert sorted(int(np.prod(w["shape"])) for w in stored) == sorted(
+        layer.pattern.shape[0] * layer.pattern.shape[1] for layer in scattered)
     if format == "litert":
-        stored = _litert_sparse_tensors(path)
-        # FULLY_CONNECTED holds (units, rows): the transpose of the pattern's 2-D view.
-        assert {s for s, _, _ in stored} >= {layer.pattern.shape[::-1] for layer in scattered}
+        assert [(w["shape"], w["block"]) for w in stored] == [(s, b) for s, b, _ in _litert_sparse_tensors(path)]
     else:
-        assert set(_onnx_sparse_initializers(path).values()) >= {layer.pattern.shape for layer in scattered}
-    assert [(w["shape"], w.get("block")) for w in sl.export.sparse_weights(path)] == (
-        [(s, b) for s, b, _ in _litert_sparse_tensors(path)] if format == "litert"
-        else [(s, None) for s in _onnx_sparse_initializers(path).values()]
-    )
+        initializers = _onnx_sparse_initializers(path)
+        assert {w["name"]: w["shape"] for w in stored if w["encoding"] == "sparse_initializer"} == initializers
     # Size follows the entries: LiteRT a float32 value and at most an int32 index
     # each, ONNX an int64 index; other weights (biases, depthwise kernels,
     # Towers' block-diagonal layers) dense. The densified artifact holds every
@@ -476,3 +478,65 @@ def test_dynamic_range_quantized_export_stores_weights_dense_and_says_why(tmp_pa
     assert {b for _, b, _ in _litert_sparse_tensors(both)} == {(1, 16)}
     # What the warning is about: outputs off by more than the outputs' own range.
     assert np.abs(sl.export.ExportedModel(both)(x) - expected).max() > np.abs(expected).max()
+
+
+def _graph_ops(path):
+    """The operator types of an artifact's main graph, in order."""
+    if path.endswith(".onnx"):
+        import onnx
+
+        return [node.op_type for node in onnx.load(path).graph.node]
+    from ai_edge_litert import schema_py_generated as schema
+
+    with open(path, "rb") as f:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(f.read()), 0)
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    codes = [model.operatorCodes[op.opcodeIndex] for op in model.subgraphs[0].operators]
+    return [names[max(code.builtinCode, code.deprecatedBuiltinCode)] for code in codes]
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_sparse_convolutions_export_as_convolutions_with_sparse_kernels(format, tmp_path):  # noqa: A002
+    """A MobileNet-style block: the runtime convolves (CONV_2D, Conv) with the kernel stored sparse."""
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((16, 16, 3))
+    h = keras.layers.ZeroPadding2D(1)(inputs)
+    stem = sl.SparseConv2D(sl.patterns.random((27, 16), density=0.3, seed=0), 3, strides=2, activation="relu")
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(stem(h))
+    pointwise = sl.SparseConv2D(sl.patterns.random((16, 32), density=0.2, seed=1), 1, activation="relu")
+    separable = sl.SparseSeparableConv2D(sl.patterns.random((32, 24), density=0.2, seed=2), 3, padding="same")
+    h = keras.layers.GlobalAveragePooling2D(keepdims=True)(separable(pointwise(h)))
+    model = keras.Model(inputs, h)
+    for variable in model.weights:
+        variable.assign(0.3 * rng.normal(size=variable.shape).astype("float32"))
+    path = _export(model, tmp_path, format)
+    ops = _graph_ops(path)
+    stored = sl.export.sparse_weights(path)
+    if format == "litert":
+        assert "FULLY_CONNECTED" not in ops and "CONV_2D" in ops, ops
+        # Each kernel expanded once at load, then convolved: the sparse-weight CONV_2D XNNPACK looks for.
+        assert sorted(w["used_by"] for w in stored) == ["CONV_2D"] * 3, stored
+    else:
+        assert "MatMul" not in ops and ops.count("Conv") >= 3, ops
+        assert sorted(w["used_by"] for w in stored) == ["Conv"] * 3, stored
+    layers = (stem, pointwise, separable)
+    assert sorted(w["entries"] for w in stored) == sorted(layer.pattern.nnz for layer in layers)
+    # Size follows the entries: at most 12 bytes each (ONNX's int64 index), the other weights dense.
+    entries = sum(layer.pattern.nnz for layer in layers)
+    other = sum(int(np.prod(w.shape)) for w in model.weights) - entries
+    assert os.path.getsize(path) <= 12 * entries + 4 * other + 16 * 2**10
+    artifact = sl.export.ExportedModel(path)
+    depthwise = model.layers[3]
+    for batch in (1, 3):
+        x = rng.normal(size=(batch, 16, 16, 3)).astype("float32")
+        want = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        want = np.maximum(reference.conv(want, stem.to_dense(), (2, 2), "valid", (1, 1), stem.bias.numpy()), 0)
+        dw = depthwise.kernel.numpy()  # (3, 3, 16, 1): one filter per channel
+        want = np.stack([reference.conv(want[..., c:c + 1], dw[:, :, c:c + 1], (1, 1), "same", (1, 1))[..., 0]
+                         for c in range(16)], axis=-1) + depthwise.bias.numpy()
+        want = np.maximum(reference.conv(want, pointwise.to_dense(), (1, 1), "valid", (1, 1), pointwise.bias.numpy()), 0)
+        sdw = separable.depthwise_kernel.numpy()
+        want = np.stack([reference.conv(want[..., c:c + 1], sdw[:, :, c:c + 1], (1, 1), "same", (1, 1))[..., 0]
+                         for c in range(32)], axis=-1)
+        want = reference.conv(want, separable.to_dense(), (1, 1), "valid", (1, 1), separable.bias.numpy())
+        np.testing.assert_allclose(artifact(x), want.mean(axis=(1, 2), keepdims=True), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,10 @@ formulations compute its product with a ``channels_last`` image:
   ICLR 2017): each pattern entry adds its value times the input shifted by
   its tap, read in place. It runs where the compiled kernels may
   (:func:`direct_conv`), for unit strides; the patches are its twin.
+
+While Keras exports to LiteRT or ONNX, a layer whose export kernel is the
+dense form convolves instead (:func:`export_conv`): the runtime then runs
+its own convolution (``CONV_2D``, ``Conv``) with the kernel stored sparse.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import tensorflow as tf
 from sparselayers.ops.base import constant
 from sparselayers.ops.compiled import build
 from sparselayers.ops.compiled.kernels import compiled_allowed
+from sparselayers.ops.context import kernel_context
+from sparselayers.ops.export_kernels import DenseExportKernel, ExportKernel
 from sparselayers.sparsity_pattern import SparsityPattern
 
 #: Density below which ``kernel="auto"`` convolves with :class:`DirectConv`
@@ -87,6 +93,48 @@ def patches(x: tf.Tensor, geometry: ConvGeometry) -> tf.Tensor:
         edges = 1 | 2 ** (rank + 1)  # the batch and channel axes: whole
         taps.append(tf.strided_slice(x, begin, end, [1, *geometry.strides, 1], begin_mask=edges, end_mask=edges))
     return taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
+
+
+def export_conv(select_kernel: Any, geometry: ConvGeometry, kernel_shape: tuple[int, ...]) -> ConvExport | None:
+    """The convolution a LiteRT or ONNX export traces, or None where the patches compute it.
+
+    ``select_kernel`` is the layer's seam (``_select_kernel``), called only
+    while exporting. When it gives the dense export form (scattered patterns
+    by default), the export convolves the image with that kernel, reshaped to
+    ``kernel_shape`` (Keras' layout), so that the converter stores it sparse
+    and the runtime runs its convolution (``CONV_2D``: XNNPACK's sparse 1x1
+    path needs one). Other export kernels (block, banded, the gather graph of
+    :func:`sparselayers.export.gather_graph`) multiply the patches, as in
+    training.
+    """
+    if kernel_context() != "export":
+        return None
+    kernel = select_kernel()
+    return ConvExport(kernel, geometry, kernel_shape) if isinstance(kernel, DenseExportKernel) else None
+
+
+class ConvExport(ExportKernel):
+    """``x`` convolved with the dense export kernel's weights: one ``tf.nn.convolution``.
+
+    Keras' ``"same"`` padding is TensorFlow's ``SAME``; ``"causal"`` pads the
+    reach before the sequence, then convolves ``VALID``.
+    """
+
+    def __init__(self, kernel: DenseExportKernel, geometry: ConvGeometry, kernel_shape: tuple[int, ...]):
+        super().__init__(kernel.pattern)
+        self.kernel, self.geometry, self.kernel_shape = kernel, geometry, kernel_shape
+        self.name = kernel.name
+
+    def compute(self, x, values):
+        g = self.geometry
+        weights = tf.reshape(self.kernel.weights(values), self.kernel_shape)
+        if g.padding == "causal":
+            x = tf.pad(x, [[0, 0], *g.pads([None] * len(g.kernel_size)), [0, 0]])
+        padding = "SAME" if g.padding == "same" else "VALID"
+        return tf.nn.convolution(x, weights, strides=g.strides, padding=padding, dilations=g.dilation_rate)
+
+    def __repr__(self) -> str:
+        return f"ConvExport({self.kernel!r}, {self.geometry})"
 
 
 def direct_conv(pattern: SparsityPattern, geometry: ConvGeometry, x: tf.Tensor, *, auto: bool) -> DirectConv | None:

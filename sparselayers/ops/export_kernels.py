@@ -240,10 +240,13 @@ class DenseExportKernel(ExportKernel):
         self._positions = np.full(pattern.shape[0] * pattern.shape[1], pattern.nnz, self._dtype.as_numpy_dtype)
         self._positions[pattern.linear] = np.arange(pattern.nnz)
 
-    def compute(self, x, values):
+    def weights(self, values: tf.Tensor) -> tf.Tensor:
+        """The ``(input_dim, units)`` kernel of ``values``, with exact zeros outside the pattern."""
         padded_values = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
-        weights = tf.gather(padded_values, tf.constant(self._positions.reshape(self.pattern.shape), self._dtype))
-        return tf.matmul(x, weights)
+        return tf.gather(padded_values, tf.constant(self._positions.reshape(self.pattern.shape), self._dtype))
+
+    def compute(self, x, values):
+        return tf.matmul(x, self.weights(values))
 
 
 #: Export form of each kernel name :func:`choose_export_kernel` returns.

@@ -11,9 +11,15 @@ asks the converter of the export under way to store that constant sparse:
   ``FULLY_CONNECTED`` multiplies weights made of 1x4 blocks along the input
   (float32) with a sparse kernel; the converter puts a ``DENSIFY`` op before
   other patterns, which expands them once, when the interpreter loads.
-* **ONNX**: after tf2onnx converts the graph, every float initializer whose
-  values and int64 linear indices take fewer bytes than its dense form moves
-  to the graph's ``sparse_initializer``; onnxruntime densifies it at load.
+* **ONNX**: after tf2onnx converts the graph, every mostly-zero float
+  initializer is stored in the smaller of two forms that onnxruntime turns
+  back into the same dense initializer when it loads the file:
+  ``sparse_initializer`` (the values and their int64 linear indices, 12
+  bytes per entry), or, from a density of 1/64, a bit mask and the values
+  (4 bytes per entry and 1 bit per cell) expanded by a few builtin ops
+  (:func:`mask_initializers`) that onnxruntime's constant folding runs once,
+  at session creation. Either way its graph multiplies by a plain dense
+  initializer, pre-packed like the dense model's.
 
 Either way the file holds about the entries, and the runtime multiplies as
 fast as the dense model or faster. Both requests act only on the
@@ -38,6 +44,11 @@ ONNX_SPARSE_MIN_SIZE = 64
 #: Bytes of one ONNX sparse entry: its int64 linear index (``onnx.checker``
 #: accepts no other index type) on top of the value itself.
 _ONNX_INDEX_BYTES = 8
+#: Name suffixes of the initializers of a mask-encoded weight: the packed
+#: bit mask, and the values in C order with a zero appended.
+MASK_SUFFIX, VALUES_SUFFIX = "__sparse_mask", "__sparse_values"
+#: Lowest default-domain opset with every op of the mask expansion (BitShift, CumSum).
+_MASK_OPSET = 11
 
 _lock = threading.Lock()
 #: Output paths of ONNX exports whose trace asked for sparse initializers.
@@ -128,7 +139,7 @@ def _wrap_tf2onnx() -> None:
         if not asked or kwargs.get("large_model"):
             return original(*args, output_path=output_path, **kwargs)
         model_proto, storage = original(*args, output_path=None, **kwargs)
-        model_proto = sparse_initializers(model_proto)
+        model_proto = sparse_initializers(mask_initializers(model_proto))
         utils.save_protobuf(output_path, model_proto)
         return model_proto, storage
 
@@ -168,7 +179,7 @@ def sparse_initializers(model: Any, *, min_size: int = ONNX_SPARSE_MIN_SIZE) -> 
             kept.append(tensor)
             continue
         flat = array.ravel()
-        entries = np.flatnonzero((flat != 0) | np.signbit(flat))
+        entries = np.flatnonzero(_entries(flat))
         if entries.size * (flat.itemsize + _ONNX_INDEX_BYTES) >= flat.nbytes:
             kept.append(tensor)
             continue
@@ -177,4 +188,100 @@ def sparse_initializers(model: Any, *, min_size: int = ONNX_SPARSE_MIN_SIZE) -> 
         graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    return model
+
+
+def _entries(flat: np.ndarray) -> np.ndarray:
+    """Where ``flat`` is nonzero; ``-0.0`` counts, so that the graph stays bit-exact."""
+    return (flat != 0) | np.signbit(flat)
+
+
+def mask_initializers(model: Any, *, min_size: int = ONNX_SPARSE_MIN_SIZE) -> Any:
+    """``model`` with its float initializers of density 1/64 to 1/3 stored as a bit mask and the values.
+
+    Each such initializer ``w`` becomes ``w__sparse_mask`` (the packed
+    mask, 1 bit per cell) and ``w__sparse_values`` (the entries in C
+    order, then a zero), and a subgraph of builtin ops computes ``w``:
+    unpack the bits, give each cell its entry's position with an exclusive
+    cumulative sum, gather, and zero the cells outside the mask. Its
+    inputs are all constants, so onnxruntime's constant folding (on by
+    default, at any ``graph_optimization_level`` above ``ORT_DISABLE_ALL``)
+    computes ``w`` once, when the session is created: the model then runs
+    the dense model's graph. Below a density of 1/64 the mask costs more
+    than ``sparse_initializer``'s int64 indices, so those initializers stay
+    for :func:`sparse_initializers`. Models of an opset below 11 (which
+    lacks ``BitShift`` and ``CumSum``) are left as they are. The model is
+    changed in place and returned.
+
+    Example:
+
+    >>> import numpy as np, onnx, onnxruntime
+    >>> from onnx import helper, numpy_helper
+    >>> w = np.zeros((16, 8), "float32"); w[::4, ::2] = 1.0
+    >>> graph = helper.make_graph(
+    ...     [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    ...     [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 16])],
+    ...     [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])],
+    ...     initializer=[numpy_helper.from_array(w, "w")])
+    >>> model = mask_initializers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    >>> [t.name for t in model.graph.initializer if t.name.startswith("w__sparse_m") or t.name.endswith("values")]
+    ['w__sparse_mask', 'w__sparse_values']
+    >>> session = onnxruntime.InferenceSession(model.SerializeToString())
+    >>> x = np.ones((1, 16), "float32")
+    >>> bool(np.array_equal(session.run(None, {"x": x})[0], x @ w))
+    True
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < _MASK_OPSET:
+        return model
+    inputs = {value.name for value in graph.input}
+    kept, expansions = [], []
+
+    def constant(array: np.ndarray, name: str) -> str:
+        kept.append(numpy_helper.from_array(array, name))
+        return name
+
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if tensor.name in inputs or array.dtype.kind != "f" or array.size < min_size:
+            kept.append(tensor)
+            continue
+        flat = array.ravel()
+        mask = _entries(flat)
+        nnz = int(mask.sum())
+        mask_bytes = nnz * flat.itemsize + -(-flat.size // 8)
+        if mask_bytes >= min(flat.nbytes, nnz * (flat.itemsize + _ONNX_INDEX_BYTES)):
+            kept.append(tensor)
+            continue
+        name, prefix = tensor.name, tensor.name + "__sparse_"
+        bits = constant(np.packbits(mask), name + MASK_SUFFIX)
+        values = constant(np.append(flat[mask], np.zeros(1, flat.dtype)), name + VALUES_SUFFIX)
+        expansions += [
+            # Bit k of byte j (most significant first) is cell 8 j + k.
+            helper.make_node("Unsqueeze", [bits, constant(np.array([1], np.int64), prefix + "axis")], [prefix + "bytes"]),
+            helper.make_node("BitShift", [prefix + "bytes", constant(np.arange(7, -1, -1, dtype=np.uint8), prefix + "shifts")],
+                             [prefix + "shifted"], direction="RIGHT"),
+            helper.make_node("Mod", [prefix + "shifted", constant(np.array([2], np.uint8), prefix + "two")], [prefix + "bits"]),
+            helper.make_node("Reshape", [prefix + "bits", constant(np.array([-1], np.int64), prefix + "flat_shape")], [prefix + "all_bits"]),
+            helper.make_node("Slice", [prefix + "all_bits", constant(np.array([0], np.int64), prefix + "start"),
+                                       constant(np.array([flat.size], np.int64), prefix + "size")], [prefix + "cell_bits"]),
+            helper.make_node("Cast", [prefix + "cell_bits"], [prefix + "counts"], to=TensorProto.INT64),
+            # Each cell's entry: the number of entries before it (cells outside the mask read the zero).
+            helper.make_node("CumSum", [prefix + "counts", constant(np.array(0, np.int64), prefix + "cumsum_axis")],
+                             [prefix + "positions"], exclusive=1),
+            helper.make_node("Cast", [prefix + "cell_bits"], [prefix + "inside"], to=TensorProto.BOOL),
+            helper.make_node("Where", [prefix + "inside", prefix + "positions", constant(np.array([nnz], np.int64), prefix + "zero_at")],
+                             [prefix + "reads"]),
+            helper.make_node("Gather", [values, prefix + "reads"], [prefix + "cells"]),
+            helper.make_node("Reshape", [prefix + "cells", constant(np.array(array.shape, np.int64), prefix + "shape")], [name]),
+        ]
+    if not expansions:
+        return model
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = expansions + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model
