@@ -192,7 +192,9 @@ class SparseConv(SparseKernelLayer):
         # RigL's probe wraps `_select_kernel` on the instance to watch the 2-D
         # product (patches, patches @ W): while it does, the patches compute.
         watched = "_select_kernel" in vars(self)
-        direct = conv_products.export_conv(self._select_kernel, geometry, self.kernel_shape())
+        direct = conv_products.dense_conv(
+            self._select_kernel, geometry, self.kernel_shape(), pointwise=self._is_pointwise()
+        )
         if direct is None and not self._is_pointwise() and not watched:
             direct = conv_products.direct_conv(self.pattern, geometry, x, auto=self._kernel_argument == "auto")
         if direct is not None:

@@ -126,7 +126,7 @@ class SparseSeparableConv(SparseKernelLayer):
             x = tf.cast(x, self.compute_dtype)
         h = self._depthwise(x)
         pointwise = conv_products.ConvGeometry(*[(1,) * self.rank] * 3, "valid")
-        product = conv_products.export_conv(self._select_kernel, pointwise, self.kernel_shape())
+        product = conv_products.dense_conv(self._select_kernel, pointwise, self.kernel_shape(), pointwise=True)
         if product is not None:
             return self._finish(product(h, tf.cast(self.values, h.dtype)))
         y = self._finish(self._sparse_product(tf.reshape(h, [-1, self.pattern.shape[0]])))

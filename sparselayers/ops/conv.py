@@ -12,9 +12,10 @@ formulations compute its product with a ``channels_last`` image:
   its tap, read in place. It runs where the compiled kernels may
   (:func:`direct_conv`), for unit strides; the patches are its twin.
 
-While Keras exports to LiteRT or ONNX, a layer whose export kernel is the
-dense form convolves instead (:func:`export_conv`): the runtime then runs
-its own convolution (``CONV_2D``, ``Conv``) with the kernel stored sparse.
+A layer whose kernel is a dense form convolves instead (:func:`dense_conv`):
+at high densities in training, and while Keras exports to LiteRT or ONNX,
+where the runtime then runs its own convolution (``CONV_2D``, ``Conv``)
+with the kernel stored sparse.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.ops.base import constant
+from sparselayers.ops.base import Kernel, constant
 from sparselayers.ops.compiled import build
 from sparselayers.ops.compiled.kernels import compiled_allowed
-from sparselayers.ops.context import kernel_context
+from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.export_kernels import DenseExportKernel, ExportKernel
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -95,30 +96,58 @@ def patches(x: tf.Tensor, geometry: ConvGeometry) -> tf.Tensor:
     return taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
 
 
-def export_conv(select_kernel: Any, geometry: ConvGeometry, kernel_shape: tuple[int, ...]) -> ConvExport | None:
-    """The convolution a LiteRT or ONNX export traces, or None where the patches compute it.
+def dense_conv(
+    select_kernel: Any, geometry: ConvGeometry, kernel_shape: tuple[int, ...], *, pointwise: bool = False
+) -> Kernel | None:
+    """The layer's product as one dense convolution, where its kernel is a dense form; else None.
 
-    ``select_kernel`` is the layer's seam (``_select_kernel``), called only
-    while exporting. When it gives the dense export form (scattered patterns
-    by default), the export convolves the image with that kernel, reshaped to
-    ``kernel_shape`` (Keras' layout), so that the converter stores it sparse
-    and the runtime runs its convolution (``CONV_2D``: XNNPACK's sparse 1x1
-    path needs one). Other export kernels (block, banded, the gather graph of
-    :func:`sparselayers.export.gather_graph`) multiply the patches, as in
-    training.
+    ``select_kernel`` is the layer's seam (``_select_kernel``). When it
+    gives a dense form, the image is convolved with that kernel, reshaped
+    to ``kernel_shape`` (Keras' layout), instead of multiplying the patch
+    matrix by it: the same multiply-adds without a patch matrix
+    ``prod(kernel_size)`` times the image. While Keras exports to LiteRT or
+    ONNX (scattered patterns take the dense export form by default), the
+    runtime then runs its own convolution (``CONV_2D``, ``Conv``; XNNPACK's
+    sparse 1x1 path needs one) with the kernel stored sparse
+    (:class:`ConvExport`). In training and under XLA it is what the
+    ``"dense"`` kernel runs (:class:`DenseConv`), which ``kernel="auto"``
+    takes at high densities; a ``pointwise`` product (1x1, unit strides)
+    keeps ``SparseDense``'s kernels there. Other kernels (block, banded, the
+    gather graph of :func:`sparselayers.export.gather_graph`) multiply the
+    patches.
     """
-    if kernel_context() != "export":
-        return None
     kernel = select_kernel()
-    return ConvExport(kernel, geometry, kernel_shape) if isinstance(kernel, DenseExportKernel) else None
+    if isinstance(kernel, DenseExportKernel):
+        return ConvExport(kernel, geometry, kernel_shape)
+    if isinstance(kernel, DenseKernel) and not pointwise:
+        return DenseConv(kernel, geometry, kernel_shape)
+    return None
+
+
+def _convolve(x: tf.Tensor, weights: tf.Tensor, g: ConvGeometry) -> tf.Tensor:
+    """Keras' convolution of ``x`` with ``weights`` in Keras' layout (``"causal"``: pad the reach, then ``VALID``)."""
+    if g.padding == "causal":
+        x = tf.pad(x, [[0, 0], *g.pads([None] * len(g.kernel_size)), [0, 0]])
+    padding = "SAME" if g.padding == "same" else "VALID"
+    return tf.nn.convolution(x, weights, strides=g.strides, padding=padding, dilations=g.dilation_rate)
+
+
+class DenseConv(Kernel):
+    """``x`` convolved with the ``"dense"`` kernel's scattered weights: one ``tf.nn.convolution``."""
+
+    name = "dense"
+    supports_jit = True
+
+    def __init__(self, kernel: DenseKernel, geometry: ConvGeometry, kernel_shape: tuple[int, ...]):
+        super().__init__(kernel.pattern)
+        self.kernel, self.geometry, self.kernel_shape = kernel, geometry, kernel_shape
+
+    def __call__(self, x, values):
+        return _convolve(x, tf.reshape(self.kernel.weights(values), self.kernel_shape), self.geometry)
 
 
 class ConvExport(ExportKernel):
-    """``x`` convolved with the dense export kernel's weights: one ``tf.nn.convolution``.
-
-    Keras' ``"same"`` padding is TensorFlow's ``SAME``; ``"causal"`` pads the
-    reach before the sequence, then convolves ``VALID``.
-    """
+    """``x`` convolved with the dense export kernel's weights: one ``tf.nn.convolution``."""
 
     def __init__(self, kernel: DenseExportKernel, geometry: ConvGeometry, kernel_shape: tuple[int, ...]):
         super().__init__(kernel.pattern)
@@ -126,12 +155,7 @@ class ConvExport(ExportKernel):
         self.name = kernel.name
 
     def compute(self, x, values):
-        g = self.geometry
-        weights = tf.reshape(self.kernel.weights(values), self.kernel_shape)
-        if g.padding == "causal":
-            x = tf.pad(x, [[0, 0], *g.pads([None] * len(g.kernel_size)), [0, 0]])
-        padding = "SAME" if g.padding == "same" else "VALID"
-        return tf.nn.convolution(x, weights, strides=g.strides, padding=padding, dilations=g.dilation_rate)
+        return _convolve(x, tf.reshape(self.kernel.weights(values), self.kernel_shape), self.geometry)
 
     def __repr__(self) -> str:
         return f"ConvExport({self.kernel!r}, {self.geometry})"

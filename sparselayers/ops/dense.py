@@ -46,6 +46,13 @@ class DenseKernel(Kernel):
             for r, s, e, size in zip(bounds[:-1], starts[:-1], starts[1:], self._row_sizes)
         ]
 
+    def weights(self, values: tf.Tensor) -> tf.Tensor:
+        """The whole ``(input_dim, units)`` kernel of ``values`` (a convolution's dense form multiplies it whole)."""
+        m = self.pattern.shape[1]
+        vs = tf.split(values, self._entry_sizes) if len(self._entry_sizes) > 1 else [values]
+        slices = [_densify(v, positions, rows, m) for v, positions, rows in zip(vs, self._positions, self._row_sizes)]
+        return slices[0] if len(slices) == 1 else tf.concat(slices, axis=0)
+
     def __call__(self, x, values):
         m = self.pattern.shape[1]
         xs = tf.split(x, self._row_sizes, axis=1) if len(self._row_sizes) > 1 else [x]
