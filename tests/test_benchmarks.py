@@ -90,6 +90,11 @@ def test_transformer_quick_mode_writes_every_method_table_and_plot(tmp_path):
     summary = {(r["method"], r["density"]): r for r in results["summary"]}
     assert set(summary) == {("Dense", 1.0), ("Static ERK", 0.1), ("RigL ERK", 0.1), ("GradualPruning", 0.1)}
     dense = summary["Dense", 1.0]
+    # The dense model's kernels counted from the settings: token and position tables, per block four attention
+    # projections (dim x heads x dim / heads) and the FFN, then the head.
+    a, seq = results["settings"], results["seq"]
+    assert dense["entries"] == (a["vocab"] * a["dim"] + seq * a["dim"]
+                                + a["blocks"] * (4 * a["dim"] ** 2 + 2 * a["dim"] * a["ffn"]) + a["dim"] * 10)
     # Every method ends with the ERK budget's entries (ERK and GradualPruning allocate alike, so they agree to a
     # few entries); the dense model keeps all of them.
     sparse_layers = [d for _, d in results["erk_layers"]["0.1"]]
