@@ -220,7 +220,8 @@ def table(results: dict) -> str:
     ]
     for r in results["summary"]:
         lines.append(f"| {r['density']:.0%} | {r['method']} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
-                     f"{r['step_ms']:.2f} | {r['step_ms'] / dense['step_ms']:.2f} | {r['mean_step_ms']:.2f} | {r['fit_s']:.0f} | "
+                     f"{r['step_ms']:.2f} | {r['step_ms'] / dense['step_ms']:.2f} | {r['mean_step_ms']:.2f} | "
+                     f"{r['fit_s']:.0f} | "
                      f"{r['entries']:,} | "
                      f"{r['params']:,} |")
     lines += ["", "Layer densities under ERK at each target (entries kept / dense kernel):", ""]
