@@ -78,3 +78,32 @@ def test_n_of_m_kernel_comparison_writes_its_table(tmp_path):
         assert f"| {n}:{m} | {n / m:.2%} | dense | train b256 |" in table
         # N:M is an equal fan-in: ELL stores exactly its nnz slots.
         assert f"| {64 * 64 * n // m} | " in table.split(f"| {n}:{m} | {n / m:.2%} | ell slots |")[1].splitlines()[0]
+
+
+def test_transformer_quick_mode_writes_every_method_table_and_plot(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "transformer.py"), "--quick", "--out", str(tmp_path),
+         "--plot-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "transformer.json").read_text())
+    summary = {(r["method"], r["density"]): r for r in results["summary"]}
+    assert set(summary) == {("Dense", 1.0), ("Static ERK", 0.1), ("RigL ERK", 0.1), ("GradualPruning", 0.1)}
+    dense = summary["Dense", 1.0]
+    # The dense model's kernels counted from the settings: token and position tables, per block four attention
+    # projections (dim x heads x dim / heads) and the FFN, then the head.
+    a, seq = results["settings"], results["seq"]
+    assert dense["entries"] == (a["vocab"] * a["dim"] + seq * a["dim"]
+                                + a["blocks"] * (4 * a["dim"] ** 2 + 2 * a["dim"] * a["ffn"]) + a["dim"] * 10)
+    # Every method ends with the ERK budget's entries (ERK and GradualPruning allocate alike, so they agree to a
+    # few entries); the dense model keeps all of them.
+    sparse_layers = [d for _, d in results["erk_layers"]["0.1"]]
+    assert all(0 < d < 1 for d in sparse_layers)
+    for method in ("Static ERK", "RigL ERK", "GradualPruning"):
+        assert summary[method, 0.1]["entries"] < dense["entries"]
+        assert summary[method, 0.1]["params"] < dense["params"]
+    assert summary["Static ERK", 0.1]["entries"] == summary["RigL ERK", 0.1]["entries"]
+    assert all(r["step_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in results["rows"])
+    text = (tmp_path / "TRANSFORMER.md").read_text()
+    assert "MNIST-1D" in text and "| 10% | RigL ERK |" in text and "CPU (lscpu): " in text
+    assert (tmp_path / "transformer.png").stat().st_size > 0
