@@ -504,7 +504,7 @@ def cnn_plot(results: dict, path: str) -> None:
 
 def cnn_main(args) -> int:
     """Runs the datasets asked for, merges them into the json already in ``--out``, and writes table and plot."""
-    load_start = time.perf_counter(), os.getloadavg()[0]
+    load_start = os.getloadavg()[0]
     path = os.path.join(args.out, "sparse_training_cnn.json")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot_dir", "cnns", "cnn_settings")}
     results = dict(machine=machine(), settings=settings, datasets={})
@@ -517,7 +517,7 @@ def cnn_main(args) -> int:
             results["datasets"] = previous["datasets"]
     results["datasets"].update(ran)
     results["datasets"] = {n: results["datasets"][n] for n in args.cnns if n in results["datasets"]}
-    results["load"] = [load_start[1], os.getloadavg()[0]]
+    results["load"] = [load_start, os.getloadavg()[0]]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.plot_dir, exist_ok=True)
     with open(path, "w") as f:
