@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 import sparselayers as sl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +66,35 @@ def test_sparse_training_quick_mode_writes_every_method_table_and_plot(tmp_path)
     assert {r["method"] for r in results["teacher"]} == {"Static", "SET", "RigL", "SRigL"}
     assert "| SRigL |" in (tmp_path / "SPARSE_TRAINING.md").read_text()
     assert (tmp_path / "sparse-training.png").stat().st_size > 0
+
+
+def test_sparse_training_cnn_quick_mode_counts_conv_flops_per_output_position(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sparse_training.py"), "--cnn", "--quick", "--out", str(tmp_path),
+         "--plot-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "sparse_training_cnn.json").read_text())
+    assert set(results["datasets"]) == {"MNIST-1D", "digits"}
+    for name, d in results["datasets"].items():
+        assert {r["method"] for r in d["summary"]} == {"Dense", "Small-Dense", "Static uniform", "Static ERK", "SET",
+                                                      "RigL uniform", "RigL ERK", "SRigL", "GradualPruning"}
+        # Forward cost by hand: 2 * kept weights * output positions per layer ("same" padding); the
+        # uniform Static model keeps round(density * size) weights of each kernel.
+        spatial, channels, layers = list(d["spec"]["input"][:-1]), d["spec"]["input"][-1], []
+        for filters, kernel, stride in d["spec"]["convs"]:
+            spatial = [-(-n // stride) for n in spatial]
+            layers.append((kernel ** len(spatial) * channels * filters, int(np.prod(spatial))))
+            channels = filters
+        layers.append((int(np.prod(spatial)) * channels * d["spec"]["classes"], 1))
+        for r in d["rows"]:
+            if r["method"] in ("Dense", "Static uniform"):
+                kept = [size if r["density"] == 1 else round(r["density"] * size) for size, _ in layers]
+                assert r["forward_flops"] == sum(2 * k * at for k, (_, at) in zip(kept, layers)), r
+        dense = [r for r in d["rows"] if r["method"] == "Dense"]
+        assert all(r["params"] < dense[0]["params"] for r in d["rows"] if r["method"] != "Dense")
+    assert "| SRigL |" in (tmp_path / "SPARSE_TRAINING_CNN.md").read_text()
+    assert (tmp_path / "sparse-training-cnn.png").stat().st_size > 0
 
 
 def test_n_of_m_kernel_comparison_writes_its_table(tmp_path):
