@@ -45,35 +45,6 @@ def _tuple(value: Any, rank: int, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in items)
 
 
-def _set_window(
-    layer: Any, kernel_size: Any, strides: Any, padding: Any, dilation_rate: Any, data_format: Any, causal: bool = True
-) -> None:
-    """Checks and stores the sliding window's arguments on ``layer`` (of rank ``layer.rank``), as Keras does.
-
-    ``causal=False`` refuses ``padding="causal"`` in 1-D too (as Keras' separable convolutions).
-    """
-    rank = layer.rank
-    layer.kernel_size = _tuple(kernel_size, rank, "kernel_size")
-    layer.strides = _tuple(strides, rank, "strides")
-    layer.dilation_rate = _tuple(dilation_rate, rank, "dilation_rate")
-    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:
-        raise ValueError(
-            "`strides > 1` is not supported together with `dilation_rate > 1` (as in Keras). "
-            f"Received: strides={layer.strides} and dilation_rate={layer.dilation_rate}"
-        )
-    allowed = _PADDINGS[rank] if causal else _PADDINGS[2]
-    if not isinstance(padding, str) or padding.lower() not in allowed:
-        raise ValueError(f"`padding` must be one of {list(allowed)}. Received: padding={padding!r}")
-    layer.padding = padding.lower()
-    resolved = keras.config.image_data_format() if data_format is None else data_format
-    if resolved != "channels_last":
-        raise ValueError(
-            "`data_format` must be 'channels_last': sparse convolutions read channels on the last axis "
-            f"(transpose the input instead). Received: data_format={resolved!r}"
-        )
-    layer.data_format = "channels_last"
-
-
 def output_length(length: int | None, kernel: int, stride: int, dilation: int, padding: str) -> int | None:
     """Keras' output length of one spatial axis (None stays None)."""
     if length is None:
@@ -83,14 +54,82 @@ def output_length(length: int | None, kernel: int, stride: int, dilation: int, p
     return -(-length // stride)  # "same" and "causal"
 
 
-class SparseConv(SparseKernelLayer):
+class SlidingWindow:
+    """The sliding window the sparse convolutions share: its arguments, output shape and config.
+
+    A mixin before the layer base: ``rank`` is the number of spatial axes.
+    """
+
+    rank: int = 0
+
+    def _set_window(
+        self, kernel_size: Any, strides: Any, padding: Any, dilation_rate: Any, data_format: Any, causal: bool = True
+    ) -> None:
+        """Checks and stores the window's arguments, as Keras does.
+
+        ``causal=False`` refuses ``padding="causal"`` in 1-D too (as Keras' separable convolutions).
+        """
+        rank = self.rank
+        self.kernel_size = _tuple(kernel_size, rank, "kernel_size")
+        self.strides = _tuple(strides, rank, "strides")
+        self.dilation_rate = _tuple(dilation_rate, rank, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "`strides > 1` is not supported together with `dilation_rate > 1` (as in Keras). "
+                f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}"
+            )
+        allowed = _PADDINGS[rank] if causal else _PADDINGS[2]
+        if not isinstance(padding, str) or padding.lower() not in allowed:
+            raise ValueError(f"`padding` must be one of {list(allowed)}. Received: padding={padding!r}")
+        self.padding = padding.lower()
+        resolved = keras.config.image_data_format() if data_format is None else data_format
+        if resolved != "channels_last":
+            raise ValueError(
+                "`data_format` must be 'channels_last': sparse convolutions read channels on the last axis "
+                f"(transpose the input instead). Received: data_format={resolved!r}"
+            )
+        self.data_format = "channels_last"
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        spatial = [
+            output_length(n, k, s, d, self.padding)
+            for n, k, s, d in zip(input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate)
+        ]
+        return (input_shape[0], *spatial, self.filters)
+
+    def _window_config(self) -> dict[str, Any]:
+        return {
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "dilation_rate": self.dilation_rate,
+            "data_format": self.data_format,
+        }
+
+    @staticmethod
+    def _window_arguments(layer: keras.layers.Layer) -> dict[str, Any]:
+        """The window's arguments of a Keras convolution."""
+        return dict(
+            kernel_size=layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format="channels_last",
+        )
+
+    @staticmethod
+    def _not_channels_last(layer: keras.layers.Layer) -> str | None:
+        if layer.data_format != "channels_last":
+            return f"its data_format is {layer.data_format!r}; sparse convolutions need 'channels_last'"
+        return None
+
+
+class SparseConv(SlidingWindow, SparseKernelLayer):
     """The convolution shared by :class:`SparseConv1D` and :class:`SparseConv2D`.
 
     Computes what Keras' ``Conv{rank}D`` computes with the kernel scattered
     from ``values`` (``channels_last``, ``groups=1``).
     """
-
-    rank: int = 0
 
     def __init__(
         self,
@@ -113,7 +152,7 @@ class SparseConv(SparseKernelLayer):
         kernel: str = "auto",
         **kwargs: Any,
     ):
-        _set_window(self, kernel_size, strides, padding, dilation_rate, data_format)
+        self._set_window(kernel_size, strides, padding, dilation_rate, data_format)
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups != 1:
             raise ValueError(
                 "`groups` must be 1: a grouped convolution is a block-diagonal pattern over the "
@@ -151,21 +190,13 @@ class SparseConv(SparseKernelLayer):
 
     @classmethod
     def check_dense_layer(cls, layer: keras.layers.Layer) -> str | None:
-        if layer.data_format != "channels_last":
-            return f"its data_format is {layer.data_format!r}; sparse convolutions need 'channels_last'"
         if layer.groups != 1:
             return f"it has groups={layer.groups}; sparse convolutions take groups=1"
-        return super().check_dense_layer(layer)
+        return cls._not_channels_last(layer) or super().check_dense_layer(layer)
 
     @classmethod
     def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
-        return dict(
-            kernel_size=layer.kernel_size,
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format="channels_last",
-        )
+        return cls._window_arguments(layer)
 
     def build(self, input_shape: Any) -> None:
         if len(input_shape) != self.rank + 2 or input_shape[-1] != self.in_channels:
@@ -206,23 +237,8 @@ class SparseConv(SparseKernelLayer):
         shape = tf.concat([tf.shape(patches)[:-1], [self.filters]], axis=0)
         return tf.reshape(y, shape)
 
-    def compute_output_shape(self, input_shape: Any) -> tuple:
-        spatial = [
-            output_length(n, k, s, d, self.padding)
-            for n, k, s, d in zip(input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate)
-        ]
-        return (input_shape[0], *spatial, self.filters)
-
     def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "kernel_size": self.kernel_size,
-            "strides": self.strides,
-            "padding": self.padding,
-            "dilation_rate": self.dilation_rate,
-            "data_format": self.data_format,
-            "groups": self.groups,
-        }
+        return {**super().get_config(), **self._window_config(), "groups": self.groups}
 
 
 @register_twin(keras.layers.Conv1D)

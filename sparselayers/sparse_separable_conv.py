@@ -18,18 +18,16 @@ import keras
 import tensorflow as tf
 
 from sparselayers.ops import conv as conv_products
-from sparselayers.sparse_conv import _set_window, output_length
+from sparselayers.sparse_conv import SlidingWindow
 from sparselayers.sparse_kernel import SparseKernelLayer, register_twin
 
 
-class SparseSeparableConv(SparseKernelLayer):
+class SparseSeparableConv(SlidingWindow, SparseKernelLayer):
     """The separable convolution shared by the 1-D and 2-D layers.
 
     Computes what Keras' ``SeparableConv{rank}D`` computes with the
     pointwise kernel scattered from ``values`` (``channels_last``).
     """
-
-    rank: int = 0
 
     def __init__(
         self,
@@ -55,7 +53,7 @@ class SparseSeparableConv(SparseKernelLayer):
         kernel: str = "auto",
         **kwargs: Any,
     ):
-        _set_window(self, kernel_size, strides, padding, dilation_rate, data_format, causal=False)
+        self._set_window(kernel_size, strides, padding, dilation_rate, data_format, causal=False)
         if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, numbers.Integral) or depth_multiplier < 1:
             raise ValueError(f"`depth_multiplier` must be a positive integer. Received: depth_multiplier={depth_multiplier!r}")
         self.depth_multiplier = int(depth_multiplier)
@@ -132,18 +130,9 @@ class SparseSeparableConv(SparseKernelLayer):
         y = self._finish(self._sparse_product(tf.reshape(h, [-1, self.pattern.shape[0]])))
         return tf.reshape(y, tf.concat([tf.shape(h)[:-1], [self.filters]], axis=0))
 
-    def compute_output_shape(self, input_shape: Any) -> tuple:
-        spatial = [
-            output_length(n, k, s, d, self.padding)
-            for n, k, s, d in zip(input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate)
-        ]
-        return (input_shape[0], *spatial, self.filters)
-
     @classmethod
     def check_dense_layer(cls, layer: keras.layers.Layer) -> str | None:
-        if layer.data_format != "channels_last":
-            return f"its data_format is {layer.data_format!r}; sparse convolutions need 'channels_last'"
-        return super().check_dense_layer(layer)
+        return cls._not_channels_last(layer) or super().check_dense_layer(layer)
 
     @classmethod
     def dense_kernel_variable(cls, layer: keras.layers.Layer) -> Any:
@@ -160,12 +149,8 @@ class SparseSeparableConv(SparseKernelLayer):
     @classmethod
     def dense_layer_arguments(cls, layer: keras.layers.Layer) -> dict[str, Any]:
         return dict(
-            kernel_size=layer.kernel_size,
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
+            **cls._window_arguments(layer),
             depth_multiplier=layer.depth_multiplier,
-            data_format="channels_last",
             depthwise_initializer=layer.depthwise_initializer,
             depthwise_regularizer=layer.depthwise_regularizer,
             depthwise_constraint=layer.depthwise_constraint,
@@ -174,12 +159,8 @@ class SparseSeparableConv(SparseKernelLayer):
     def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
-            "kernel_size": self.kernel_size,
-            "strides": self.strides,
-            "padding": self.padding,
-            "dilation_rate": self.dilation_rate,
+            **self._window_config(),
             "depth_multiplier": self.depth_multiplier,
-            "data_format": self.data_format,
             "depthwise_initializer": keras.initializers.serialize(self.depthwise_initializer),
             "depthwise_regularizer": keras.regularizers.serialize(self.depthwise_regularizer),
             "depthwise_constraint": keras.constraints.serialize(self.depthwise_constraint),
