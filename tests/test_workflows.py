@@ -86,9 +86,18 @@ RAISES = {(workflow, setup, "sparsify") for workflow in ("weights", "weights_opt
 SAVED_MODEL_SETUPS = ("csr", "towers", "conv2d")
 
 
+def _chain(layer):
+    """The sparse layers of ``layer`` in call order: Towers' tower layers, nested models' layers."""
+    if hasattr(layer, "tower_layers"):
+        return list(layer.tower_layers)
+    if isinstance(layer, sl.SparseKernelLayer):
+        return [layer]
+    return [inner for outer in getattr(layer, "layers", []) for inner in _chain(outer)]
+
+
 def snapshot(model):
-    """The model's sparse layers in order, as ``reference.chain`` takes them (numbers copied now)."""
-    layers = sl.sparse_layers(model)
+    """The model's sparse layers in call order, as ``reference.chain`` takes them (numbers copied now)."""
+    layers = _chain(model)
     return [
         (layer.pattern, layer.values.numpy().copy(), None if layer.bias is None else layer.bias.numpy().copy(),
          keras.activations.serialize(layer.activation))
