@@ -230,7 +230,11 @@ class SparseConv(SlidingWindow, SparseKernelLayer):
             direct = conv_products.direct_conv(self.pattern, geometry, x, auto=self._kernel_argument == "auto")
         if direct is not None:
             self._kernel_in_use = direct.name
-            return self._finish(direct(x, tf.cast(self.values, x.dtype)))
+            values = tf.cast(self.values, x.dtype)
+            if isinstance(direct, conv_products.DirectConv) and self.bias is not None:
+                # The compiled op adds the bias in its own pass over the output.
+                return self._finish(direct(x, values, tf.cast(self.bias, x.dtype)), add_bias=False)
+            return self._finish(direct(x, values))
         patches = x if self._is_pointwise() else conv_products.patches(x, geometry)
         flat = tf.reshape(patches, [-1, self.pattern.shape[0]])
         y = self._finish(self._sparse_product(flat))

@@ -366,9 +366,12 @@ class SparseKernelLayer(keras.layers.Layer):
             kernel.check_batch(flat.shape[0])
         return kernel(flat, tf.cast(self.values, flat.dtype))
 
-    def _finish(self, y: tf.Tensor) -> tf.Tensor:
-        """Bias, activation and the pattern guard on the product ``y``, against which the bias (:meth:`bias_shape`) broadcasts."""
-        if self.bias is not None:
+    def _finish(self, y: tf.Tensor, add_bias: bool = True) -> tf.Tensor:
+        """Bias (unless the product added it), activation and the pattern guard on the product ``y``.
+
+        The bias (:meth:`bias_shape`) broadcasts against ``y``.
+        """
+        if self.bias is not None and add_bias:
             y = y + tf.cast(self.bias, y.dtype)
         if self.activation is not None:
             y = self.activation(y)

@@ -57,13 +57,14 @@ def _assign(layer, twin, input_shape, seed=1):
     twin.bias.assign(layer.bias.numpy())
 
 
-def _run(layer, variable, x, upstream):
+def _run(layer, variable, x, upstream, bias=False):
     x = tf.constant(x)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         y = layer(x)
         loss = tf.reduce_sum(y * tf.cast(upstream, y.dtype))
-    return y.numpy(), tape.gradient(loss, x).numpy(), tape.gradient(loss, variable).numpy()
+    out = y.numpy(), tape.gradient(loss, x).numpy(), tape.gradient(loss, variable).numpy()
+    return (*out, tape.gradient(loss, layer.bias).numpy()) if bias else out
 
 
 CASES = {
@@ -78,9 +79,19 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["rule", "3 blocks"])
+def blocks(request, monkeypatch):
+    """The ops' source blocks as the rule picks them (one for these small layers), or three."""
+    conv_products._direct_conv.cache_clear()
+    if request.param == "3 blocks":
+        monkeypatch.setattr(conv_products, "source_blocks", lambda source_rows, *_: min(3, source_rows))
+    yield request.param
+    conv_products._direct_conv.cache_clear()
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-4)])
-def test_the_direct_convolution_equals_the_reference(built, case, dtype, tol):
+def test_the_direct_convolution_equals_the_reference(built, case, dtype, tol, blocks):
     rank, kernel_size, padding, dilation, input_shape = CASES[case]
     layer, twin = _layers(rank, kernel_size, padding, dilation, input_shape[-1], 6, dtype)
     _assign(layer, twin, input_shape)
@@ -89,10 +100,13 @@ def test_the_direct_convolution_equals_the_reference(built, case, dtype, tol):
     expected = reference.conv(x, twin.kernel.numpy().astype(np.float64), (1,) * rank, padding, dilation,
                               layer.bias.numpy().astype(np.float64))
     upstream = rng.normal(size=expected.shape)
-    y, dx, dvalues = _run(layer, layer.values, x.astype(dtype), upstream)
+    y, dx, dvalues, dbias = _run(layer, layer.values, x.astype(dtype), upstream, bias=True)
     assert layer.kernel_name == "compiled_conv"
     scale = 1 + np.abs(expected).max(initial=0)
     np.testing.assert_allclose(y, expected, rtol=tol, atol=tol * scale)
+    # The op adds the bias and sums its gradient: upstream summed over every position.
+    np.testing.assert_allclose(dbias, upstream.reshape(-1, upstream.shape[-1]).sum(0), rtol=tol,
+                               atol=tol * max(1, upstream.size))
     if not x.shape[0]:  # Keras' float32 Conv2D fails on an empty batch: no gradient flows
         assert dx.shape == x.shape and not dvalues.any()
         return
@@ -114,7 +128,7 @@ def test_narrow_floats_are_computed_in_float32(built, dtype):
     np.testing.assert_allclose(tf.cast(y, tf.float32) + layer.bias, twin(x.astype("float32")), rtol=0.05, atol=0.05)
 
 
-def test_second_order_gradients_equal_keras(built):
+def test_second_order_gradients_equal_keras(built, blocks):
     # A gradient penalty: h = sum(u * d/dx sum(conv(x)**2)), differentiated
     # w.r.t. the weights and the input, against Keras' conv in float64.
     layer, twin = _layers(2, (3, 3), "same", (1, 1), 3, 4, "float64")
@@ -129,12 +143,13 @@ def test_second_order_gradients_equal_keras(built):
                 inner.watch(x)
                 f = tf.reduce_sum(model(x) ** 2)
             h = tf.reduce_sum(u * inner.gradient(f, x))
-        return outer.gradient(h, x).numpy(), outer.gradient(h, variable).numpy()
+        return outer.gradient(h, x).numpy(), outer.gradient(h, variable).numpy(), outer.gradient(h, model.bias).numpy()
 
-    dx, dvalues = second(layer, layer.values)
+    dx, dvalues, dbias = second(layer, layer.values)
     assert layer.kernel_name == "compiled_conv"
-    dx_keras, dkernel = second(twin, twin.kernel)
+    dx_keras, dkernel, dbias_keras = second(twin, twin.kernel)
     np.testing.assert_allclose(dx, dx_keras, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dbias, dbias_keras, rtol=1e-10, atol=1e-10)
     rows, cols = layer.pattern.indices.T
     np.testing.assert_allclose(dvalues, dkernel.reshape(layer.pattern.shape)[rows, cols], rtol=1e-10, atol=1e-10)
 
@@ -211,9 +226,12 @@ def test_the_ops_check_their_tables(built):
     }
     for message, (p, c, s, o) in bad.items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-            ops.sparselayers_conv_forward(x, values, p, c, s, o, geometry=direct.attr)
+            ops.sparselayers_conv_forward(x, values, p, c, s, o, tf.zeros([0]), geometry=direct.attr)
     with pytest.raises(tf.errors.InvalidArgumentError, match="spatial shape"):
-        ops.sparselayers_conv_forward(tf.zeros((1, 4, 5, 3)), values, pointers, channel, shift, order, geometry=direct.attr)
+        ops.sparselayers_conv_forward(tf.zeros((1, 4, 5, 3)), values, pointers, channel, shift, order, tf.zeros([0]),
+                                     geometry=direct.attr)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bias must be empty or have one entry per filter"):
+        ops.sparselayers_conv_forward(x, values, pointers, channel, shift, order, tf.zeros([3]), geometry=direct.attr)
 
 
 def test_switched_off_a_convolution_computes_with_the_patches(tmp_path):

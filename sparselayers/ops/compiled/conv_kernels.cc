@@ -15,9 +15,9 @@
 // geometry = [height, width, grid_h, grid_w, pad_top, pad_left, out_h, out_w, reach]
 // (a 1-D convolution has height 1), reach = the largest shift.
 //
-// SparselayersConvForward:   y[f, i] = sum_{s in column f} values[s] * x[c_s, i + shift_s]
+// SparselayersConvForward:   y[f, i] = bias[f] + sum_{s in column f} values[s] * x[c_s, i + shift_s]
 // SparselayersConvInputGrad: dx[c, j] = sum_{s in channel c} values[s] * dy[f_s, j - shift_s]
-// SparselayersConvValuesGrad: dvalues[s] = sum_i dy[f_s, i] * x[c_s, i + shift_s]
+// SparselayersConvValuesGrad: dvalues[s] = sum_i dy[f_s, i] * x[c_s, i + shift_s], dbias[f] = sum_i dy[f, i]
 // Entries come grouped by output row (filter or channel) through `pointers`
 // over the group's `index` (the other side's row), `shift`, and `order`, the
 // canonical place of each entry in `values`.
@@ -26,6 +26,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -65,16 +69,21 @@ REGISTER_OP("SparselayersConvForward")
     .Input("index: int32")
     .Input("shift: int32")
     .Input("order: int32")
+    .Input("bias: T")
     .Output("y: T")
     .Attr("T: {float, double}")
     .Attr("geometry: list(int)")
+    .Attr("blocks: int >= 1 = 1")
     .SetShapeFn([](si::InferenceContext* c) {
       std::vector<int64_t> g;
       TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
       Geometry geo;
       TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
+      int64_t blocks;
+      TF_RETURN_IF_ERROR(c->GetAttr("blocks", &blocks));
       si::DimensionHandle filters;
       TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &filters));
+      TF_RETURN_IF_ERROR(c->Divide(filters, blocks, /*evenly_divisible=*/true, &filters));
       c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.out_h, geo.out_w, filters}));
       return absl::OkStatus();
     });
@@ -89,13 +98,17 @@ REGISTER_OP("SparselayersConvInputGrad")
     .Output("dx: T")
     .Attr("T: {float, double}")
     .Attr("geometry: list(int)")
+    .Attr("blocks: int >= 1 = 1")
     .SetShapeFn([](si::InferenceContext* c) {
       std::vector<int64_t> g;
       TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
       Geometry geo;
       TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
+      int64_t blocks;
+      TF_RETURN_IF_ERROR(c->GetAttr("blocks", &blocks));
       si::DimensionHandle channels;
       TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &channels));
+      TF_RETURN_IF_ERROR(c->Divide(channels, blocks, /*evenly_divisible=*/true, &channels));
       c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.height, geo.width, channels}));
       return absl::OkStatus();
     });
@@ -108,10 +121,13 @@ REGISTER_OP("SparselayersConvValuesGrad")
     .Input("shift: int32")
     .Input("order: int32")
     .Output("dvalues: T")
+    .Output("dbias: T")
     .Attr("T: {float, double}")
     .Attr("geometry: list(int)")
+    .Attr("blocks: int >= 1 = 1")
     .SetShapeFn([](si::InferenceContext* c) {
       c->set_output(0, c->Vector(c->Dim(c->input(3), 0)));
+      c->set_output(1, c->Vector(c->Dim(c->input(0), 3)));
       return absl::OkStatus();
     });
 
@@ -129,6 +145,45 @@ struct Placed {
 // Positions transposed together: each buffer row gets a whole cache line
 // at a time while the group's source rows stay in L1.
 constexpr int64_t kGroup = 16;
+
+// to[i][to_at + j] = from[j][from_at + i] for i, j < kGroup: a 16 x 16
+// block transposed in AVX-512 registers for float (4 rounds of shuffles),
+// element by element otherwise.
+template <typename T>
+inline void Transpose16(const T* const* from, int64_t from_at, T* const* to, int64_t to_at) {
+  for (int64_t i = 0; i < kGroup; ++i) {
+    for (int64_t j = 0; j < kGroup; ++j) to[i][to_at + j] = from[j][from_at + i];
+  }
+}
+
+#ifdef __AVX512F__
+template <>
+inline void Transpose16<float>(const float* const* from, int64_t from_at, float* const* to, int64_t to_at) {
+  __m512 r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(from[j] + from_at);
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {
+    r[j] = _mm512_shuffle_ps(t[j], t[j + 2], 0x44);
+    r[j + 1] = _mm512_shuffle_ps(t[j], t[j + 2], 0xEE);
+    r[j + 2] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+    r[j + 3] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xDD);
+    t[j + 8] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0xDD);
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(to[i] + to_at, r[i]);
+}
+#endif
 
 // Where grid position `pos` lies in the placed tensor, or nullptr.
 template <typename T>
@@ -153,7 +208,15 @@ void ReadTile(const Placed<const T>& t, const Geometry& g, int64_t start, int64_
       const T* at = Locate(t, g, start + k + j);
       rows[j] = at ? at : zeros;
     }
-    for (int64_t c = 0; c < t.channels; ++c) {
+    int64_t c = 0;
+    if (n == kGroup) {
+      T* lines[kGroup];
+      for (; c + kGroup <= t.channels; c += kGroup) {
+        for (int64_t i = 0; i < kGroup; ++i) lines[i] = buffer + (c + i) * ld + k;
+        Transpose16(rows, c, lines, 0);
+      }
+    }
+    for (; c < t.channels; ++c) {
       T* line = buffer + c * ld + k;
       for (int64_t j = 0; j < n; ++j) line[j] = rows[j][c];
     }
@@ -172,7 +235,15 @@ void WriteTile(const Placed<T>& t, const Geometry& g, int64_t start, int64_t cou
       T* at = Locate(t, g, start + k + j);
       rows[j] = at ? at : scratch;
     }
-    for (int64_t c = 0; c < t.channels; ++c) {
+    int64_t c = 0;
+    if (n == kGroup) {
+      const T* lines[kGroup];
+      for (; c + kGroup <= t.channels; c += kGroup) {
+        for (int64_t i = 0; i < kGroup; ++i) lines[i] = buffer + (c + i) * ld + k;
+        Transpose16(lines, 0, rows, c);
+      }
+    }
+    for (; c < t.channels; ++c) {
       const T* line = buffer + c * ld + k;
       for (int64_t j = 0; j < n; ++j) rows[j][c] = line[j];
     }
@@ -209,12 +280,17 @@ constexpr int64_t kLanes = 64 / sizeof(T);
 template <typename T>
 constexpr int64_t kTile = 8 * kLanes<T>;
 
-// out[k] = sum_s value[s] * src[offset[s] + k], k < kTile<T>, accumulated in registers.
+// out[k] (+)= sum_s value[s] * src[offset[s] + k], k < kTile<T>, accumulated in registers
+// (added to out's own numbers when `accumulate`).
 template <typename T>
 void AddTile(T* __restrict out, const T* __restrict src, const int64_t* __restrict offset, const T* __restrict value,
-             int64_t first, int64_t end) {
+             int64_t first, int64_t end, bool accumulate) {
   constexpr int64_t L = kLanes<T>;
   Vector<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+  if (accumulate) {
+    a0 = Load(out), a1 = Load(out + L), a2 = Load(out + 2 * L), a3 = Load(out + 3 * L);
+    a4 = Load(out + 4 * L), a5 = Load(out + 5 * L), a6 = Load(out + 6 * L), a7 = Load(out + 7 * L);
+  }
   for (int64_t s = first; s < end; ++s) {
     const T v = value[s];
     const T* x = src + offset[s];
@@ -233,8 +309,8 @@ void AddTile(T* __restrict out, const T* __restrict src, const int64_t* __restri
 
 template <typename T>
 void AddEdge(T* __restrict out, const T* __restrict src, const int64_t* __restrict offset, const T* __restrict value,
-             int64_t first, int64_t end, int64_t n) {
-  std::fill(out, out + n, T(0));
+             int64_t first, int64_t end, int64_t n, bool accumulate) {
+  if (!accumulate) std::fill(out, out + n, T(0));
   for (int64_t s = first; s < end; ++s) {
     const T v = value[s];
     const T* __restrict x = src + offset[s];
@@ -263,8 +339,22 @@ template <typename T>
 void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1, const T* __restrict b2,
           const T* __restrict b3, int64_t n, T* out) {
   constexpr int64_t L = kLanes<T>;
-  Vector<T> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  // Two sums per entry (even and odd vectors): eight independent chains
+  // keep both FMA units busy through their latency.
+  Vector<T> acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {}, odd0 = {}, odd1 = {}, odd2 = {}, odd3 = {};
   int64_t k = 0;
+  for (; k + 2 * L <= n; k += 2 * L) {
+    const Vector<T> x = Load<T>(a + k), y = Load<T>(a + k + L);
+    acc0 += x * Load(b0 + k);
+    acc1 += x * Load(b1 + k);
+    acc2 += x * Load(b2 + k);
+    acc3 += x * Load(b3 + k);
+    odd0 += y * Load(b0 + k + L);
+    odd1 += y * Load(b1 + k + L);
+    odd2 += y * Load(b2 + k + L);
+    odd3 += y * Load(b3 + k + L);
+  }
+  acc0 += odd0, acc1 += odd1, acc2 += odd2, acc3 += odd3;
   for (; k + L <= n; k += L) {
     const Vector<T> x = Load<T>(a + k);
     acc0 += x * Load(b0 + k);
@@ -333,10 +423,12 @@ class ShiftedSumOp : public OpKernel {
     std::vector<int64_t> g;
     OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
     OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
+    OP_REQUIRES_OK(context, context->GetAttr("blocks", &blocks_));
   }
 
   void Compute(OpKernelContext* context) override {
     const Geometry& g = geometry_;
+    const int64_t blocks = blocks_;
     const Tensor& source = context->input(0);
     const Tensor& values = context->input(1);
     const Tensor& pointers = context->input(2);
@@ -352,7 +444,17 @@ class ShiftedSumOp : public OpKernel {
     OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, source_rows, g.reach));
     const int64_t nnz = index.NumElements();
     OP_REQUIRES(context, values.NumElements() == nnz, absl::InvalidArgumentError("values must have one entry per index"));
-    const int64_t rows = pointers.NumElements() - 1;
+    OP_REQUIRES(context, (pointers.NumElements() - 1) % blocks == 0,
+                absl::InvalidArgumentError("pointers must have one entry per block and row, plus one"));
+    const int64_t rows = (pointers.NumElements() - 1) / blocks;
+    // The forward pass adds the bias (empty: none) to every output row.
+    const T* bias = nullptr;
+    if (forward_) {
+      const Tensor& b = context->input(6);
+      OP_REQUIRES(context, b.dims() == 1 && (b.NumElements() == 0 || b.NumElements() == rows),
+                  absl::InvalidArgumentError("bias must be empty or have one entry per filter"));
+      if (b.NumElements() > 0) bias = b.flat<T>().data();
+    }
     const int64_t out_h = forward_ ? g.out_h : g.height, out_w = forward_ ? g.out_w : g.width;
     Tensor* out_tensor = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({batch, out_h, out_w, rows}), &out_tensor));
@@ -379,11 +481,27 @@ class ShiftedSumOp : public OpKernel {
       for (int64_t t = first; t < last; ++t) {
         const int64_t start = t * tile, count = std::min(tile, positions - start);
         ReadTile(src, g, forward_ ? start : start - g.reach, count + g.reach, in.data(), ld, zeros.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          T* o = out.data() + r * tile;
-          int64_t k = 0;
-          for (; k + kTile<T> <= count; k += kTile<T>) AddTile<T>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1]);
-          if (k < count) AddEdge<T>(o + k, in.data() + k, offset.data(), value.data(), p[r], p[r + 1], count - k);
+        // Block by block of source rows, so that the rows one block reads
+        // stay in L1 while every output row takes its entries from them.
+        for (int64_t b = 0; b < blocks; ++b) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t first = p[b * rows + r], end = p[b * rows + r + 1];
+            if (b > 0 && first == end) continue;
+            T* o = out.data() + r * tile;
+            int64_t k = 0;
+            for (; k + kTile<T> <= count; k += kTile<T>) {
+              AddTile<T>(o + k, in.data() + k, offset.data(), value.data(), first, end, b > 0);
+            }
+            if (k < count) AddEdge<T>(o + k, in.data() + k, offset.data(), value.data(), first, end, count - k, b > 0);
+          }
+        }
+        if (bias != nullptr) {
+          for (int64_t r = 0; r < rows; ++r) {
+            T* __restrict o = out.data() + r * tile;
+            const T add = bias[r];
+#pragma omp simd
+            for (int64_t k = 0; k < count; ++k) o[k] += add;
+          }
         }
         WriteTile(dst, g, start, count, out.data(), tile, scratch.data());
       }
@@ -393,6 +511,7 @@ class ShiftedSumOp : public OpKernel {
  private:
   const bool forward_;
   Geometry geometry_;
+  int64_t blocks_;
 };
 
 template <typename T>
@@ -414,10 +533,12 @@ class ConvValuesGradOp : public OpKernel {
     std::vector<int64_t> g;
     OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
     OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
+    OP_REQUIRES_OK(context, context->GetAttr("blocks", &blocks_));
   }
 
   void Compute(OpKernelContext* context) override {
     const Geometry& g = geometry_;
+    const int64_t blocks = blocks_;
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
     const Tensor& pointers = context->input(2);
@@ -430,16 +551,21 @@ class ConvValuesGradOp : public OpKernel {
                              x.dim_size(2) == g.width,
                 absl::InvalidArgumentError("dy and x must have the geometry's spatial shapes"));
     const int64_t filters = dy.dim_size(3), channels = x.dim_size(3);
-    OP_REQUIRES(context, pointers.NumElements() == filters + 1,
-                absl::InvalidArgumentError("pointers must have one entry per filter, plus one"));
+    OP_REQUIRES(context, pointers.NumElements() == blocks * filters + 1,
+                absl::InvalidArgumentError("pointers must have one entry per block and filter, plus one"));
     OP_REQUIRES_OK(context, CheckTable(pointers, index, shift, order, channels, g.reach));
     const int64_t nnz = index.NumElements();
     Tensor* out_tensor = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({nnz}), &out_tensor));
     T* out = out_tensor->flat<T>().data();
     std::fill(out, out + nnz, T(0));
+    // The bias gradient: dy summed over its positions.
+    Tensor* bias_tensor = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({filters}), &bias_tensor));
+    T* dbias = bias_tensor->flat<T>().data();
+    std::fill(dbias, dbias + filters, T(0));
     const int64_t batch = x.dim_size(0);
-    if (nnz == 0 || batch == 0) return;
+    if (batch == 0 || filters == 0) return;
     const int64_t tile = TileLength<T>(g, std::max(filters, channels));
     const int64_t ld = tile + g.reach;
     std::vector<int64_t> offset(nnz);
@@ -454,20 +580,30 @@ class ConvValuesGradOp : public OpKernel {
     // Parts of the tiles run in parallel, each into its own partial sums.
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tiles, 4 * workers->num_threads));
     const int64_t per_part = (tiles + parts - 1) / parts;
-    std::vector<T> partial(parts * nnz, T(0));
+    std::vector<T> partial(parts * (nnz + filters), T(0));
     const int64_t* p = pointers.flat<int64_t>().data();
     ForUnits(context, parts, (nnz + (filters + channels) * 4) * tile * per_part, [&](int64_t first, int64_t last) {
       std::vector<T> a(filters * tile), b(channels * ld), zeros(std::max(filters, channels), T(0));
       for (int64_t part = first; part < last; ++part) {
-        T* sums = partial.data() + part * nnz;
+        T* sums = partial.data() + part * (nnz + filters);
+        T* bias_sums = sums + nnz;
         for (int64_t t = part * per_part; t < std::min(tiles, (part + 1) * per_part); ++t) {
           const int64_t start = t * tile, count = std::min(tile, positions - start);
           ReadTile(dy_at, g, start, count, a.data(), tile, zeros.data());
-          ReadTile(x_at, g, start, count + g.reach, b.data(), ld, zeros.data());
+          // Positions without an output read as zeros.
           for (int64_t f = 0; f < filters; ++f) {
-            const T* row = a.data() + f * tile;
-            int64_t s = p[f];
-            const int64_t end = p[f + 1];
+            const T* __restrict row = a.data() + f * tile;
+            T total = 0;
+#pragma omp simd reduction(+ : total)
+            for (int64_t k = 0; k < count; ++k) total += row[k];
+            bias_sums[f] += total;
+          }
+          if (nnz == 0) continue;
+          ReadTile(x_at, g, start, count + g.reach, b.data(), ld, zeros.data());
+          for (int64_t bf = 0; bf < blocks * filters; ++bf) {
+            const T* row = a.data() + (bf % filters) * tile;
+            int64_t s = p[bf];
+            const int64_t end = p[bf + 1];
             for (; s + 4 <= end; s += 4) {
               Dot4(row, b.data() + offset[s], b.data() + offset[s + 1], b.data() + offset[s + 2], b.data() + offset[s + 3],
                    count, sums + s);
@@ -480,13 +616,17 @@ class ConvValuesGradOp : public OpKernel {
     const int32_t* ord = order.flat<int32_t>().data();
     for (int64_t s = 0; s < nnz; ++s) {
       T total = 0;
-      for (int64_t part = 0; part < parts; ++part) total += partial[part * nnz + s];
+      for (int64_t part = 0; part < parts; ++part) total += partial[part * (nnz + filters) + s];
       out[ord[s]] = total;
+    }
+    for (int64_t f = 0; f < filters; ++f) {
+      for (int64_t part = 0; part < parts; ++part) dbias[f] += partial[part * (nnz + filters) + nnz + f];
     }
   }
 
  private:
   Geometry geometry_;
+  int64_t blocks_;
 };
 
 }  // namespace
