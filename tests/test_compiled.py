@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import sparselayers as sl
 from sparselayers.ops.compiled import build
+from sparselayers.ops.compiled import kernels as kernels_module
 from tests import reference
 from tests.test_ops import check_kernel
 
@@ -96,11 +97,14 @@ def test_the_compiled_ops_run_in_the_default_context(built, name):
     assert not any(op.type.startswith("Sparselayers") for op in exported.graph.get_operations())
 
 
-@pytest.mark.parametrize("name", COMPILED)
+@pytest.mark.parametrize("name", [*COMPILED, "compiled_csr, tiled"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-3)])
-def test_second_order_gradients_match_the_float64_reference(built, name, dtype, tol):
+def test_second_order_gradients_match_the_float64_reference(built, name, dtype, tol, monkeypatch):
     # h = sum(u * d/dx sum((x @ W)**2)) = 2 tr(u.T x W W.T): dh/dW = 2 (A + A.T) W with
     # A = u.T x, and dh/dx = 2 u W W.T; a gradient penalty or a Hessian-vector product.
+    if name.endswith(", tiled"):  # the batch of 5 runs tile by tile
+        name = name.split(",")[0]
+        monkeypatch.setattr(kernels_module, "TILED_MIN_BATCH", 5)
     pattern = FUSED_PATTERN[name]
     rng = np.random.default_rng(3)
     x, u = (rng.normal(size=(5, pattern.shape[0])) for _ in range(2))
@@ -384,3 +388,23 @@ def test_two_processes_building_at_once_compile_once(built, tmp_path):
     assert pathlib.Path(path).read_bytes() == pathlib.Path(built).read_bytes()
     assert (tmp_path / "builds").read_text().count("build") == 1
     assert sorted(p.suffix for p in folder.iterdir()) == [".lock", ".sha256", ".so"]  # no temporary left
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-4)])
+@pytest.mark.parametrize("label", ["random odd", "empty", "full", "one hub column"])
+def test_from_the_tiled_batch_compiled_csr_runs_tile_by_tile(built, monkeypatch, dtype, tol, label):
+    # Batches from TILED_MIN_BATCH rows take the direct convolution's ops on a
+    # 1x1 window; lowered here so that small sizes cover edges and three
+    # source blocks, checked against the float64 reference like any batch.
+    from sparselayers.ops import conv as conv_products
+
+    monkeypatch.setattr(kernels_module, "TILED_MIN_BATCH", 40)
+    monkeypatch.setattr(conv_products, "source_blocks", lambda source_rows, *_: min(3, source_rows))
+    pattern = patterns()[label]
+    kernel = sl.ops.get_kernel("compiled_csr", pattern)
+    x = tf.ones((41, pattern.shape[0]), dtype)
+    traced = tf.function(lambda x, v: kernel(x, v)).get_concrete_function(x, tf.ones(pattern.nnz, dtype))
+    assert any(op.type == "SparselayersConvForward" for op in traced.graph.get_operations())
+    for batch in (40, 301):
+        check_kernel("compiled_csr", pattern, batch=batch, dtype=dtype, tol=tol)
+

@@ -334,6 +334,28 @@ T Sum(const Vector<T>& v) {
   return total;
 }
 
+// out[j] = the sum of v_j's lanes, j < 4: per lane for any T, a tree of
+// halving adds and horizontal adds for float with AVX-512 (13 instructions
+// instead of 60 scalar ones: Dot4 sums once per entry and tile).
+template <typename T>
+void Sum4(const Vector<T>& v0, const Vector<T>& v1, const Vector<T>& v2, const Vector<T>& v3, T* out) {
+  out[0] = Sum<T>(v0), out[1] = Sum<T>(v1), out[2] = Sum<T>(v2), out[3] = Sum<T>(v3);
+}
+
+#ifdef __AVX512F__
+inline __m256 Halves(const Vector<float>& v) {
+  const __m512 x = reinterpret_cast<const __m512&>(v);
+  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+
+template <>
+inline void Sum4<float>(const Vector<float>& v0, const Vector<float>& v1, const Vector<float>& v2,
+                        const Vector<float>& v3, float* out) {
+  const __m256 both = _mm256_hadd_ps(_mm256_hadd_ps(Halves(v0), Halves(v1)), _mm256_hadd_ps(Halves(v2), Halves(v3)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1)));
+}
+#endif
+
 // out[j] += dot(a, b_j) over n positions, j < 4, in vector registers.
 template <typename T>
 void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1, const T* __restrict b2,
@@ -369,10 +391,12 @@ void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1,
     tail2 += a[k] * b2[k];
     tail3 += a[k] * b3[k];
   }
-  out[0] += Sum<T>(acc0) + tail0;
-  out[1] += Sum<T>(acc1) + tail1;
-  out[2] += Sum<T>(acc2) + tail2;
-  out[3] += Sum<T>(acc3) + tail3;
+  T sums[4];
+  Sum4<T>(acc0, acc1, acc2, acc3, sums);
+  out[0] += sums[0] + tail0;
+  out[1] += sums[1] + tail1;
+  out[2] += sums[2] + tail2;
+  out[3] += sums[3] + tail3;
 }
 
 // Positions per tile: several times the reach (each tile reads its reach
