@@ -19,7 +19,15 @@ Methods, each on the same random pattern:
 - ``per-tap``: one compiled CSR product per kernel tap over the shifted
   input, summed;
 - ``scattered dense``: the values scattered into a dense kernel and Keras'
-  convolution (what a dense kernel costs, the floor at high density).
+  convolution (what a dense kernel costs, the floor at high density);
+- ``rest of step``: no convolution at all, the input times a weight, plus
+  a bias (the output's shape, or 2% more positions for Conv1D's
+  ``"valid"``): what the loss, the bias, the
+  input gradient and SGD cost in every method's step. ``keras / rest`` is
+  the largest ratio a free convolution could reach;
+- ``1 entry per filter``: ``SparseConv`` on a pattern of one entry per
+  filter, i.e. the ops moving their tensors with almost no multiply-adds:
+  the floor of any layer that reads and writes ``channels_last`` tensors.
 
 The floor column is ``density x keras`` time: the dense convolution's rate
 applied to the sparse layer's useful multiply-adds only.
@@ -46,6 +54,8 @@ from run import interleaved_medians, machine, steps  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERAS = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}
 SPARSE = {1: sl.SparseConv1D, 2: sl.SparseConv2D}
+#: Methods that bound the others instead of computing the convolution.
+FLOORS = ("rest of step", "1 entry per filter")
 
 
 def cases(quick: bool) -> list[dict]:
@@ -120,12 +130,35 @@ class ScatteredDense(_Alternative):
         return tf.nn.convolution(x, kernel, padding=self.case["padding"].upper()) + self.bias
 
 
+class RestOfStep(keras.layers.Layer):
+    """No convolution: ``x`` times a weight, plus a bias (filters == channels)."""
+
+    def __init__(self, case: dict):
+        super().__init__()
+        self.case = case
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
+        self.bias = self.add_weight(shape=(self.case["filters"],), initializer="zeros", name="bias")
+
+    def call(self, x):
+        # Not cropped to a "valid" output (2% fewer positions in Conv1D k5):
+        # the gradient of a slice would add passes of its own.
+        return x * self.scale + self.bias
+
+
 def layer_for(case: dict, method: str, pattern: sl.SparsityPattern) -> keras.layers.Layer:
     options = dict(kernel_size=case["kernel_size"], padding=case["padding"])
     if method == "keras":
         return KERAS[case["rank"]](case["filters"], **options)
     if method == "SparseConv":
         return SPARSE[case["rank"]](pattern, **options)
+    if method == "rest of step":
+        return RestOfStep(case)
+    if method == "1 entry per filter":
+        rows = np.random.default_rng(0).integers(0, pattern.shape[0], pattern.shape[1])
+        one = sl.SparsityPattern.from_coo(rows, np.arange(pattern.shape[1]), pattern.shape)
+        return SPARSE[case["rank"]](one, **options)
     if method == "im2col":
         return SPARSE[case["rank"]](pattern, kernel="compiled_csr", **options)
     return {"per-tap": PerTap, "scattered dense": ScatteredDense}[method](case, pattern)
@@ -135,8 +168,8 @@ def methods_for(case: dict, choice: str | None) -> list[str]:
     if case.get("sweep"):
         return ["keras", "SparseConv", "scattered dense"]
     if case["kernel_size"] == 1:  # SparseDense on the channels: its kernels are the alternatives
-        return ["keras", "SparseConv"]
-    return (choice or "keras,SparseConv,im2col,per-tap,scattered dense").split(",")
+        return ["keras", "SparseConv", *FLOORS]
+    return (choice or ",".join(["keras", "SparseConv", "im2col", "per-tap", "scattered dense", *FLOORS])).split(",")
 
 
 def time_case(case: dict, methods: list[str], budget: float) -> list[dict]:
@@ -155,13 +188,15 @@ def time_case(case: dict, methods: list[str], budget: float) -> list[dict]:
     medians = interleaved_medians(calls, budget)
     for method, layer in kernels.items():  # the kernel of the last (traced) call
         kernels[method] = getattr(layer, "kernel_name", "oneDNN" if method in ("keras", "scattered dense") else "")
+        if method == "1 entry per filter":
+            kernels[method] = f"{kernels[method]}, {layer.pattern.nnz} entries"
     keras_ms = medians["keras"] * 1e3
     out_pixels = math.prod(case["shape"][:-1]) if case["padding"] == "same" or case["kernel_size"] == 1 else (
         case["shape"][0] * math.prod(n - case["kernel_size"] + 1 for n in case["shape"][1:-1]))
     return [
         dict(case=case["name"], method=m, kernel=kernels[m], density=case["density"], step_ms=t * 1e3,
              ratio=keras_ms / (t * 1e3), floor_ms=case["density"] * keras_ms,
-             gflops=3 * 2 * pattern.nnz * out_pixels / t / 1e9 if m != "keras" else
+             gflops=None if m in FLOORS else 3 * 2 * pattern.nnz * out_pixels / t / 1e9 if m != "keras" else
              3 * 2 * pattern.shape[0] * pattern.shape[1] * out_pixels / t / 1e9,
              target=case.get("target"), sweep=bool(case.get("sweep")))
         for m, t in medians.items()
@@ -175,9 +210,10 @@ def table(rows: list[dict]) -> str:
         target = ""
         if r["target"] and r["method"] == "SparseConv":
             target = f">= {r['target']:g}x: {'holds' if r['ratio'] >= r['target'] else 'MISSED'}"
-        floor = "" if r["method"] == "keras" else f"{r['floor_ms'] / r['step_ms']:.2f}"
+        floor = "" if r["method"] == "keras" or r["method"] in FLOORS else f"{r['floor_ms'] / r['step_ms']:.2f}"
+        gflops = "" if r["gflops"] is None else f"{r['gflops']:.1f}"
         lines.append(f"| {r['case']} | {r['method']} | {r['kernel']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | "
-                     f"{target} | {r['floor_ms']:.1f} | {floor} | {r['gflops']:.1f} |")
+                     f"{target} | {r['floor_ms']:.1f} | {floor} | {gflops} |")
     return "\n".join(lines)
 
 

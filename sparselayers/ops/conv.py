@@ -36,9 +36,10 @@ from sparselayers.ops.export_kernels import DenseExportKernel, ExportKernel
 from sparselayers.sparsity_pattern import SparsityPattern
 
 #: Density below which ``kernel="auto"`` convolves with :class:`DirectConv`
-#: (``benchmarks/conv.py``, 2-core Intel Xeon under load, 3x3 conv, input
-#: (32, 32, 32, 128), 128 filters, training step, Keras / direct: 1% 3.9x,
-#: 5% 2.8x, 10% 1.7-2.3x, 20% 1.1x; im2col with compiled_csr 0.25x at 10%).
+#: (``benchmarks/conv.py``, 2-core Intel Xeon, quiet, 3x3 conv, input
+#: (32, 32, 32, 128), 128 filters, training step, Keras / direct: 1% 4.9x,
+#: 5% 3.0x, 10% 2.3x, 20% 1.5x; the dense convolution 1.0x at 30%; im2col
+#: with compiled_csr 0.34x at 10%).
 DIRECT_MAX_DENSITY = 0.25
 _OP_DTYPES = (tf.float32, tf.float64)
 
