@@ -143,19 +143,22 @@ class SparseDense(SparseKernelLayer):
         self.build_sparse()
 
     def call(self, inputs):
+        y = self._finish(self._flat_product(inputs))
+        if not isinstance(inputs, tf.SparseTensor) and len(inputs.shape) != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
+        return y
+
+    def _flat_product(self, inputs: Any) -> tf.Tensor:
+        """``inputs @ W`` over every leading axis, ``(n, units)``: before the bias and activation."""
         if isinstance(inputs, tf.SparseTensor):  # read from its nonzeros, never densified
             self._kernel_in_use = SPARSE_INPUT
-            return self._finish(sparse_input_matmul(inputs, self.pattern, self.values, self.compute_dtype))
+            return sparse_input_matmul(inputs, self.pattern, self.values, self.compute_dtype)
         x = inputs
         if x.dtype == tf.string or x.dtype == tf.bool:
             raise TypeError(f"SparseDense needs numeric inputs. Received: inputs of dtype {x.dtype.name}")
         if not x.dtype.is_floating:
             x = tf.cast(x, self.compute_dtype)
-        flat = tf.reshape(x, [-1, self.input_dim])
-        y = self._finish(self._sparse_product(flat))
-        if len(x.shape) != 2:
-            y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.units]], axis=0))
-        return y
+        return self._sparse_product(tf.reshape(x, [-1, self.input_dim]))
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[:-1]) + (self.units,)

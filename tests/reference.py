@@ -32,11 +32,17 @@ def gradients(x, pattern, values, upstream):
     return upstream @ dense_kernel(pattern, values).T, d_values, upstream.sum(axis=0)
 
 
-_ACTIVATIONS = {None: lambda h: h, "linear": lambda h: h, "relu": lambda h: np.maximum(h, 0.0)}
+_ACTIVATIONS = {
+    None: lambda h: h,
+    "linear": lambda h: h,
+    "relu": lambda h: np.maximum(h, 0.0),
+    "sigmoid": lambda h: 1.0 / (1.0 + np.exp(-h)),
+    "tanh": np.tanh,
+}
 
 
 def chain(x, layers) -> np.ndarray:
-    """Layers applied in turn, each ``(pattern, values, bias, activation)`` with activation None, "linear" or "relu"."""
+    """Layers applied in turn, each ``(pattern, values, bias, activation)`` with activation None, "linear", "relu", "sigmoid" or "tanh"."""
     h = np.asarray(x, np.float64)
     for pattern, values, bias, activation in layers:
         h = _ACTIVATIONS[activation](forward(h, pattern, values, bias))

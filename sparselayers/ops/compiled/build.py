@@ -55,7 +55,7 @@ from sparselayers._env import flag
 #: Environment variable: ``0`` (or ``false``, ``no``, ``off``) switches the compiled kernels off.
 ENABLED_ENV = "SPARSELAYERS_COMPILED_KERNELS"
 #: The C++ sources, next to this module, compiled into one library.
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("kernels.cc", "block_kernels.cc", "conv_kernels.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("kernels.cc", "block_kernels.cc", "conv_kernels.cc", "tower_kernels.cc"))
 #: Headers they include: part of the cache key, not compiled alone.
 HEADERS = (pathlib.Path(__file__).with_name("common.h"),)
 #: The ops the kernels call; a library that lacks one is not used.
