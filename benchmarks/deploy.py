@@ -10,7 +10,11 @@ Cases (each sparse model next to the dense model holding the same weights):
   4 consecutive inputs of one unit);
 * CNN, MobileNet-style: a 3x3 stride-2 stem, four depthwise + 1x1 blocks,
   global mean, a dense head; the 1x1 convolutions sparsified to 20% and 10%
-  density (80% and 90% sparsity).
+  density (80% and 90% sparsity);
+* ``Towers(128, [16, 16])`` over 64 inputs, an ``Embedding`` of 20,000 x 64
+  and a 4-head ``MultiHeadAttention`` (width 128, length 32), the last two
+  sparsified to 10%: their dense model is the same model exported inside
+  ``sl.export.densified()``.
 
 Artifacts, all written with Keras' own ``model.export``: LiteRT (default,
 i.e. sparse tensors; ``sl.export.gather_graph()``; ``sl.export.densified()``)
@@ -84,6 +88,39 @@ def densified_twin(dense: keras.Model, sparse: keras.Model) -> keras.Model:
     return twin
 
 
+class DenselyExported:
+    """A sparse model exported inside ``sl.export.densified()``: the dense model of layers with no Keras twin here."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+    def export(self, path: str, **kwargs) -> None:
+        with sl.export.densified():
+            self.model.export(path, **kwargs)
+
+
+def towers(inputs: int, n: int) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((inputs,)), sl.Towers(n, hidden_units=[16, 16])])
+
+
+def embedding(vocabulary: int, width: int) -> keras.Model:
+    ids = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(vocabulary, width, name="embedding")(ids)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(ids, keras.layers.Dense(10)(h))
+
+
+def attention(length: int, width: int) -> keras.Model:
+    x = keras.Input((length, width))
+    h = keras.layers.MultiHeadAttention(4, width // 4, name="attention")(x, x)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(x, keras.layers.Dense(10)(h))
+
+
 def cases(quick: bool) -> list[tuple[str, keras.Model, keras.Model]]:
     """(label, sparse model, dense model with the same weights)."""
     width = 128 if quick else 1024
@@ -102,6 +139,15 @@ def cases(quick: bool) -> list[tuple[str, keras.Model, keras.Model]]:
         pointwise = [layer.name for layer in base.layers if layer.name.startswith("pointwise")]
         sparse = sl.sparsify(base, density=density, layers=pointwise, seed=0)
         out.append((f"CNN 1x1 convs {density:.0%}", sparse, densified_twin(base, sparse)))
+    # Layers whose dense model is the same one exported with dense kernels.
+    model = towers(32, 16) if quick else towers(64, 128)
+    out.append(("Towers [16, 16]", model, DenselyExported(model)))
+    base = embedding(1000 if quick else 20000, 64)
+    sparse = sl.sparsify(base, density=0.1, layers=["embedding"], seed=0)
+    out.append(("Embedding 10%", sparse, DenselyExported(sparse)))
+    base = attention(8 if quick else 32, 32 if quick else 128)
+    sparse = sl.sparsify(base, density=0.1, layers=["attention"], seed=0)
+    out.append(("Attention 10%", sparse, DenselyExported(sparse)))
     return out
 
 
@@ -183,7 +229,10 @@ def run(quick: bool, budget: float, rounds: int, directory: str) -> list[dict]:
     rows = []
     for label, sparse, dense in cases(quick):
         shape = sparse.inputs[0].shape[1:]
-        x = np.random.default_rng(1).normal(size=(1, *shape)).astype("float32")
+        if sparse.inputs[0].dtype == "int32":  # token ids
+            x = np.random.default_rng(1).integers(0, sparse.layers[1].input_dim, size=(1, *shape)).astype("int32")
+        else:
+            x = np.random.default_rng(1).normal(size=(1, *shape)).astype("float32")
         sparse(x), dense(x)
         calls, sizes, stored = {}, {}, {}
         for artifact, format, suffix, layout, options in ARTIFACTS:  # noqa: A001

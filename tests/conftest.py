@@ -34,3 +34,16 @@ def _private_autotune_cache(tmp_path_factory):
         del os.environ["SPARSELAYERS_CACHE_DIR"]
     else:
         os.environ["SPARSELAYERS_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def built():
+    """The compiled kernels' library path; CI has a compiler, so a failed build fails here instead of hiding behind the twin."""
+    from sparselayers.ops.compiled import build
+
+    try:
+        build.compiler()
+    except build.BuildError:
+        pytest.skip("no C++ compiler on this machine")
+    assert build.available(), "the compiled kernels did not build (see the log)"
+    return build.library_path()

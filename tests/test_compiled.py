@@ -33,17 +33,6 @@ COMPILED = sorted(sl.ops.compiled.COMPILED)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The library path; CI has a compiler, so a failed build fails here instead of hiding behind the twin."""
-    try:
-        build.compiler()
-    except build.BuildError:
-        pytest.skip("no C++ compiler on this machine")
-    assert build.available(), "the compiled kernels did not build (see the log)"
-    return build.library_path()
-
-
 def blocks_with_gaps():
     """Blocks in no particular order, with empty rows and columns between and around them."""
     mask = np.zeros((61, 75), bool)

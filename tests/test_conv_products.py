@@ -28,15 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {1: (sl.SparseConv1D, keras.layers.Conv1D), 2: (sl.SparseConv2D, keras.layers.Conv2D)}
 
 
-@pytest.fixture(scope="module")
-def built():
-    try:
-        build.compiler()
-    except build.BuildError:
-        pytest.skip("no C++ compiler on this machine")
-    assert build.available(), "the compiled kernels did not build (see the log)"
-
-
 def _layers(rank, kernel_size, padding, dilation, channels, filters, dtype, density=0.2, seed=0):
     """A SparseConv (kernel="auto") and the Keras conv holding its scattered kernel, built for ``dtype``."""
     sparse_class, keras_class = LAYERS[rank]

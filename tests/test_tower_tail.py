@@ -11,15 +11,6 @@ from sparselayers.ops.compiled import build
 from tests.test_towers import towers_reference
 
 
-@pytest.fixture(scope="module")
-def built():
-    try:
-        build.compiler()
-    except build.BuildError:
-        pytest.skip("no C++ compiler on this machine")
-    assert build.available(), "the compiled kernels did not build (see the log)"
-
-
 CONFIGS = {
     "16 x 16 to 1, relu": dict(n_towers=6, hidden_units=[16, 16], output_units=1),
     "odd widths, no bias": dict(n_towers=5, hidden_units=[3, 5], output_units=2, use_bias=False),

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -19,6 +20,36 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 namespace si = ::tensorflow::shape_inference;
+
+// One 64-byte vector of T (GCC and Clang vector extensions): a zmm
+// register with AVX-512, two ymm with AVX2.
+// (A dependent alias would drop the attribute: one typedef per type.)
+template <typename T>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vector = typename VectorOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <typename T>
+Vector<T> Load(const T* p) {
+  Vector<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+void Store(T* p, const Vector<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 // Splits units [0, units) over TF's intra-op thread pool; `cost` is the
 // estimated cycles of one unit.

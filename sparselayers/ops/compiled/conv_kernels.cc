@@ -250,31 +250,6 @@ void WriteTile(const Placed<T>& t, const Geometry& g, int64_t start, int64_t cou
   }
 }
 
-// One 64-byte vector of T (GCC and Clang vector extensions): a zmm
-// register with AVX-512, two ymm with AVX2.
-// (A dependent alias would drop the attribute: one typedef per type.)
-template <typename T>
-struct VectorOf;
-template <>
-struct VectorOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VectorOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vector = typename VectorOf<T>::type;
-
-template <typename T>
-Vector<T> Load(const T* p) {
-  Vector<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
 // Positions of one register tile: eight vectors of accumulators, enough
 // independent sums to keep both FMA units busy.
 template <typename T>

@@ -186,35 +186,6 @@ struct Scratch {
   }
 };
 
-// One 64-byte vector of T (GCC and Clang vector extensions): a zmm
-// register with AVX-512, two ymm with AVX2.
-template <typename T>
-struct VectorOf;
-template <>
-struct VectorOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VectorOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vector = typename VectorOf<T>::type;
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
-
-template <typename T>
-Vector<T> Load(const T* p) {
-  Vector<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-void Store(T* p, const Vector<T>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // The sum of v's lanes.
 template <typename T>
 T LaneSum(const Vector<T>& v) {
@@ -417,10 +388,10 @@ void Forward(const Tower<T>& tw, int64_t t, int64_t r0, int64_t rows, Scratch<T>
   }
 }
 
-template <typename T>
-class TowerForwardOp : public OpKernel {
+// The attributes both tower ops share.
+class TowerOpBase : public OpKernel {
  public:
-  explicit TowerForwardOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit TowerOpBase(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("widths", &widths_));
     OP_REQUIRES_OK(context, context->GetAttr("towers", &towers_));
     OP_REQUIRES_OK(context, context->GetAttr("relu", &relu_));
@@ -428,6 +399,17 @@ class TowerForwardOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("N", &layers));
     OP_REQUIRES_OK(context, CheckWidths(widths_, layers));
   }
+
+ protected:
+  std::vector<int64_t> widths_;
+  int64_t towers_;
+  bool relu_;
+};
+
+template <typename T>
+class TowerForwardOp : public TowerOpBase {
+ public:
+  explicit TowerForwardOp(OpKernelConstruction* context) : TowerOpBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     Tower<T> tw;
@@ -452,23 +434,12 @@ class TowerForwardOp : public OpKernel {
     });
   }
 
- private:
-  std::vector<int64_t> widths_;
-  int64_t towers_;
-  bool relu_;
 };
 
 template <typename T>
-class TowerBackwardOp : public OpKernel {
+class TowerBackwardOp : public TowerOpBase {
  public:
-  explicit TowerBackwardOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("widths", &widths_));
-    OP_REQUIRES_OK(context, context->GetAttr("towers", &towers_));
-    OP_REQUIRES_OK(context, context->GetAttr("relu", &relu_));
-    int64_t layers;
-    OP_REQUIRES_OK(context, context->GetAttr("N", &layers));
-    OP_REQUIRES_OK(context, CheckWidths(widths_, layers));
-  }
+  explicit TowerBackwardOp(OpKernelConstruction* context) : TowerOpBase(context) {}
 
   void Compute(OpKernelContext* context) override {
     Tower<T> tw;
@@ -572,10 +543,6 @@ class TowerBackwardOp : public OpKernel {
     });
   }
 
- private:
-  std::vector<int64_t> widths_;
-  int64_t towers_;
-  bool relu_;
 };
 
 }  // namespace
