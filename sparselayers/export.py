@@ -233,8 +233,10 @@ class ExportedModel:
         path: a ``.tflite`` or ``.onnx`` file written by ``model.export``.
         num_threads: threads of the runtime; None for its default.
 
-    Calling it with one float32 array (any batch size: exports keep the
-    batch dimension dynamic) returns the first output as a NumPy array.
+    Calling it with one array (any batch size: exports keep the batch
+    dimension dynamic) returns the first output as a NumPy array. The array
+    is converted to the artifact's input dtype (:attr:`input_dtype`:
+    float32, or the integer ids of an embedding).
 
     Raises:
         ValueError: ``path`` is neither ``.tflite`` nor ``.onnx``, or for
@@ -257,15 +259,21 @@ class ExportedModel:
             if num_threads is not None:
                 options.intra_op_num_threads = options.inter_op_num_threads = num_threads
             self._session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-            self._input_name = self._session.get_inputs()[0].name
+            first = self._session.get_inputs()[0]
+            self._input_name = first.name
+            # "tensor(float)", "tensor(int32)", ...: numpy's names but for float.
+            kind = first.type[len("tensor(") : -1]
+            self.input_dtype = np.dtype({"float": "float32", "double": "float64"}.get(kind, kind))
         else:
             self._interpreter = _litert_interpreter(self.path, num_threads)
-            self._input = self._interpreter.get_input_details()[0]["index"]
+            details = self._interpreter.get_input_details()[0]
+            self._input = details["index"]
+            self.input_dtype = np.dtype(details["dtype"])
             self._output = self._interpreter.get_output_details()[0]["index"]
             self._shape: tuple[int, ...] | None = None
 
     def __call__(self, x: Any) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.input_dtype)
         if self.format == "onnx":
             return self._session.run(None, {self._input_name: x})[0]
         if x.shape != self._shape:
@@ -283,7 +291,7 @@ def check_export(model: Any, path: str | os.PathLike, x: Any, *, atol: float = T
     Args:
         model: the Keras model that was exported.
         path: its ``.tflite`` or ``.onnx`` artifact.
-        x: a float32 input batch.
+        x: an input batch (converted to the artifact's input dtype).
         atol: largest accepted max absolute difference.
 
     Returns:
@@ -293,8 +301,10 @@ def check_export(model: Any, path: str | os.PathLike, x: Any, *, atol: float = T
         ValueError: the outputs differ by more than ``atol`` or in shape, or
             the file is not a valid artifact (see :class:`ExportedModel`).
     """
-    expected = np.asarray(model(np.asarray(x, dtype=np.float32)))
-    got = ExportedModel(path)(x)
+    artifact = ExportedModel(path)
+    x = np.asarray(x, dtype=artifact.input_dtype)
+    expected = np.asarray(model(x))
+    got = artifact(x)
     if got.shape != expected.shape:
         raise ValueError(
             f"The artifact's output shape {got.shape} differs from the model's {expected.shape}. Received: path={os.fspath(path)!r}"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import sparselayers as sl
 from sparselayers.callbacks.dynamic import input_gradient_tile
+from tests import reference
 from sparselayers.ops.lookup import one_hot
 
 
@@ -207,3 +208,26 @@ def test_transformer_block_exports_exactly(tmp_path, fmt):
     path = os.path.join(tmp_path, "block" + {"litert": ".tflite", "onnx": ".onnx"}[fmt])
     model.export(path, format=fmt, verbose=False)
     assert sl.export.check_export(model, path, ids) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_integer_ids_reach_the_artifact_as_integers(tmp_path, fmt):
+    # ExportedModel and check_export give the artifact its own input dtype:
+    # int32 ids stay ids (a float32 cast fails in LiteRT and onnxruntime).
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    ids = keras.Input((4,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 6, name="embedding")(ids))
+    model = sl.sparsify(keras.Model(ids, keras.layers.Dense(3)(h)), density=0.2, layers=["embedding"], seed=0)
+    x = np.random.default_rng(0).integers(0, 50, size=(5, 4)).astype("int32")
+    model(x)
+    path = os.path.join(tmp_path, "ids" + {"litert": ".tflite", "onnx": ".onnx"}[fmt])
+    model.export(path, format=fmt, verbose=False)
+    artifact = sl.export.ExportedModel(path)
+    assert artifact.input_dtype == np.int32
+    embedding = model.get_layer("embedding")
+    table = reference.dense_kernel(embedding.pattern, embedding.values.numpy())
+    dense = model.layers[-1]
+    expected = table[x].mean(axis=1) @ dense.kernel.numpy().astype(np.float64) + dense.bias.numpy()
+    np.testing.assert_allclose(artifact(x), expected, rtol=1e-5, atol=1e-5)
+    assert sl.export.check_export(model, path, x) <= 1e-5
