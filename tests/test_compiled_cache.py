@@ -25,7 +25,7 @@ import pytest
 
 import sparselayers as sl
 from sparselayers.ops.compiled import build
-from tests.test_compiled import ENV, ROOT, _copying_compiler, built, fresh_state  # noqa: F401
+from tests.test_compiled import ENV, ROOT, _copying_compiler, fresh_state  # noqa: F401
 from tests.test_ops import check_kernel
 
 #: The account that plays the attacker, or the second user of a shared cache.
