@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from sparselayers.ops.base import Kernel, constant
 from sparselayers.ops.compiled import build
-from sparselayers.ops.compiled.kernels import compiled_allowed
+from sparselayers.ops.compiled.kernels import OP_DTYPES, compiled_allowed
 from sparselayers.ops.dense import DenseKernel
 from sparselayers.ops.export_kernels import DenseExportKernel, ExportKernel
 from sparselayers.sparsity_pattern import SparsityPattern
@@ -41,7 +41,6 @@ from sparselayers.sparsity_pattern import SparsityPattern
 #: 5% 3.0x, 10% 2.3x, 20% 1.5x; the dense convolution 1.0x at 30%; im2col
 #: with compiled_csr 0.34x at 10%).
 DIRECT_MAX_DENSITY = 0.25
-_OP_DTYPES = (tf.float32, tf.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +277,7 @@ class DirectConv:
         the values gradient's pass: no pass of their own over the output.
         """
         dtype = x.dtype
-        compute = dtype if dtype in _OP_DTYPES else tf.float32
+        compute = dtype if dtype in OP_DTYPES else tf.float32
         x, values = tf.cast(x, compute), tf.cast(values, compute)
         none = tf.zeros([0], compute)
         b = none if bias is None else tf.cast(bias, compute)

@@ -21,14 +21,12 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from sparselayers.ops.compiled import build
-from sparselayers.ops.compiled.kernels import compiled_allowed
-
-_OP_DTYPES = (tf.float32, tf.float64)
+from sparselayers.ops.compiled.kernels import OP_DTYPES, compiled_allowed
 
 
 def fused_available(dtype: tf.DType) -> bool:
     """Whether :func:`tower_tail` runs its compiled ops for this dtype here (built, default context)."""
-    return dtype in _OP_DTYPES and compiled_allowed() and build.enabled() and build.available()
+    return dtype in OP_DTYPES and compiled_allowed() and build.enabled() and build.available()
 
 
 def reference(h, first_bias, weights, biases, widths: Sequence[int], towers: int, relu: bool) -> tf.Tensor:

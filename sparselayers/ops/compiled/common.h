@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
@@ -49,6 +53,34 @@ Vector<T> Load(const T* p) {
 template <typename T>
 void Store(T* p, const Vector<T>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// The sum of v's lanes.
+template <typename T>
+T LaneSum(const Vector<T>& v) {
+  T total = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) total += v[i];
+  return total;
+}
+
+#ifdef __AVX512F__
+template <>
+inline float LaneSum<float>(const Vector<float>& v) {
+  return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+}
+template <>
+inline double LaneSum<double>(const Vector<double>& v) {
+  return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
+}
+#endif
+
+// sum_k a[k] * b[k], k < n.
+template <typename T>
+T Dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+  return acc;
 }
 
 // Splits units [0, units) over TF's intra-op thread pool; `cost` is the

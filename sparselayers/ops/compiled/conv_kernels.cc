@@ -27,10 +27,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
@@ -60,6 +56,24 @@ absl::Status ReadGeometry(const std::vector<int64_t>& g, Geometry* out) {
   return absl::OkStatus();
 }
 
+// The forward op's and the input gradient's output: (batch, spatial, rows),
+// the output's spatial size going forward, the input's coming back, and one
+// row per entry of `pointers` but the last, per block.
+absl::Status ShiftedSumShape(si::InferenceContext* c, bool forward) {
+  std::vector<int64_t> g;
+  TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
+  Geometry geo;
+  TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
+  int64_t blocks;
+  TF_RETURN_IF_ERROR(c->GetAttr("blocks", &blocks));
+  si::DimensionHandle rows;
+  TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &rows));
+  TF_RETURN_IF_ERROR(c->Divide(rows, blocks, /*evenly_divisible=*/true, &rows));
+  c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), forward ? geo.out_h : geo.height,
+                                 forward ? geo.out_w : geo.width, rows}));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("SparselayersConvForward")
@@ -74,19 +88,7 @@ REGISTER_OP("SparselayersConvForward")
     .Attr("T: {float, double}")
     .Attr("geometry: list(int)")
     .Attr("blocks: int >= 1 = 1")
-    .SetShapeFn([](si::InferenceContext* c) {
-      std::vector<int64_t> g;
-      TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
-      Geometry geo;
-      TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
-      int64_t blocks;
-      TF_RETURN_IF_ERROR(c->GetAttr("blocks", &blocks));
-      si::DimensionHandle filters;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &filters));
-      TF_RETURN_IF_ERROR(c->Divide(filters, blocks, /*evenly_divisible=*/true, &filters));
-      c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.out_h, geo.out_w, filters}));
-      return absl::OkStatus();
-    });
+    .SetShapeFn([](si::InferenceContext* c) { return ShiftedSumShape(c, /*forward=*/true); });
 
 REGISTER_OP("SparselayersConvInputGrad")
     .Input("dy: T")
@@ -99,19 +101,7 @@ REGISTER_OP("SparselayersConvInputGrad")
     .Attr("T: {float, double}")
     .Attr("geometry: list(int)")
     .Attr("blocks: int >= 1 = 1")
-    .SetShapeFn([](si::InferenceContext* c) {
-      std::vector<int64_t> g;
-      TF_RETURN_IF_ERROR(c->GetAttr("geometry", &g));
-      Geometry geo;
-      TF_RETURN_IF_ERROR(ReadGeometry(g, &geo));
-      int64_t blocks;
-      TF_RETURN_IF_ERROR(c->GetAttr("blocks", &blocks));
-      si::DimensionHandle channels;
-      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(c->input(2), 0), 1, &channels));
-      TF_RETURN_IF_ERROR(c->Divide(channels, blocks, /*evenly_divisible=*/true, &channels));
-      c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), geo.height, geo.width, channels}));
-      return absl::OkStatus();
-    });
+    .SetShapeFn([](si::InferenceContext* c) { return ShiftedSumShape(c, /*forward=*/false); });
 
 REGISTER_OP("SparselayersConvValuesGrad")
     .Input("dy: T")
@@ -294,27 +284,12 @@ void AddEdge(T* __restrict out, const T* __restrict src, const int64_t* __restri
   }
 }
 
-template <typename T>
-T Dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-template <typename T>
-T Sum(const Vector<T>& v) {
-  T total = 0;
-  for (int64_t k = 0; k < kLanes<T>; ++k) total += v[k];
-  return total;
-}
-
 // out[j] = the sum of v_j's lanes, j < 4: per lane for any T, a tree of
 // halving adds and horizontal adds for float with AVX-512 (13 instructions
 // instead of 60 scalar ones: Dot4 sums once per entry and tile).
 template <typename T>
 void Sum4(const Vector<T>& v0, const Vector<T>& v1, const Vector<T>& v2, const Vector<T>& v3, T* out) {
-  out[0] = Sum<T>(v0), out[1] = Sum<T>(v1), out[2] = Sum<T>(v2), out[3] = Sum<T>(v3);
+  out[0] = LaneSum<T>(v0), out[1] = LaneSum<T>(v1), out[2] = LaneSum<T>(v2), out[3] = LaneSum<T>(v3);
 }
 
 #ifdef __AVX512F__

@@ -69,14 +69,6 @@ void Axpy4(T* __restrict out, const T* __restrict s0, const T* __restrict s1, co
 }
 
 template <typename T>
-T Dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-template <typename T>
 void Dot4(const T* __restrict a, const T* __restrict b0, const T* __restrict b1, const T* __restrict b2,
           const T* __restrict b3, int64_t n, T* out) {
   T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;

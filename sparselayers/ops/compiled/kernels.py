@@ -11,7 +11,8 @@ from sparselayers.ops.compiled import build
 from sparselayers.ops.context import kernel_context
 from sparselayers.structure import block_shape, detect_blocks
 
-_OP_DTYPES = (tf.float32, tf.float64)
+#: The dtypes the compiled ops take; narrower floats are computed in float32.
+OP_DTYPES = (tf.float32, tf.float64)
 #: Density below which ``compiled_csr`` replaces the static rule's choice,
 #: the dense kernel included (``benchmarks/crossovers.py compiled``, AMD
 #: EPYC, training step, 4096 x 4096, batch 256, compiled_csr vs dense: 10%
@@ -121,7 +122,7 @@ class CompiledKernel(Kernel):
         if not compiled_allowed() or not self.fused:
             return self._twin()(x, values)
         dtype = x.dtype
-        if dtype not in _OP_DTYPES:
+        if dtype not in OP_DTYPES:
             x, values = tf.cast(x, tf.float32), tf.cast(values, tf.float32)
         return tf.cast(self._product(build.library(), x, values), dtype)
 

@@ -24,10 +24,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
@@ -185,25 +181,6 @@ struct Scratch {
     next.resize(kRows * s.widest());
   }
 };
-
-// The sum of v's lanes.
-template <typename T>
-T LaneSum(const Vector<T>& v) {
-  T total = 0;
-  for (int64_t i = 0; i < kLanes<T>; ++i) total += v[i];
-  return total;
-}
-
-#ifdef __AVX512F__
-template <>
-inline float LaneSum<float>(const Vector<float>& v) {
-  return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
-}
-template <>
-inline double LaneSum<double>(const Vector<double>& v) {
-  return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
-}
-#endif
 
 // A full block of kRows rows, b == kLanes<T> (16 floats): out[r] = bias +
 // sum_i in[r][i] * w[i], the kRows sums in registers, each row of w loaded
