@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import sparselayers as sl  # noqa: E402
-from run import interleaved_medians, machine, steps  # noqa: E402
+from run import density_plot, interleaved_medians, machine, steps  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERAS = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}
@@ -218,27 +218,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sweep = [r for r in rows if r["sweep"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in sweep):
-        points = sorted((r["density"], r["step_ms"]) for r in sweep if r["method"] == method)
-        ax.plot(*zip(*points), "-o" if method == "SparseConv" else "--.", label=method,
-                linewidth=2.5 if method == "SparseConv" else 1.2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("density of a random pattern")
-    ax.set_ylabel("training step (ms)")
-    ax.set_title("3x3 conv, input (32, 32, 32, 128), 128 filters, same: step time vs density")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    density_plot([r for r in rows if r["sweep"]], path, bold="SparseConv", solid=("SparseConv",),
+                 ylabel="training step (ms)",
+                 title="3x3 conv, input (32, 32, 32, 128), 128 filters, same: step time vs density")
 
 
 def main(argv=None) -> int:

@@ -359,28 +359,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def density_plot(sweep: list[dict], path: str, *, bold: str, solid: tuple[str, ...], ylabel: str, title: str) -> None:
+    """Step time against density, one line per method, log-log: ``bold`` drawn thick, ``solid`` methods with markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in rows if r["group"] == "density"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in sweep):
         points = sorted((r["density"], r["step_ms"]) for r in sweep if r["method"] == method)
-        style = "-o" if method in ("auto", "masked dense") else "--."
-        ax.plot(*zip(*points), style, label=method, linewidth=2.5 if method == "auto" else 1.2)
+        ax.plot(*zip(*points), "-o" if method in solid else "--.", label=method, linewidth=2.5 if method == bold else 1.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("density of a random pattern")
-    ax.set_ylabel("training step (ms), batch 256")
-    ax.set_title("Training step time vs density (lower is better)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    density_plot([r for r in rows if r["group"] == "density"], path, bold="auto", solid=("auto", "masked dense"),
+                 ylabel="training step (ms), batch 256", title="Training step time vs density (lower is better)")
 
 
 def main(argv=None) -> int:

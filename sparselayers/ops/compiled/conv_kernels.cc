@@ -56,6 +56,14 @@ absl::Status ReadGeometry(const std::vector<int64_t>& g, Geometry* out) {
   return absl::OkStatus();
 }
 
+// The attributes every conv op has: its geometry and its source blocks.
+absl::Status ReadAttributes(OpKernelConstruction* context, Geometry* geometry, int64_t* blocks) {
+  std::vector<int64_t> g;
+  TF_RETURN_IF_ERROR(context->GetAttr("geometry", &g));
+  TF_RETURN_IF_ERROR(ReadGeometry(g, geometry));
+  return context->GetAttr("blocks", blocks);
+}
+
 // The forward op's and the input gradient's output: (batch, spatial, rows),
 // the output's spatial size going forward, the input's coming back, and one
 // row per entry of `pointers` but the last, per block.
@@ -394,10 +402,7 @@ class ShiftedSumOp : public OpKernel {
   // gradient) the source is dy at the corner, the output dx at the
   // padding's corner, and the source tile starts `reach` before the tile.
   ShiftedSumOp(OpKernelConstruction* context, bool forward) : OpKernel(context), forward_(forward) {
-    std::vector<int64_t> g;
-    OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
-    OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
-    OP_REQUIRES_OK(context, context->GetAttr("blocks", &blocks_));
+    OP_REQUIRES_OK(context, ReadAttributes(context, &geometry_, &blocks_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -504,10 +509,7 @@ template <typename T>
 class ConvValuesGradOp : public OpKernel {
  public:
   explicit ConvValuesGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    std::vector<int64_t> g;
-    OP_REQUIRES_OK(context, context->GetAttr("geometry", &g));
-    OP_REQUIRES_OK(context, ReadGeometry(g, &geometry_));
-    OP_REQUIRES_OK(context, context->GetAttr("blocks", &blocks_));
+    OP_REQUIRES_OK(context, ReadAttributes(context, &geometry_, &blocks_));
   }
 
   void Compute(OpKernelContext* context) override {
