@@ -1,6 +1,6 @@
 """What a sparse model costs deployed, next to the dense model: size and batch-1 latency per format.
 
-    python benchmarks/deploy.py            # the MLP and CNN cases, ~10 minutes on 2 shared cores
+    python benchmarks/deploy.py            # every case, ~15 minutes on 2 cores
     python benchmarks/deploy.py --quick    # small models, checks that it all runs
 
 Cases (each sparse model next to the dense model holding the same weights):
@@ -293,7 +293,6 @@ def run(quick: bool, budget: float, rounds: int, directory: str) -> list[dict]:
 #: What a case's default artifact holds where no weight is stored in a sparse format.
 _NOT_SPARSE_STORAGE = {
     "Towers": "the blocks' entries only (batched matmul)",
-    "Embedding": "padded lookup: index table + values",
 }
 
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparselayers.ops.context import kernel_context
+from sparselayers.ops.context import export_format, export_gather_graph, kernel_context
 from sparselayers.ops.lookup import lookup_kernel, one_hot
 from sparselayers.sparse_kernel import (
     _ELEMENTWISE_CONSTRAINTS,
@@ -122,15 +122,23 @@ class SparseEmbedding(SparseKernelLayer):
         self.build_sparse()
 
     def set_kernel(self, kernel: str) -> None:
-        """Lookups have no kernel to choose: ``"auto"`` only (the ragged lookup, padded under XLA and export)."""
+        """Lookups have no kernel to choose: ``"auto"`` only (ragged; padded under XLA; a table gather in LiteRT, ONNX)."""
         if kernel != "auto":
             raise ValueError(f"`kernel` must be 'auto' for SparseEmbedding. Received: kernel={kernel!r}")
         self._kernel_choice, self._kernel_in_use, self._kernel_request = "ragged_lookup", None, kernel
         self.jit_kernel_name, self.supports_jit = "padded_lookup", True
 
     def _select_kernel(self, flat: tf.SparseTensor | None = None) -> Any:
-        # Shapes that follow the ids only outside XLA and export: there the padded form.
-        name = "ragged_lookup" if kernel_context() == "default" else "padded_lookup"
+        # The ragged lookup's shapes follow the ids: under XLA and SavedModel
+        # export the padded form; LiteRT and ONNX gather from the table,
+        # which their converters store sparse (gather_graph(): padded).
+        context = kernel_context()
+        if context == "default":
+            name = "ragged_lookup"
+        elif context == "export" and export_format() in ("litert", "onnx") and not export_gather_graph():
+            name = "table_lookup"
+        else:
+            name = "padded_lookup"
         kernel = lookup_kernel(name, self.pattern)
         self._kernel_in_use = kernel.name
         return kernel
@@ -141,7 +149,13 @@ class SparseEmbedding(SparseKernelLayer):
             if not ids.dtype.is_floating:
                 raise TypeError(f"SparseEmbedding needs integer ids. Received: inputs of dtype {ids.dtype.name}")
             ids = tf.cast(ids, tf.int64)  # as Embedding, which casts float ids
-        y = self._finish(self._sparse_product(one_hot(tf.reshape(ids, [-1]), self.input_dim, self.compute_dtype)))
+        flat = tf.reshape(ids, [-1])
+        if kernel_context() == "export":
+            # Exports read the ids directly: no one-hot ops in the artifact.
+            y = self._select_kernel().lookup(flat, tf.cast(self.values, self.compute_dtype))
+        else:
+            y = self._sparse_product(one_hot(flat, self.input_dim, self.compute_dtype))
+        y = self._finish(y)
         return tf.reshape(y, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:

@@ -387,10 +387,13 @@ def _layer_type_model(kind):
         shape = (12, 32)
         layers = [sl.SparseConv1D(random((96, 128)), 3, padding="causal", activation="relu"),
                   sl.SparseConv1D(random((128, 64)), 1)]
+    elif kind == "embedding":
+        shape = (6,)
+        layers = [sl.SparseEmbedding(random((500, 32))), sl.SparseDense(random((32, 16)))]
     else:
         shape = (8, 8, 64)
         layers = [sl.SparseSeparableConv2D(random((64, 192)), 3, padding="same")]
-    inputs = keras.Input(shape)
+    inputs = keras.Input(shape, dtype="int32" if kind == "embedding" else "float32")
     h = inputs
     for layer in layers:
         h = layer(h)
@@ -401,15 +404,18 @@ def _layer_type_model(kind):
 
 
 @pytest.mark.parametrize("format", FORMATS)
-@pytest.mark.parametrize("kind", ["dense", "towers", "conv2d", "conv1d", "separable"])
+@pytest.mark.parametrize("kind", ["dense", "towers", "conv2d", "conv1d", "separable", "embedding"])
 def test_every_sparse_layer_type_exports_exactly_with_sparse_storage(kind, format, tmp_path):  # noqa: A002
     model, shape = _layer_type_model(kind)
     path = _export(model, tmp_path, format)
-    x = np.random.default_rng(1).normal(size=(3, *shape)).astype("float32")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 500, size=(3, *shape)).astype("int32") if kind == "embedding" else (
+        rng.normal(size=(3, *shape)).astype("float32"))
     assert sl.export.check_export(model, path, x) <= 1e-5
     layers = sl.sparse_layers(model)
     with exporting(format):
-        scattered = [layer for layer in layers if layer._select_kernel().name == "dense"]
+        # The kernels whose dense form the converter stores sparse: products and an embedding's table.
+        scattered = [layer for layer in layers if layer._select_kernel().name in ("dense", "table_lookup")]
     assert scattered
     stored = sl.export.sparse_weights(path)
     # Each scattered layer's kernel is stored sparse, in the runtime's layout
@@ -418,6 +424,9 @@ def test_every_sparse_layer_type_exports_exactly_with_sparse_storage(kind, forma
     assert sorted(w["entries"] for w in stored) == sorted(layer.pattern.nnz for layer in scattered)
     assert sorted(int(np.prod(w["shape"])) for w in stored) == sorted(
         layer.pattern.shape[0] * layer.pattern.shape[1] for layer in scattered)
+    if kind == "embedding":  # the table is expanded at load, then gathered from
+        table = [w for w in stored if w["shape"] == scattered[0].pattern.shape]
+        assert [w["used_by"] for w in table] == [{"litert": "GATHER", "onnx": "Gather"}[format]]
     if format == "litert":
         assert [(w["shape"], w["block"]) for w in stored] == [(s, b) for s, b, _ in _litert_sparse_tensors(path)]
     else:

@@ -26,7 +26,9 @@ import numpy as np
 import tensorflow as tf
 
 from sparselayers.ops.base import Kernel, constant, index_dtype
-from sparselayers.ops.export_kernels import ExportKernel
+from sparselayers.ops.context import export_densified
+from sparselayers.ops.export_kernels import DenseExportKernel, ExportKernel
+from sparselayers.ops.sparse_storage import request_sparse_storage
 from sparselayers.sparsity_pattern import SparsityPattern
 
 
@@ -95,7 +97,11 @@ class PaddedLookup(ExportKernel):
         self._dtype = index_dtype(max(pattern.nnz, pattern.shape[1]))
 
     def compute(self, x: tf.SparseTensor, values: tf.Tensor) -> tf.Tensor:
-        ids = tf.cast(_ids(x), self._dtype)
+        return self.lookup(_ids(x), values)
+
+    def lookup(self, ids: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        """The rows of the 1-D ``ids``, read from the ids themselves (no one-hot)."""
+        ids = tf.cast(ids, self._dtype)
         positions = tf.gather(tf.constant(self._table, self._dtype), ids)
         padded = tf.concat([values, tf.zeros([1], values.dtype)], axis=0)
         columns = tf.gather(tf.constant(self._cols, self._dtype), positions)
@@ -103,7 +109,34 @@ class PaddedLookup(ExportKernel):
         return tf.reduce_sum(spread * tf.gather(padded, positions)[..., None], axis=1)
 
 
+class TableLookup(ExportKernel):
+    """The table with exact zeros outside the pattern, then one gather: what LiteRT and ONNX exports run.
+
+    The converters fold the table into a constant, and by default store it
+    sparse (:mod:`sparselayers.ops.sparse_storage`: LiteRT expands it with
+    ``DENSIFY`` once at load, onnxruntime with constant-folded ops), so the
+    artifact holds about the entries and looks up as fast as a dense
+    ``Embedding``. Inside :func:`sparselayers.export.densified` the table
+    stays dense.
+    """
+
+    name = "table_lookup"
+
+    def __init__(self, pattern: SparsityPattern):
+        super().__init__(pattern)
+        self._table = DenseExportKernel(pattern)
+
+    def compute(self, x: tf.SparseTensor, values: tf.Tensor) -> tf.Tensor:
+        return self.lookup(_ids(x), values)
+
+    def lookup(self, ids: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+        """The rows of the 1-D ``ids``: one gather from the table."""
+        if not export_densified():
+            request_sparse_storage()
+        return tf.gather(self._table.weights(values), ids)
+
+
 @functools.lru_cache(maxsize=16)
 def lookup_kernel(name: str, pattern: SparsityPattern) -> Kernel:
-    """The lookup ``name`` (``"ragged_lookup"`` or ``"padded_lookup"``) for ``pattern``, cached per pattern."""
-    return {"ragged_lookup": RaggedLookup, "padded_lookup": PaddedLookup}[name](pattern)
+    """The lookup ``name`` (``"ragged_lookup"``, ``"padded_lookup"`` or ``"table_lookup"``) for ``pattern``, cached."""
+    return {"ragged_lookup": RaggedLookup, "padded_lookup": PaddedLookup, "table_lookup": TableLookup}[name](pattern)

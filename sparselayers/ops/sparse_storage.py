@@ -11,6 +11,9 @@ asks the converter of the export under way to store that constant sparse:
   ``FULLY_CONNECTED`` multiplies weights made of 1x4 blocks along the input
   (float32) with a sparse kernel; the converter puts a ``DENSIFY`` op before
   other patterns, which expands them once, when the interpreter loads.
+  That pass leaves the tables of ``GATHER`` (embeddings) dense, so the
+  converted file then goes through :func:`sparse_gather_tables`, which
+  stores them in the same format, with the same ``DENSIFY``.
 * **ONNX**: after tf2onnx converts the graph, every mostly-zero float
   initializer is stored in the smaller of two forms that onnxruntime turns
   back into the same dense initializer when it loads the file:
@@ -85,11 +88,32 @@ def _request_litert_sparsity() -> None:
             _QUANTIZED_SPARSE_WARNING if any(_is_sparsity(o) for o in optimizations) else _QUANTIZED_DENSE_WARNING,
             stacklevel=2,
         )
-    elif not any(_is_sparsity(o) for o in optimizations):
+        return
+    if not any(_is_sparsity(o) for o in optimizations):
         import tensorflow as tf
 
         # The exporter passes its kwargs to the converter only after tracing, so this reaches it.
         kwargs["optimizations"] = [*optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    _convert_with_sparse_tables(exporter)
+
+
+def _convert_with_sparse_tables(exporter: Any) -> None:
+    """Makes this export's converter store ``GATHER`` tables sparse too (:func:`sparse_gather_tables`).
+
+    The exporter creates its converter after tracing and hands it to its
+    ``_apply_converter_kwargs`` before ``convert``; wrapping that method on
+    this exporter instance reaches this export's converter alone.
+    """
+    if "_apply_converter_kwargs" in vars(exporter):
+        return  # a second trace of the same export
+    apply_kwargs = exporter._apply_converter_kwargs
+
+    def apply_converter_kwargs(converter: Any) -> None:
+        apply_kwargs(converter)
+        convert = converter.convert
+        converter.convert = lambda: sparse_gather_tables(convert())
+
+    exporter._apply_converter_kwargs = apply_converter_kwargs
 
 
 #: ``tf.lite.Optimize`` members that quantize weights (dynamic range or int8).
@@ -105,6 +129,115 @@ _QUANTIZED_SPARSE_WARNING = (
     "sparse int8 FULLY_CONNECTED returned wrong outputs for dynamic range quantized weights "
     "(tests/test_export.py). Check the artifact with sl.export.check_export and a relative tolerance."
 )
+
+
+#: Highest density at which :func:`sparse_gather_tables` stores a table sparse.
+GATHER_TABLE_MAX_DENSITY = 0.5
+
+
+def sparse_gather_tables(tflite_model: bytes, *, max_density: float = GATHER_TABLE_MAX_DENSITY) -> bytes:
+    """``tflite_model`` with the float32 tables its ``GATHER`` ops read stored in LiteRT's sparse format.
+
+    The TFLite converter's sparsity pass stores only the weights of
+    ``FULLY_CONNECTED`` and convolutions sparse. This stores every constant
+    2-D float32 table that a ``GATHER`` reads, with at most
+    ``max_density`` of its cells nonzero (``-0.0`` counts), as compressed
+    rows (LiteRT's ``SPARSE_CSR`` dimension, with the smallest index type
+    that holds them), and puts a ``DENSIFY`` before the gather: the
+    interpreter expands the table once, at load, and then gathers as from
+    the dense table. The file holds the values and about one byte or two per
+    entry instead of every cell. Other models come back unchanged.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np, keras
+    >>> from ai_edge_litert.interpreter import Interpreter
+    >>> table = np.zeros((1000, 8), "float32"); table[::7, ::3] = 1.0
+    >>> ids = keras.Input((4,), dtype="int32")
+    >>> model = keras.Model(ids, keras.layers.Embedding(1000, 8, weights=[table])(ids))
+    >>> path = os.path.join(tempfile.mkdtemp(), "embedding.tflite")
+    >>> model.export(path, format="litert", verbose=False)  # a Keras model: its table is stored dense
+    >>> dense = open(path, "rb").read()
+    >>> sparse = sparse_gather_tables(dense)
+    >>> len(sparse) < len(dense) / 4
+    True
+    >>> interpreter = Interpreter(model_content=sparse)
+    >>> runner = interpreter.get_signature_runner()
+    >>> out = runner(**{runner.get_input_details().popitem()[0]: np.array([[0, 7, 8, 999]], "int32")})
+    >>> bool(np.array_equal(out.popitem()[1][0], table[[0, 7, 8, 999]]))
+    True
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite_model))
+
+    def builtin(code: Any) -> int:
+        return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+    densify = next((i for i, code in enumerate(model.operatorCodes) if builtin(code) == schema.BuiltinOperator.DENSIFY), None)
+    changed = False
+    for subgraph in model.subgraphs:
+        expansions = []
+        for op in subgraph.operators or ():
+            if builtin(model.operatorCodes[op.opcodeIndex]) != schema.BuiltinOperator.GATHER:
+                continue
+            index = int(op.inputs[0])
+            tensor = subgraph.tensors[index]
+            buffer = model.buffers[tensor.buffer]
+            if (tensor.type != schema.TensorType.FLOAT32 or tensor.sparsity is not None or buffer.data is None
+                    or tensor.shape is None or len(tensor.shape) != 2):
+                continue
+            table = np.frombuffer(bytes(bytearray(buffer.data)), np.float32).reshape(tuple(tensor.shape))
+            mask = _entries(table)
+            if table.size == 0 or mask.mean() > max_density:
+                continue
+            tensor.sparsity = _csr_sparsity(schema, mask)
+            buffer.data = np.ascontiguousarray(table[mask]).view(np.uint8)
+            dense = schema.TensorT()
+            dense.shape, dense.type, dense.buffer = list(tensor.shape), tensor.type, 0
+            dense.name = (tensor.name or b"") + b"/densified"
+            subgraph.tensors.append(dense)
+            if densify is None:
+                code = schema.OperatorCodeT()
+                code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DENSIFY
+                code.version = 1
+                model.operatorCodes.append(code)
+                densify = len(model.operatorCodes) - 1
+            expansion = schema.OperatorT()
+            expansion.opcodeIndex, expansion.inputs, expansion.outputs = densify, [index], [len(subgraph.tensors) - 1]
+            expansion.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
+            expansion.builtinOptions = schema.DensifyOptionsT()
+            expansions.append(expansion)
+            op.inputs[0] = len(subgraph.tensors) - 1
+        if expansions:
+            subgraph.operators = expansions + list(subgraph.operators)
+            changed = True
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else tflite_model
+
+
+def _csr_sparsity(schema: Any, mask: np.ndarray) -> Any:
+    """LiteRT ``SparsityParameters`` of a 2-D ``mask``: dense rows, compressed columns, entries in C order."""
+
+    def index_vector(array: np.ndarray) -> tuple[int, Any]:
+        for kind, vector, dtype in (("Uint8Vector", schema.Uint8VectorT, np.uint8),
+                                    ("Uint16Vector", schema.Uint16VectorT, np.uint16),
+                                    ("Int32Vector", schema.Int32VectorT, np.int32)):
+            if array.max(initial=0) <= np.iinfo(dtype).max:
+                stored = vector()
+                stored.values = array.astype(dtype)
+                return getattr(schema.SparseIndexVector, kind), stored
+        raise ValueError(f"A LiteRT sparse index above int32. Received: {int(array.max())}")
+
+    rows = schema.DimensionMetadataT()
+    rows.format, rows.denseSize = schema.DimensionType.DENSE, mask.shape[0]
+    columns = schema.DimensionMetadataT()
+    columns.format = schema.DimensionType.SPARSE_CSR
+    columns.arraySegmentsType, columns.arraySegments = index_vector(np.concatenate([[0], np.cumsum(mask.sum(axis=1))]))
+    columns.arrayIndicesType, columns.arrayIndices = index_vector(np.nonzero(mask)[1])
+    sparsity = schema.SparsityParametersT()
+    sparsity.traversalOrder, sparsity.dimMetadata = [0, 1], [rows, columns]
+    return sparsity
 
 
 def _request_onnx_sparse_initializers() -> None:
