@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -289,7 +290,7 @@ def test_deploying_page_examples_run(tmp_path, monkeypatch):
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying.md"
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.+?)```", page.read_text(), flags=re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - our own docs
@@ -456,7 +457,8 @@ def _mlp(block, density=0.1):
 
 @pytest.mark.parametrize(
     "block, kernel_block, read_by",
-    [((4, 1), (1, 4), "FULLY_CONNECTED"), ((1, 4), (1, 1), "DENSIFY"), (None, (1, 1), "DENSIFY")],
+    [((4, 1), (1, 4), "FULLY_CONNECTED"), ((16, 1), (1, 4), "FULLY_CONNECTED"), ((1, 4), (1, 1), "DENSIFY"),
+     (None, (1, 1), "DENSIFY")],
 )
 def test_litert_multiplies_1x4_blocks_sparse_and_densifies_other_patterns(block, kernel_block, read_by, tmp_path):
     """4 consecutive inputs of one unit, sparsify's block=(4, 1), are FULLY_CONNECTED's 1x4 blocks."""
@@ -467,6 +469,21 @@ def test_litert_multiplies_1x4_blocks_sparse_and_densifies_other_patterns(block,
     stored = _litert_sparse_tensors(path)
     assert sorted(s for s, _, _ in stored) == [(64, 128), (128, 256)]
     assert {(b, r) for _, b, r in stored} == {(kernel_block, read_by)}
+
+
+def test_scattered_tiles_export_as_the_stored_kernel_and_block_diagonals_keep_their_blocks():
+    # sparsify(block=(16, 1)) at 5% trains with the block kernel; at export its
+    # tiles share rows, so the kernel stored sparse replaces the gather-heavy block
+    # graph, which only gather_graph() keeps. A block diagonal keeps its batched matmul.
+    tiles = sl.sparse_layers(_mlp((16, 1), density=0.05))[0]
+    diagonal = sl.SparseDense(sl.patterns.block_diagonal([(16, 16)] * 8))
+    diagonal.build((None, 128))
+    assert tiles.kernel_name == diagonal.kernel_name == "block"
+    for format in FORMATS:  # noqa: A001
+        with exporting(format):
+            assert (tiles._select_kernel().name, diagonal._select_kernel().name) == ("dense", "block")
+            with sl.export.gather_graph():
+                assert (tiles._select_kernel().name, diagonal._select_kernel().name) == ("block", "block")
 
 
 def test_dynamic_range_quantized_export_stores_weights_dense_and_says_why(tmp_path):
@@ -481,12 +498,48 @@ def test_dynamic_range_quantized_export_stores_weights_dense_and_says_why(tmp_pa
     assert not _litert_sparse_tensors(path)
     assert np.abs(sl.export.ExportedModel(path)(x) - expected).max() <= 0.02 * np.abs(expected).max()
     both = os.path.join(tmp_path, "int8-sparse.tflite")
-    with pytest.warns(UserWarning, match="returned wrong outputs"):
+    with pytest.warns(UserWarning, match="returns wrong outputs"):
         model.export(both, format="litert", verbose=False,
                      optimizations=[tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY])
     assert {b for _, b, _ in _litert_sparse_tensors(both)} == {(1, 16)}
     # What the warning is about: outputs off by more than the outputs' own range.
     assert np.abs(sl.export.ExportedModel(both)(x) - expected).max() > np.abs(expected).max()
+
+
+def test_full_integer_export_stores_1x16_tiles_sparse_when_asked_and_dense_by_default(tmp_path):
+    """int8 with a representative dataset: FULLY_CONNECTED reads 1x16 tiles sparse, with the dense int8 model's outputs."""
+    model = _mlp((16, 1), density=0.1)
+    x = np.random.default_rng(0).normal(size=(16, 256)).astype("float32")
+    model(x)
+
+    def representative():
+        for row in x:
+            yield [row[None]]
+
+    paths = {name: os.path.join(tmp_path, f"{name}.tflite") for name in ("default", "sparse", "densified")}
+    with pytest.warns(UserWarning, match="stored dense"):
+        model.export(paths["default"], format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT],
+                     representative_dataset=representative)
+    with pytest.warns(UserWarning, match="1x16 tiles"):
+        model.export(paths["sparse"], format="litert", verbose=False, representative_dataset=representative,
+                     optimizations=[tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY])
+    with sl.export.densified(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.export(paths["densified"], format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT],
+                     representative_dataset=representative)
+    assert not _litert_sparse_tensors(paths["default"])
+    stored = sl.export.sparse_weights(paths["sparse"])
+    assert sorted(w["shape"] for w in stored) == [(64, 128), (128, 256)]
+    assert {(w["block"], w["read_by"]) for w in stored} == {((1, 16), "FULLY_CONNECTED")}
+    assert os.path.getsize(paths["sparse"]) < 0.5 * os.path.getsize(paths["densified"])
+    # The dense int8 model's outputs, up to the rounding of a few int8 output steps
+    # (the sparse kernel rounds some of them the other way), and Keras' within quantization error.
+    outputs = {name: sl.export.ExportedModel(path)(x) for name, path in paths.items()}
+    step = 2 * np.abs(outputs["densified"]).max() / 255
+    np.testing.assert_allclose(outputs["sparse"], outputs["densified"], atol=3 * step)
+    assert np.mean(outputs["sparse"] == outputs["densified"]) > 0.9
+    expected = keras.ops.convert_to_numpy(model(x))
+    assert np.abs(outputs["sparse"] - expected).max() <= 0.05 * np.abs(expected).max()
 
 
 def _graph_ops(path):

@@ -82,12 +82,11 @@ def _request_litert_sparsity() -> None:
     if not isinstance(kwargs, dict):
         return
     optimizations = list(kwargs.get("optimizations") or ())
-    quantized = any(getattr(o, "name", o) in _QUANTIZING for o in optimizations)
-    if quantized:
-        warnings.warn(
-            _QUANTIZED_SPARSE_WARNING if any(_is_sparsity(o) for o in optimizations) else _QUANTIZED_DENSE_WARNING,
-            stacklevel=2,
-        )
+    if any(getattr(o, "name", o) in _QUANTIZING for o in optimizations):
+        if not vars(exporter).get("_sparselayers_warned"):  # once per export, not per layer
+            exporter._sparselayers_warned = True
+            warnings.warn(_quantized_warning(any(_is_sparsity(o) for o in optimizations),
+                                             kwargs.get("representative_dataset") is not None), stacklevel=2)
         return
     if not any(_is_sparsity(o) for o in optimizations):
         import tensorflow as tf
@@ -118,17 +117,32 @@ def _convert_with_sparse_tables(exporter: Any) -> None:
 
 #: ``tf.lite.Optimize`` members that quantize weights (dynamic range or int8).
 _QUANTIZING = ("DEFAULT", "OPTIMIZE_FOR_SIZE", "OPTIMIZE_FOR_LATENCY")
-_QUANTIZED_DENSE_WARNING = (
-    "sparselayers: this LiteRT export quantizes (optimizations=[tf.lite.Optimize.DEFAULT]), so its sparse "
-    "layers' int8 weights are stored dense: TensorFlow 2.21's sparse int8 FULLY_CONNECTED returned wrong "
-    "outputs for dynamic range quantized weights (tests/test_export.py). Export without quantization for "
-    "sparse storage."
-)
-_QUANTIZED_SPARSE_WARNING = (
-    "sparselayers: optimizations asks for both quantization and EXPERIMENTAL_SPARSITY: TensorFlow 2.21's "
-    "sparse int8 FULLY_CONNECTED returned wrong outputs for dynamic range quantized weights "
-    "(tests/test_export.py). Check the artifact with sl.export.check_export and a relative tolerance."
-)
+
+
+def _quantized_warning(sparsity: bool, full_integer: bool) -> str:
+    """What a quantized LiteRT export of sparse layers gets, and how to get the other choice (docs/deploying.md)."""
+    if not full_integer:
+        return (
+            "sparselayers: this LiteRT export quantizes with dynamic range (optimizations=[tf.lite.Optimize.DEFAULT], "
+            "no representative_dataset). "
+            + ("You asked for EXPERIMENTAL_SPARSITY too, but TensorFlow 2.21's sparse int8 FULLY_CONNECTED returns "
+               "wrong outputs for dynamic range weights (tests/test_export.py): check the artifact with "
+               "sl.export.check_export and a relative tolerance, or drop EXPERIMENTAL_SPARSITY."
+               if sparsity else
+               "Its sparse layers' int8 weights are stored dense: TensorFlow 2.21's sparse int8 FULLY_CONNECTED "
+               "returns wrong outputs for dynamic range weights (tests/test_export.py). For sparse int8 storage, "
+               "quantize fully (pass representative_dataset) with EXPERIMENTAL_SPARSITY and 1x16 tiles.")
+        )
+    return (
+        "sparselayers: this LiteRT export quantizes to int8 with a representative_dataset. "
+        + ("With EXPERIMENTAL_SPARSITY, FULLY_CONNECTED reads weights made of 1x16 tiles (sl.sparsify(block=(16, 1))) "
+           "sparse; other sparse weights get an int8 DENSIFY, which the XNNPACK delegate fails to prepare, so "
+           "sparsify with block=(16, 1) or load with XNNPACK off."
+           if sparsity else
+           "Its sparse layers' int8 weights are stored dense (as fast as dense int8 under XNNPACK). For a file that "
+           "follows the entries, sparsify with block=(16, 1) and add tf.lite.Optimize.EXPERIMENTAL_SPARSITY: "
+           "FULLY_CONNECTED then multiplies the 1x16 tiles sparse (docs/deploying.md gives its speed).")
+    )
 
 
 #: Highest density at which :func:`sparse_gather_tables` stores a table sparse.
