@@ -35,6 +35,7 @@ from sparselayers import evolution_step, pattern_state, seams
 from sparselayers import initializers as sparse_initializers
 from sparselayers.ops import KERNELS, check_kernel_name, choose_jit_kernel, get_kernel
 from sparselayers.ops.context import kernel_context
+from sparselayers.ops.gradient_order import input_gradient_first
 from sparselayers.ops.export_kernels import export_kernel
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -364,7 +365,8 @@ class SparseKernelLayer(keras.layers.Layer):
         kernel = self._select_kernel(flat)
         if flat.shape[0] is not None:
             kernel.check_batch(flat.shape[0])
-        return kernel(flat, tf.cast(self.values, flat.dtype))
+        # The update of values waits for flat's gradient: no copy of values mid-step.
+        return kernel(*input_gradient_first(flat, tf.cast(self.values, flat.dtype)))
 
     def _finish(self, y: tf.Tensor, add_bias: bool = True) -> tf.Tensor:
         """Bias (unless the product added it), activation and the pattern guard on the product ``y``.
