@@ -61,6 +61,7 @@ class SlidingWindow:
     """
 
     rank: int = 0
+    small_operands = False  # a row per position: a SavedModel never sees a small operand
 
     def _set_window(
         self, kernel_size: Any, strides: Any, padding: Any, dilation_rate: Any, data_format: Any, causal: bool = True

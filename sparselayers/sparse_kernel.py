@@ -174,6 +174,12 @@ class SparseKernelLayer(keras.layers.Layer):
         **kwargs: Keras ``Layer`` arguments (``name``, ``dtype``, ...).
     """
 
+    #: Whether one example can be a small 2-D operand: then a SavedModel
+    #: switches small batches to ``sparse_dense_matmul``
+    #: (:mod:`sparselayers.ops.serving`). Convolutions, whose operand holds a
+    #: row per position, set it False.
+    small_operands = True
+
     def __init__(
         self,
         pattern: Any,
@@ -349,7 +355,8 @@ class SparseKernelLayer(keras.layers.Layer):
         """
         context = kernel_context()
         if context == "export":
-            kernel = export_kernel(self.pattern, self._kernel_choice, forced=self._kernel_argument != "auto")
+            kernel = export_kernel(self.pattern, self._kernel_choice, forced=self._kernel_argument != "auto",
+                                   small_batches=self.small_operands)
         else:
             name = self._kernel_choice
             if context == "xla":

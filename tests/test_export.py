@@ -602,3 +602,34 @@ def test_sparse_convolutions_export_as_convolutions_with_sparse_kernels(format, 
                          for c in range(32)], axis=-1)
         want = reference.conv(want, separable.to_dense(), (1, 1), "valid", (1, 1), separable.bias.numpy())
         np.testing.assert_allclose(artifact(x), want.mean(axis=(1, 2), keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "csr"])
+def test_saved_model_serves_small_batches_with_sparse_dense_matmul_and_large_ones_with_the_kernel(kernel, tmp_path):
+    # TF Serving runs one request at a time: with kernel="auto", batches up to
+    # SERVING_SMALL_BATCH rows read each entry once (sparse_dense_matmul), larger
+    # ones run the layer's kernel (here TF's CSR ops). A forced kernel is kept.
+    from sparselayers.ops.serving import SERVING_SMALL_BATCH
+
+    pattern = sl.patterns.random((64, 48), density=0.1, seed=0)
+    layer = sl.SparseDense(pattern, kernel=kernel)
+    model = _model(layer, (64,))
+    model(np.zeros((1, 64), "float32"))
+    path = str(tmp_path / "served")
+    model.export(path, verbose=False)
+    served = tf.saved_model.load(path)
+    weights = reference.dense_kernel(pattern, layer.values.numpy())
+    rng = np.random.default_rng(0)
+    for batch in (1, SERVING_SMALL_BATCH, SERVING_SMALL_BATCH + 1, 33):
+        x = rng.normal(size=(batch, 64)).astype("float32")
+        expected = x.astype(np.float64) @ weights + layer.bias.numpy()
+        np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    graph = saved.meta_graphs[0].graph_def
+    types = {node.op for function in graph.library.function for node in function.node_def}
+    assert "SparseMatrixMatMul" in types
+    assert ("SparseTensorDenseMatMul" in types) == (kernel == "auto")

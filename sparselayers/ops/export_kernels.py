@@ -32,6 +32,7 @@ from tensorflow.python.framework.ops import EagerTensor
 from sparselayers.ops.base import Kernel
 from sparselayers.ops.choose import EXPORTABLE, choose_export_kernel
 from sparselayers.ops.context import export_densified, export_format, export_gather_graph
+from sparselayers.ops.serving import SWITCHED, SmallBatchServing
 from sparselayers.ops.sparse_storage import request_sparse_storage
 from sparselayers.sparsity_pattern import SparsityPattern
 
@@ -262,10 +263,20 @@ def _export_kernel(name: str, pattern: SparsityPattern) -> Kernel:
     return EmbeddedKernel(get_kernel(name, pattern))
 
 
-def export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False) -> Kernel:
+@functools.lru_cache(maxsize=16)
+def _serving_kernel(name: str, pattern: SparsityPattern) -> Kernel:
+    from sparselayers.ops import get_kernel
+
+    return SmallBatchServing(get_kernel(name, pattern))
+
+
+def export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = False,
+                  small_batches: bool = True) -> Kernel:
     """The kernel a layer calls while it is traced for export (see :func:`choose_export_kernel`).
 
-    SavedModel export gets the training kernel ``preferred``; LiteRT and
+    SavedModel export gets the training kernel ``preferred`` (CSR and
+    gather kernels switch to ``sparse_dense_matmul`` on small batches
+    where ``small_batches``: :mod:`sparselayers.ops.serving`); LiteRT and
     ONNX get an export form (cached per pattern). A dense form asks the
     converter to store the kernel sparse (:mod:`sparselayers.ops.sparse_storage`),
     except inside :func:`sparselayers.export.densified` and
@@ -275,6 +286,8 @@ def export_kernel(pattern: SparsityPattern, preferred: str, *, forced: bool = Fa
     from sparselayers.ops import get_kernel
 
     name = choose_export_kernel(pattern, preferred, forced=forced)
+    if export_format() == "tf_saved_model" and name in SWITCHED and small_batches and not forced:
+        return _serving_kernel(name, pattern)
     if export_format() in (None, "tf_saved_model"):
         return get_kernel(name, pattern)
     if name == "dense" and not (export_densified() or export_gather_graph()):
