@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sparselayers.ops.choose import fits_dense
 from sparselayers.ops.context import export_format, export_gather_graph, kernel_context
 from sparselayers.ops.lookup import lookup_kernel, one_hot
 from sparselayers.sparse_kernel import (
@@ -135,7 +136,8 @@ class SparseEmbedding(SparseKernelLayer):
         context = kernel_context()
         if context == "default":
             name = "ragged_lookup"
-        elif context == "export" and export_format() in ("litert", "onnx") and not export_gather_graph():
+        elif (context == "export" and export_format() in ("litert", "onnx") and not export_gather_graph()
+              and fits_dense(self.pattern)):  # a table too large to fold keeps the padded form
             name = "table_lookup"
         else:
             name = "padded_lookup"

@@ -633,3 +633,111 @@ def test_saved_model_serves_small_batches_with_sparse_dense_matmul_and_large_one
     types = {node.op for function in graph.library.function for node in function.node_def}
     assert "SparseMatrixMatMul" in types
     assert ("SparseTensorDenseMatMul" in types) == (kernel == "auto")
+
+
+def test_a_table_read_twice_and_as_tied_weights_is_expanded_once_for_every_reader(tmp_path):
+    # One SparseEmbedding on two inputs (two GATHERs of one table), and the table
+    # read again as a product's weights: every reader gets the expanded table.
+    rng = np.random.default_rng(0)
+    a, b = keras.Input((3,), dtype="int32"), keras.Input((3,), dtype="int32")
+    embedding = sl.SparseEmbedding(sl.patterns.random((300, 8), density=0.1, seed=0))
+    h = embedding(a) + embedding(b)
+    model = keras.Model([a, b], h)
+    ids = [rng.integers(0, 300, size=(2, 3)).astype("int32") for _ in range(2)]
+    expected = keras.ops.convert_to_numpy(model(ids))
+    path = os.path.join(tmp_path, "shared.tflite")
+    model.export(path, format="litert", verbose=False)
+    stored = sl.export.sparse_weights(path)
+    assert [(w["shape"], w["read_by"], w["entries"]) for w in stored] == [((300, 8), "DENSIFY", embedding.pattern.nnz)]
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=path).get_signature_runner()
+    names = sorted(runner.get_input_details())
+    out = next(iter(runner(**{name: x for name, x in zip(names, ids)}).values()))
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+    from sparselayers.ops.sparse_storage import sparse_gather_tables
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    # A FULLY_CONNECTED reading the gathered table as its weights (tied weights), built by hand.
+    table = np.zeros((40, 8), "float32")
+    table[::3, ::2] = rng.normal(size=table[::3, ::2].shape)
+    ids_in = keras.Input((2,), dtype="int32")
+    gathered = keras.layers.Embedding(40, 8, weights=[table])(ids_in)
+    tied = keras.Model(ids_in, gathered)
+    dense_path = os.path.join(tmp_path, "tied.tflite")
+    tied.export(dense_path, format="litert", verbose=False)
+    model_t = flatbuffer_utils.read_model_from_bytearray(bytearray(open(dense_path, "rb").read()))
+    graph = model_t.subgraphs[0]
+    gather = next(op for op in graph.operators
+                  if model_t.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.GATHER)
+    table_index = int(gather.inputs[0])
+    # A second reader of the table: the graph's output becomes table + gather's rows via a broadcast ADD.
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.ADD
+    code.version = 1
+    model_t.operatorCodes.append(code)
+    out_t = schema.TensorT()
+    out_t.shape, out_t.type, out_t.buffer, out_t.name = [40, 8], schema.TensorType.FLOAT32, 0, b"table_twice"
+    graph.tensors.append(out_t)
+    add = schema.OperatorT()
+    add.opcodeIndex, add.inputs, add.outputs = len(model_t.operatorCodes) - 1, [table_index, table_index], [len(graph.tensors) - 1]
+    add.builtinOptionsType, add.builtinOptions = schema.BuiltinOptions.AddOptions, schema.AddOptionsT()
+    graph.operators.append(add)
+    graph.outputs = [*graph.outputs, len(graph.tensors) - 1]
+    dense_bytes = bytes(flatbuffer_utils.convert_object_to_bytearray(model_t))
+    sparse_bytes = sparse_gather_tables(dense_bytes)
+    assert len(sparse_bytes) < len(dense_bytes)
+    results = []
+    for content in (dense_bytes, sparse_bytes):
+        interpreter = Interpreter(model_content=content)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.array([[0, 3]], "int32"))
+        interpreter.invoke()
+        results.append([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
+    for dense_out, sparse_out in zip(*results):
+        np.testing.assert_array_equal(sparse_out, dense_out)
+    assert any(np.array_equal(r, 2 * table) for r in results[1])
+
+
+def test_a_table_too_large_to_fold_exports_as_the_padded_lookup():
+    pattern = sl.patterns.random((1 << 20, 128), density=0.001, seed=0)
+    assert not sl.ops.choose.fits_dense(pattern)
+    layer = sl.SparseEmbedding(pattern)
+    layer.build()
+    for format in FORMATS:  # noqa: A001
+        with exporting(format):
+            assert layer._select_kernel().name == "padded_lookup"
+
+
+def test_float16_quantization_stores_sparse_weights_without_a_warning(tmp_path):
+    model = _mlp(None, density=0.1)
+    x = np.random.default_rng(0).normal(size=(5, 256)).astype("float32")
+    model(x)
+    path = os.path.join(tmp_path, "f16.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no sparselayers warning: float16 weights are stored sparse too
+        model.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT],
+                     target_spec={"supported_types": [tf.float16]})
+    stored = sl.export.sparse_weights(path)
+    assert sorted(w["shape"] for w in stored) == [(64, 128), (128, 256)]
+    expected = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(sl.export.ExportedModel(path)(x), expected, atol=2e-3 * np.abs(expected).max())
+
+
+def test_saved_model_serving_reads_one_int64_index_constant_in_both_branches():
+    from sparselayers.ops.serving import SmallBatchServing
+
+    pattern = sl.patterns.random((64, 48), density=0.1, seed=0)
+    kernel = sl.ops.get_kernel("csr_gather", pattern)  # its values gradient shares the indices
+    serving = SmallBatchServing(kernel)
+    assert serving._indices.dtype == tf.int64
+    assert serving.kernel._indices is serving._indices
+    assert all(t is serving._indices for t in serving.kernel._sampled.tensors if tuple(t.shape) == (pattern.nnz, 2))
+    assert kernel._indices.dtype == tf.int32  # the training kernel is untouched
+    values = np.random.default_rng(0).normal(size=pattern.nnz).astype("float32")
+    for batch in (1, 9):
+        x = np.random.default_rng(batch).normal(size=(batch, 64)).astype("float32")
+        np.testing.assert_allclose(serving(x, values), x.astype(np.float64) @ reference.dense_kernel(pattern, values),
+                                   rtol=1e-5, atol=1e-5)

@@ -82,3 +82,18 @@ def test_a_layer_behind_another_ties_its_values_and_trains_as_before():
     g = 2 * xv @ w @ w.T
     dw = 4 * (xv.T @ g @ w + g.T @ xv @ w)
     np.testing.assert_allclose(dvalues.numpy(), dw[pattern.rows, pattern.cols], rtol=1e-10)
+
+
+def test_forward_mode_differentiates_a_layer_whose_input_a_tape_watches():
+    # Under a ForwardAccumulator the tie steps aside: the JVP is x_dot @ W.
+    pattern = sl.patterns.random((16, 12), density=0.3, seed=0)
+    layer = sl.SparseDense(pattern, kernel="dense", use_bias=False, dtype="float64")
+    layer.build((None, 16))
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 16)))
+    tangent = tf.constant(np.random.default_rng(1).normal(size=(3, 16)))
+    with tf.autodiff.ForwardAccumulator(x, tangent) as accumulator:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+    w = pattern.to_dense(layer.values.numpy())
+    np.testing.assert_allclose(accumulator.jvp(y).numpy(), tangent.numpy() @ w, rtol=1e-12)

@@ -37,10 +37,18 @@ import tensorflow as tf
 
 
 def _input_gradient_needed(x: tf.Tensor) -> bool:
-    """Whether a gradient tape that is recording would differentiate through ``x``."""
+    """Whether a gradient tape that is recording would differentiate through ``x``.
+
+    False as well under a forward-mode accumulator that tracks ``x``
+    (``tf.autodiff.ForwardAccumulator``), which would differentiate the tie's
+    gradient function too.
+    """
     try:
+        from tensorflow.python import pywrap_tfe
         from tensorflow.python.eager import record
-    except ImportError:  # a TensorFlow without this module: no tie, the step stays correct
+    except ImportError:  # a TensorFlow without these modules: no tie, the step stays correct
+        return False
+    if pywrap_tfe.TFE_Py_PackJVPs([x])[1]:
         return False
     return bool(record.should_record_backprop([x]))
 

@@ -53,6 +53,11 @@ class SmallBatchServing(Kernel):
         if isinstance(indices, tf.Tensor) and tuple(indices.shape) == (kernel.pattern.nnz, 2):
             kernel = copy.copy(kernel)
             kernel._indices = self._indices
+            sampled = getattr(kernel, "_sampled", None)
+            if sampled is not None and any(t is indices for t in sampled.tensors):
+                # The gathered values gradient shares the indices: its copy reads the int64 ones.
+                kernel._sampled = copy.copy(sampled)
+                kernel._sampled.tensors = tuple(self._indices if t is indices else t for t in sampled.tensors)
         self.kernel = kernel
         self.name = kernel.name
 

@@ -82,7 +82,7 @@ def _request_litert_sparsity() -> None:
     if not isinstance(kwargs, dict):
         return
     optimizations = list(kwargs.get("optimizations") or ())
-    if any(getattr(o, "name", o) in _QUANTIZING for o in optimizations):
+    if any(getattr(o, "name", o) in _QUANTIZING for o in optimizations) and not _float16_only(kwargs):
         if not vars(exporter).get("_sparselayers_warned"):  # once per export, not per layer
             exporter._sparselayers_warned = True
             warnings.warn(_quantized_warning(any(_is_sparsity(o) for o in optimizations),
@@ -119,6 +119,14 @@ def _convert_with_sparse_tables(exporter: Any) -> None:
 _QUANTIZING = ("DEFAULT", "OPTIMIZE_FOR_SIZE", "OPTIMIZE_FOR_LATENCY")
 
 
+def _float16_only(kwargs: dict) -> bool:
+    """Whether the converter quantizes weights to float16 alone: LiteRT then stores them sparse as well."""
+    spec = kwargs.get("target_spec")
+    types = spec.get("supported_types") if isinstance(spec, dict) else getattr(spec, "supported_types", None)
+    names = {getattr(t, "name", str(t)) for t in types or ()}
+    return bool(names) and names <= {"float16"}
+
+
 def _quantized_warning(sparsity: bool, full_integer: bool) -> str:
     """What a quantized LiteRT export of sparse layers gets, and how to get the other choice (docs/deploying.md)."""
     if not full_integer:
@@ -150,16 +158,18 @@ GATHER_TABLE_MAX_DENSITY = 0.5
 
 
 def sparse_gather_tables(tflite_model: bytes, *, max_density: float = GATHER_TABLE_MAX_DENSITY) -> bytes:
-    """``tflite_model`` with the float32 tables its ``GATHER`` ops read stored in LiteRT's sparse format.
+    """``tflite_model`` with the float tables its ``GATHER`` ops read stored in LiteRT's sparse format.
 
     The TFLite converter's sparsity pass stores only the weights of
     ``FULLY_CONNECTED`` and convolutions sparse. This stores every constant
-    2-D float32 table that a ``GATHER`` reads, with at most
+    2-D float32 or float16 table that a ``GATHER`` reads, with at most
     ``max_density`` of its cells nonzero (``-0.0`` counts), as compressed
     rows (LiteRT's ``SPARSE_CSR`` dimension, with the smallest index type
-    that holds them), and puts a ``DENSIFY`` before the gather: the
-    interpreter expands the table once, at load, and then gathers as from
-    the dense table. The file holds the values and about one byte or two per
+    that holds them), and puts a ``DENSIFY`` before it: the interpreter
+    expands the table once, at load, and every operator that read the table
+    (a second gather, tied weights) reads the expansion. A table whose
+    buffer another tensor shares, or that is a graph input or output, stays
+    as it is. The file holds the values and about one byte or two per
     entry instead of every cell. Other models come back unchanged.
 
     Example:
@@ -190,19 +200,25 @@ def sparse_gather_tables(tflite_model: bytes, *, max_density: float = GATHER_TAB
         return max(code.builtinCode, code.deprecatedBuiltinCode)
 
     densify = next((i for i, code in enumerate(model.operatorCodes) if builtin(code) == schema.BuiltinOperator.DENSIFY), None)
+    dtypes = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.FLOAT16: np.float16}
+    # Tensors per buffer, over every subgraph: a shared buffer is left as it is.
+    users = np.bincount([t.buffer for g in model.subgraphs for t in g.tensors or ()], minlength=len(model.buffers))
     changed = False
     for subgraph in model.subgraphs:
-        expansions = []
-        for op in subgraph.operators or ():
-            if builtin(model.operatorCodes[op.opcodeIndex]) != schema.BuiltinOperator.GATHER:
-                continue
-            index = int(op.inputs[0])
+        ends = {int(i) for i in [*(subgraph.inputs if subgraph.inputs is not None else ()),
+                                 *(subgraph.outputs if subgraph.outputs is not None else ())]}
+        tables = sorted({
+            int(op.inputs[0]) for op in subgraph.operators or ()
+            if builtin(model.operatorCodes[op.opcodeIndex]) == schema.BuiltinOperator.GATHER
+        })
+        expanded = {}  # table tensor -> the DENSIFY output that replaces it for every reader
+        for index in tables:
             tensor = subgraph.tensors[index]
             buffer = model.buffers[tensor.buffer]
-            if (tensor.type != schema.TensorType.FLOAT32 or tensor.sparsity is not None or buffer.data is None
-                    or tensor.shape is None or len(tensor.shape) != 2):
+            if (tensor.type not in dtypes or tensor.sparsity is not None or buffer.data is None or index in ends
+                    or users[tensor.buffer] != 1 or tensor.shape is None or len(tensor.shape) != 2):
                 continue
-            table = np.frombuffer(bytes(bytearray(buffer.data)), np.float32).reshape(tuple(tensor.shape))
+            table = np.frombuffer(bytes(bytearray(buffer.data)), dtypes[tensor.type]).reshape(tuple(tensor.shape))
             mask = _entries(table)
             if table.size == 0 or mask.mean() > max_density:
                 continue
@@ -212,21 +228,26 @@ def sparse_gather_tables(tflite_model: bytes, *, max_density: float = GATHER_TAB
             dense.shape, dense.type, dense.buffer = list(tensor.shape), tensor.type, 0
             dense.name = (tensor.name or b"") + b"/densified"
             subgraph.tensors.append(dense)
-            if densify is None:
-                code = schema.OperatorCodeT()
-                code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DENSIFY
-                code.version = 1
-                model.operatorCodes.append(code)
-                densify = len(model.operatorCodes) - 1
+            expanded[index] = len(subgraph.tensors) - 1
+        if not expanded:
+            continue
+        if densify is None:
+            code = schema.OperatorCodeT()
+            code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DENSIFY
+            code.version = 1
+            model.operatorCodes.append(code)
+            densify = len(model.operatorCodes) - 1
+        for op in subgraph.operators:  # every reader, not only the gathers (tied weights, a shared embedding)
+            op.inputs = [expanded.get(int(i), int(i)) for i in op.inputs]
+        expansions = []
+        for index, dense_index in expanded.items():
             expansion = schema.OperatorT()
-            expansion.opcodeIndex, expansion.inputs, expansion.outputs = densify, [index], [len(subgraph.tensors) - 1]
+            expansion.opcodeIndex, expansion.inputs, expansion.outputs = densify, [index], [dense_index]
             expansion.builtinOptionsType = schema.BuiltinOptions.DensifyOptions
             expansion.builtinOptions = schema.DensifyOptionsT()
             expansions.append(expansion)
-            op.inputs[0] = len(subgraph.tensors) - 1
-        if expansions:
-            subgraph.operators = expansions + list(subgraph.operators)
-            changed = True
+        subgraph.operators = expansions + list(subgraph.operators)
+        changed = True
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else tflite_model
 
 
