@@ -13,6 +13,10 @@ from tests.test_towers import towers_reference
 
 CONFIGS = {
     "16 x 16 to 1, relu": dict(n_towers=6, hidden_units=[16, 16], output_units=1),
+    # widths {lanes, lanes, 1}: the forward op's register-resident path (8 doubles a vector)
+    "8 x 8 to 1, relu": dict(n_towers=5, hidden_units=[8, 8], output_units=1),
+    "8 x 8 to 1, linear, no bias": dict(n_towers=3, hidden_units=[8, 8], output_units=1, activation="linear",
+                                        use_bias=False),
     "odd widths, no bias": dict(n_towers=5, hidden_units=[3, 5], output_units=2, use_bias=False),
     "one hidden layer, linear": dict(n_towers=4, hidden_units=[4], output_units=3, activation="linear"),
     "three hidden layers, sigmoid outputs": dict(
@@ -44,6 +48,19 @@ def _run(towers, x, upstream):
 def _fused_ops(towers, x):
     graph = tf.function(towers).get_concrete_function(tf.constant(x)).graph
     return {op.type for op in graph.get_operations() if op.type.startswith("SparselayersTower")}
+
+
+def test_float32_fused_forward_equals_the_float64_reference(built):
+    # 16 floats a vector: Towers(n, [16, 16]) takes the forward op's register-resident path in float32.
+    towers = sl.Towers(9, hidden_units=[16, 16], dtype="float32")
+    towers.build((None, 7))
+    rng = np.random.default_rng(2)
+    for layer in towers.tower_layers:
+        layer.values.assign(rng.normal(size=layer.pattern.nnz).astype("float32"))
+        layer.bias.assign(rng.normal(size=layer.units).astype("float32"))
+    x = rng.normal(size=(19, 7)).astype("float32")
+    assert _fused_ops(towers, x) == {"SparselayersTowerForward"}
+    np.testing.assert_allclose(towers(x).numpy(), towers_reference(towers, x.astype(np.float64)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

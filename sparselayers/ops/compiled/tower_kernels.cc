@@ -365,6 +365,40 @@ void Forward(const Tower<T>& tw, int64_t t, int64_t r0, int64_t rows, Scratch<T>
   }
 }
 
+// Forward, for the common widths {L, L, 1} (L = kLanes<T>: 16 floats) and a
+// full block of kRows rows: only the first layer's activations go through
+// `a0` (the products broadcast from it); the hidden layer stays in registers
+// and the output is written to y[r * y_stride]. The general Forward stores
+// and reloads every layer, and that round trip through the scratch rows was
+// where its time went (perf: store-to-load stalls on the reloaded rows).
+template <typename T>
+void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict a0, T* __restrict y,
+                        int64_t y_stride) {
+  constexpr int64_t L = kLanes<T>;
+  const Vector<T> zero = {};
+  const Vector<T> fb = tw.first_bias ? Load(tw.first_bias + t * L) : zero;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const T* row = tw.h + (r0 + r) * tw.in_width() + t * L;
+    if (t + kAhead < tw.towers) __builtin_prefetch(row + kAhead * L);
+    const Vector<T> z = Load(row) + fb;
+    Store(a0 + r * L, tw.relu ? (z > zero ? z : zero) : z);
+  }
+  const T* __restrict w1 = tw.weights[0] + t * L * L;
+  const Vector<T> b1 = tw.biases[0] ? Load(tw.biases[0] + t * L) : zero;
+  Vector<T> acc[kRows];
+  for (int64_t r = 0; r < kRows; ++r) acc[r] = b1;
+  for (int64_t i = 0; i < L; ++i) {
+    const Vector<T> w = Load(w1 + i * L);
+    for (int64_t r = 0; r < kRows; ++r) acc[r] += a0[r * L + i] * w;
+  }
+  const Vector<T> w2 = Load(tw.weights[1] + t * L);
+  const T b2 = tw.biases[1] ? tw.biases[1][t] : T(0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const Vector<T> a1 = tw.relu ? (acc[r] > zero ? acc[r] : zero) : acc[r];
+    y[r * y_stride] = b2 + LaneSum<T>(a1 * w2);
+  }
+}
+
 // The attributes both tower ops share.
 class TowerOpBase : public OpKernel {
  public:
@@ -396,6 +430,7 @@ class TowerForwardOp : public TowerOpBase {
     if (y->NumElements() == 0) return;
     T* out = y->flat<T>().data();
     const int64_t wk = widths_.back();
+    const bool square_to_one = widths_ == std::vector<int64_t>{kLanes<T>, kLanes<T>, 1};
     int64_t flops = 0;
     for (int64_t l = 1; l < static_cast<int64_t>(widths_.size()); ++l) flops += widths_[l - 1] * widths_[l];
     ForUnits(context, towers_, 2 * tw.batch * (flops + widths_[0]), [&](int64_t first, int64_t last) {
@@ -404,6 +439,10 @@ class TowerForwardOp : public TowerOpBase {
       for (int64_t r0 = 0; r0 < tw.batch; r0 += kRows) {
         for (int64_t t = first; t < last; ++t) {
           const int64_t rows = std::min(kRows, tw.batch - r0);
+          if (square_to_one && rows == kRows) {
+            ForwardSquareToOne(tw, t, r0, s.a[0].data(), out + r0 * tw.out_width() + t, tw.out_width());
+            continue;
+          }
           Forward(tw, t, r0, rows, s);
           CopyRows(s.z[tw.layers].data(), wk, rows, out + r0 * tw.out_width() + t * wk, tw.out_width());
         }
