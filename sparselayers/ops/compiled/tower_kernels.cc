@@ -399,6 +399,93 @@ void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict
   }
 }
 
+// Writes v to `to`, 64-byte aligned when `stream`: a non-temporal store (the
+// line is not read first, nor kept in cache).
+template <typename T>
+inline void StoreRow(T* __restrict to, const Vector<T>& v, bool stream) {
+#ifdef __AVX512F__
+  if (stream) {
+    __m512i bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(to), bits);
+    return;
+  }
+#endif
+  Store(to, v);
+}
+
+// The backward op's block for widths {L, L, 1} and kRows rows, as
+// ForwardSquareToOne: the hidden layer, its gradient and the gradient of h
+// stay in registers; `a0` and `g1` hold the rows the products broadcast
+// from. dw1t is W1's transpose (row j: the weights out of unit j).
+template <typename T>
+void BackwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, const T* __restrict dy, const T* __restrict w1t,
+                         T* __restrict a0, T* __restrict g1, T* __restrict dh, bool stream, T* __restrict dfb,
+                         T* __restrict dw1, T* __restrict db1, T* __restrict dw2, T* __restrict db2) {
+  constexpr int64_t L = kLanes<T>;
+  const Vector<T> zero = {};
+  const Vector<T> fb = tw.first_bias ? Load(tw.first_bias + t * L) : zero;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const T* row = tw.h + (r0 + r) * tw.in_width() + t * L;
+    if (t + kAhead < tw.towers) __builtin_prefetch(row + kAhead * L);
+    const Vector<T> z = Load(row) + fb;
+    Store(a0 + r * L, tw.relu ? (z > zero ? z : zero) : z);
+  }
+  const T* __restrict w1 = tw.weights[0] + t * L * L;
+  const Vector<T> b1 = tw.biases[0] ? Load(tw.biases[0] + t * L) : zero;
+  Vector<T> acc[kRows];
+  for (int64_t r = 0; r < kRows; ++r) acc[r] = b1;
+  for (int64_t i = 0; i < L; ++i) {
+    const Vector<T> w = Load(w1 + i * L);
+    for (int64_t r = 0; r < kRows; ++r) acc[r] += a0[r * L + i] * w;
+  }
+  // Output layer: y = b2 + a1 . w2, its gradient g2 = dy.
+  const Vector<T> w2 = Load(tw.weights[1] + t * L);
+  Vector<T> dw2_sum = Load(dw2 + t * L), db1_sum = db1 ? Load(db1 + t * L) : zero;
+  T db2_sum = T(0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const T g2 = dy[(r0 + r) * tw.out_width() + t];
+    const Vector<T> a1 = tw.relu ? (acc[r] > zero ? acc[r] : zero) : acc[r];
+    dw2_sum += g2 * a1;
+    db2_sum += g2;
+    const Vector<T> g = g2 * w2;
+    acc[r] = tw.relu ? (acc[r] > zero ? g : zero) : g;  // now dL/dz1
+    db1_sum += acc[r];
+    Store(g1 + r * L, acc[r]);
+  }
+  Store(dw2 + t * L, dw2_sum);
+  if (db2) db2[t] += db2_sum;
+  if (db1) Store(db1 + t * L, db1_sum);
+  // dW1[i] += sum_r a0[r][i] * g1[r]; 8 rows of dW1 at a time, each its own sum.
+  T* __restrict dw = dw1 + t * L * L;
+  for (int64_t i0 = 0; i0 < L; i0 += 8) {
+    Vector<T> rows[8];
+    for (int64_t k = 0; k < 8; ++k) rows[k] = Load(dw + (i0 + k) * L);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t k = 0; k < 8; ++k) rows[k] += a0[r * L + i0 + k] * acc[r];
+    }
+    for (int64_t k = 0; k < 8; ++k) Store(dw + (i0 + k) * L, rows[k]);
+  }
+  // dh[r] = g1[r] @ W1.T, masked by ReLU's gradient at z0 (a0 > 0).
+  Vector<T> out[kRows];
+  for (int64_t r = 0; r < kRows; ++r) out[r] = zero;
+  const T* __restrict wt = w1t + t * L * L;
+  for (int64_t j = 0; j < L; ++j) {
+    const Vector<T> w = Load(wt + j * L);
+    for (int64_t r = 0; r < kRows; ++r) out[r] += g1[r * L + j] * w;
+  }
+  Vector<T> dfb_sum = dfb ? Load(dfb + t * L) : zero;
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (tw.relu) {
+      const Vector<T> a = Load(a0 + r * L);
+      out[r] = a > zero ? out[r] : zero;
+    }
+    dfb_sum += out[r];
+    StoreRow(dh + (r0 + r) * tw.in_width() + t * L, out[r], stream);
+  }
+  if (dfb) Store(dfb + t * L, dfb_sum);
+}
+
 // The attributes both tower ops share.
 class TowerOpBase : public OpKernel {
  public:
@@ -489,6 +576,9 @@ class TowerBackwardOp : public TowerOpBase {
     if (dfb) std::fill_n(dfb, dfb_tensor->NumElements(), T(0));
     if (tw.batch == 0) return;
     const int64_t w0 = widths_[0], wk = widths_.back();
+    const bool square_to_one = widths_ == std::vector<int64_t>{kLanes<T>, kLanes<T>, 1};
+    // Non-temporal stores for dh need 64-byte aligned rows.
+    const bool stream = reinterpret_cast<uintptr_t>(dh) % 64 == 0 && (tw.in_width() * sizeof(T)) % 64 == 0;
     int64_t flops = 0;
     for (int64_t l = 1; l <= layers; ++l) flops += widths_[l - 1] * widths_[l];
     // Every block transposed once (W.T row-major), for the input gradients.
@@ -514,6 +604,11 @@ class TowerBackwardOp : public TowerOpBase {
       for (int64_t r0 = 0; r0 < tw.batch; r0 += kRows) {
         for (int64_t t = first; t < last; ++t) {
           const int64_t rows = std::min(kRows, tw.batch - r0);
+          if (square_to_one && rows == kRows) {
+            BackwardSquareToOne(tw, t, r0, dy, transposed[0].data(), s.a[0].data(), s.grad.data(), dh, stream, dfb,
+                                dw[0], db[0], dw[1], db[1]);
+            continue;
+          }
           Forward(tw, t, r0, rows, s, /*last=*/false);  // the output's own value is not needed
           // grad = dL/dz_k, then walked back layer by layer.
           T* grad = s.grad.data();
