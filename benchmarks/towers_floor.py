@@ -12,10 +12,11 @@ the tower products, loss, update) is its overhead.
 
 Times, side by side in one process as ``run.py`` does (rounds in shuffled
 order, each round several consecutive calls of one after the warm-up
-steps that refill the caches), the Towers step and one function running the
-three plain GEMMs of those shapes on operands made beforehand (no
-transpose flags), and prints the ratio step / GEMMs per round and its
-median, with the CPU model.
+steps that refill the caches), the Towers step and two functions running
+the three plain GEMMs of those shapes: on operands transposed beforehand,
+and in the step's own forms (a transpose flag, an einsum). The faster of
+the two is the floor; it prints the ratio step / floor per measurement and
+its median, with the CPU model.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ from run import interleaved_medians, machine, steps  # noqa: E402
 TOWERS, HIDDEN, TRUNK = 1024, [16, 16], 256
 
 
-def three_gemms(batch: int, trunk: int, units: int):
-    """The first layer's three products as plain GEMMs, on operands made once."""
+def three_gemms(batch: int, trunk: int, units: int, flags: bool = False):
+    """The first layer's three products as plain GEMMs, on operands made once.
+
+    ``flags``: as the step forms them, from untransposed operands (a
+    transpose flag for ``x.T @ dy``, an einsum for ``dy @ W.T``); otherwise
+    on operands transposed beforehand.
+    """
     rng = np.random.default_rng(1)
 
     def matrix(rows, cols):
@@ -56,6 +62,9 @@ def three_gemms(batch: int, trunk: int, units: int):
         # forward x @ W, input gradient dy @ W.T, weight gradient x.T @ dy;
         # like the step, it returns only small results: handing a 16 MiB
         # tensor to Python cost 2 to 4 ms more than computing it.
+        if flags:
+            return (tf.matmul(x, w)[0], tf.einsum("bj,ij->bi", dy, w),
+                    tf.matmul(x, dy, transpose_a=True)[0])
         return tf.matmul(x, w)[0], tf.matmul(dy, w_t), tf.matmul(x_t, dy)[0]
 
     return gemms
@@ -75,7 +84,10 @@ def main(argv=None) -> None:
     towers = sl.Towers(TOWERS, hidden_units=HIDDEN)
     inputs = keras.Input((TRUNK,))
     calls = {"Towers step": (steps(keras.Model(inputs, towers(inputs)))[1], (x, y))}
+    # Two forms of the same three GEMMs: the faster of the two, round by round, is the floor
+    # (on the 2-core Intel Xeon either form alone ran at 225 to 290 GFLOP/s from run to run).
     calls["3 GEMMs"] = (three_gemms(batch, TRUNK, TOWERS * HIDDEN[0]), ())
+    calls["3 GEMMs, flags"] = (three_gemms(batch, TRUNK, TOWERS * HIDDEN[0], flags=True), ())
     flops = 3 * 2 * batch * TRUNK * TOWERS * HIDDEN[0]
     print(f"Machine: {machine()}, load average {os.getloadavg()[0]:.1f}; sparselayers from {os.path.dirname(sl.__file__)}")
     print(f"Towers({TOWERS}, hidden_units={HIDDEN}) over {TRUNK} inputs, batch {batch}, SGD training step, "
@@ -84,7 +96,7 @@ def main(argv=None) -> None:
     ratios = []
     for k in range(args.repeat):
         medians = interleaved_medians(calls, budget=args.budget)
-        step, gemms = medians["Towers step"], medians["3 GEMMs"]
+        step, gemms = medians["Towers step"], min(medians["3 GEMMs"], medians["3 GEMMs, flags"])
         ratios.append(step / gemms)
         print(f"| {k + 1} | {1000 * step:.2f} | {1000 * gemms:.2f} | {flops / gemms / 1e9:.0f} | {step / gemms:.2f}x |",
               flush=True)
