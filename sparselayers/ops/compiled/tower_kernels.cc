@@ -365,15 +365,12 @@ void Forward(const Tower<T>& tw, int64_t t, int64_t r0, int64_t rows, Scratch<T>
   }
 }
 
-// Forward, for the common widths {L, L, 1} (L = kLanes<T>: 16 floats) and a
-// full block of kRows rows: only the first layer's activations go through
-// `a0` (the products broadcast from it); the hidden layer stays in registers
-// and the output is written to y[r * y_stride]. The general Forward stores
-// and reloads every layer, and that round trip through the scratch rows was
-// where its time went (perf: store-to-load stalls on the reloaded rows).
+// The first block layer of widths {L, L, ...} for kRows rows of tower t:
+// a0 = act(h + first_bias) into the scratch rows `a0` (the products
+// broadcast from them), acc = a0 @ W1 + b1 in registers.
 template <typename T>
-void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict a0, T* __restrict y,
-                        int64_t y_stride) {
+inline __attribute__((always_inline)) void HiddenSquare(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict a0,
+                                                       Vector<T> (&acc)[kRows]) {
   constexpr int64_t L = kLanes<T>;
   const Vector<T> zero = {};
   const Vector<T> fb = tw.first_bias ? Load(tw.first_bias + t * L) : zero;
@@ -385,12 +382,26 @@ void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict
   }
   const T* __restrict w1 = tw.weights[0] + t * L * L;
   const Vector<T> b1 = tw.biases[0] ? Load(tw.biases[0] + t * L) : zero;
-  Vector<T> acc[kRows];
   for (int64_t r = 0; r < kRows; ++r) acc[r] = b1;
   for (int64_t i = 0; i < L; ++i) {
     const Vector<T> w = Load(w1 + i * L);
     for (int64_t r = 0; r < kRows; ++r) acc[r] += a0[r * L + i] * w;
   }
+}
+
+// Forward, for the common widths {L, L, 1} (L = kLanes<T>: 16 floats) and a
+// full block of kRows rows: only the first layer's activations go through
+// `a0` (the products broadcast from it); the hidden layer stays in registers
+// and the output is written to y[r * y_stride]. The general Forward stores
+// and reloads every layer, and that round trip through the scratch rows was
+// where its time went (perf: store-to-load stalls on the reloaded rows).
+template <typename T>
+void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict a0, T* __restrict y,
+                        int64_t y_stride) {
+  constexpr int64_t L = kLanes<T>;
+  const Vector<T> zero = {};
+  Vector<T> acc[kRows];
+  HiddenSquare(tw, t, r0, a0, acc);
   const Vector<T> w2 = Load(tw.weights[1] + t * L);
   const T b2 = tw.biases[1] ? tw.biases[1][t] : T(0);
   for (int64_t r = 0; r < kRows; ++r) {
@@ -424,21 +435,8 @@ void BackwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, const T* __r
                          T* __restrict dw1, T* __restrict db1, T* __restrict dw2, T* __restrict db2) {
   constexpr int64_t L = kLanes<T>;
   const Vector<T> zero = {};
-  const Vector<T> fb = tw.first_bias ? Load(tw.first_bias + t * L) : zero;
-  for (int64_t r = 0; r < kRows; ++r) {
-    const T* row = tw.h + (r0 + r) * tw.in_width() + t * L;
-    if (t + kAhead < tw.towers) __builtin_prefetch(row + kAhead * L);
-    const Vector<T> z = Load(row) + fb;
-    Store(a0 + r * L, tw.relu ? (z > zero ? z : zero) : z);
-  }
-  const T* __restrict w1 = tw.weights[0] + t * L * L;
-  const Vector<T> b1 = tw.biases[0] ? Load(tw.biases[0] + t * L) : zero;
   Vector<T> acc[kRows];
-  for (int64_t r = 0; r < kRows; ++r) acc[r] = b1;
-  for (int64_t i = 0; i < L; ++i) {
-    const Vector<T> w = Load(w1 + i * L);
-    for (int64_t r = 0; r < kRows; ++r) acc[r] += a0[r * L + i] * w;
-  }
+  HiddenSquare(tw, t, r0, a0, acc);
   // Output layer: y = b2 + a1 . w2, its gradient g2 = dy.
   const Vector<T> w2 = Load(tw.weights[1] + t * L);
   Vector<T> dw2_sum = Load(dw2 + t * L), db1_sum = db1 ? Load(db1 + t * L) : zero;
