@@ -25,7 +25,7 @@ import copy
 
 import tensorflow as tf
 
-from sparselayers.ops.base import Kernel, accumulation_cast, constant
+from sparselayers.ops.base import Kernel
 
 #: Largest batch that a SavedModel multiplies with ``sparse_dense_matmul``.
 SERVING_SMALL_BATCH = 4
@@ -36,8 +36,9 @@ SWITCHED = ("csr", "csr_dense_grad", "csr_gather", "gather")
 class SmallBatchServing(Kernel):
     """``kernel``, but ``sparse_dense_matmul`` on batches of at most :data:`SERVING_SMALL_BATCH` rows.
 
-    Both branches read one int64 ``(nnz, 2)`` index constant: the CSR
-    kernels' own int32 indices are swapped for it in a copy of the kernel,
+    Both branches read one int64 ``(nnz, 2)`` index constant, the
+    ``sparse_dense_matmul`` kernel's: the CSR kernels' own int32 indices
+    are swapped for it in a copy of the kernel,
     so the SavedModel stores the indices once, and no call casts them (the
     casts alone made batch 1 take 1.6 ms where 0.9 ms was reachable, MLP
     1024-1024-1024-10 at 10%). That costs 16 bytes per entry where training
@@ -47,8 +48,11 @@ class SmallBatchServing(Kernel):
     supports_jit = False
 
     def __init__(self, kernel: Kernel):
+        from sparselayers.ops import get_kernel
+
         super().__init__(kernel.pattern)
-        self._indices = constant(kernel.pattern.indices, tf.int64)
+        self.small = get_kernel("sparse_dense_matmul", kernel.pattern)
+        self._indices = self.small._indices  # int64 (nnz, 2)
         indices = getattr(kernel, "_indices", None)
         if isinstance(indices, tf.Tensor) and tuple(indices.shape) == (kernel.pattern.nnz, 2):
             kernel = copy.copy(kernel)
@@ -61,17 +65,12 @@ class SmallBatchServing(Kernel):
         self.kernel = kernel
         self.name = kernel.name
 
-    def _small(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
-        # float16 inputs are multiplied in float32, as the reference kernel does.
-        weights = tf.SparseTensor(self._indices, accumulation_cast(values), self.pattern.shape)
-        return tf.cast(tf.sparse.sparse_dense_matmul(accumulation_cast(x), weights), x.dtype)
-
     def __call__(self, x: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
         batch = x.shape[0]
         if batch is not None:
-            return (self._small if batch <= SERVING_SMALL_BATCH else self.kernel)(x, values)
+            return (self.small if batch <= SERVING_SMALL_BATCH else self.kernel)(x, values)
         return tf.cond(
-            tf.shape(x)[0] <= SERVING_SMALL_BATCH, lambda: self._small(x, values), lambda: self.kernel(x, values)
+            tf.shape(x)[0] <= SERVING_SMALL_BATCH, lambda: self.small(x, values), lambda: self.kernel(x, values)
         )
 
     def __repr__(self) -> str:
