@@ -60,17 +60,21 @@ absl::Status TowerShapes(si::InferenceContext* c, std::vector<int64_t>* widths, 
 
 }  // namespace
 
+// The attributes both tower ops take.
+#define SPARSELAYERS_TOWER_ATTRS \
+  .Attr("T: {float, double}")    \
+  .Attr("N: int >= 1")           \
+  .Attr("towers: int >= 1")      \
+  .Attr("widths: list(int)")     \
+  .Attr("relu: bool")
+
 REGISTER_OP("SparselayersTowerForward")
     .Input("h: T")
     .Input("first_bias: T")
     .Input("weights: N * T")
     .Input("biases: N * T")
     .Output("y: T")
-    .Attr("T: {float, double}")
-    .Attr("N: int >= 1")
-    .Attr("towers: int >= 1")
-    .Attr("widths: list(int)")
-    .Attr("relu: bool")
+    SPARSELAYERS_TOWER_ATTRS
     .SetShapeFn([](si::InferenceContext* c) {
       std::vector<int64_t> widths;
       int64_t towers;
@@ -89,11 +93,7 @@ REGISTER_OP("SparselayersTowerBackward")
     .Output("dfirst_bias: T")
     .Output("dweights: N * T")
     .Output("dbiases: N * T")
-    .Attr("T: {float, double}")
-    .Attr("N: int >= 1")
-    .Attr("towers: int >= 1")
-    .Attr("widths: list(int)")
-    .Attr("relu: bool")
+    SPARSELAYERS_TOWER_ATTRS
     .SetShapeFn([](si::InferenceContext* c) {
       std::vector<int64_t> widths;
       int64_t towers;
@@ -303,6 +303,21 @@ void ReluGrad(const T* __restrict z, const T* __restrict next, int64_t count, T*
   for (; k < count; ++k) out[k] = z[k] > T(0) ? next[k] : T(0);
 }
 
+// Writes v to `to`, 64-byte aligned when `stream`: a non-temporal store (the
+// line is not read first, nor kept in cache).
+template <typename T>
+inline void StoreRow(T* __restrict to, const Vector<T>& v, bool stream) {
+#ifdef __AVX512F__
+  if (stream) {
+    __m512i bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(to), bits);
+    return;
+  }
+#endif
+  Store(to, v);
+}
+
 // to[r * stride + j] = from[r * n + j], r < count, j < n; with `stream`,
 // whole aligned 64-byte lines go straight to memory (non-temporal stores:
 // the written lines are not read first, nor kept in cache).
@@ -311,10 +326,7 @@ void CopyRows(const T* __restrict from, int64_t n, int64_t count, T* __restrict 
               bool stream = false) {
 #ifdef __AVX512F__
   if (stream && n == kLanes<T> && reinterpret_cast<uintptr_t>(to) % 64 == 0 && (stride * sizeof(T)) % 64 == 0) {
-    for (int64_t r = 0; r < count; ++r) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(to + r * stride),
-                          _mm512_loadu_si512(reinterpret_cast<const void*>(from + r * n)));
-    }
+    for (int64_t r = 0; r < count; ++r) StoreRow(to + r * stride, Load(from + r * n), /*stream=*/true);
     return;
   }
 #endif
@@ -408,21 +420,6 @@ void ForwardSquareToOne(const Tower<T>& tw, int64_t t, int64_t r0, T* __restrict
     const Vector<T> a1 = tw.relu ? (acc[r] > zero ? acc[r] : zero) : acc[r];
     y[r * y_stride] = b2 + LaneSum<T>(a1 * w2);
   }
-}
-
-// Writes v to `to`, 64-byte aligned when `stream`: a non-temporal store (the
-// line is not read first, nor kept in cache).
-template <typename T>
-inline void StoreRow(T* __restrict to, const Vector<T>& v, bool stream) {
-#ifdef __AVX512F__
-  if (stream) {
-    __m512i bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(to), bits);
-    return;
-  }
-#endif
-  Store(to, v);
 }
 
 // The backward op's block for widths {L, L, 1} and kRows rows, as
